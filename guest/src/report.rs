@@ -1,0 +1,60 @@
+//! The guest's machine-readable output lines.
+
+use crate::stats::Histogram;
+use crate::tsc::Clock;
+
+pub struct Report {
+    pub workload: &'static str,
+    pub ops: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub io_errors: u64,
+    pub mismatches: u64,
+    /// Duration of the measured part of the workload.
+    pub elapsed_ns: u64,
+    pub hist: Histogram,
+}
+
+impl Report {
+    pub const fn new(workload: &'static str) -> Self {
+        Report { workload, ops: 0, reads: 0, writes: 0, io_errors: 0, mismatches: 0, elapsed_ns: 0, hist: Histogram::new() }
+    }
+
+    fn iops(&self, elapsed_ns: u64) -> u64 {
+        if elapsed_ns == 0 {
+            0
+        } else {
+            (self.ops as u128 * 1_000_000_000 / elapsed_ns as u128) as u64
+        }
+    }
+
+    pub fn progress(&self, elapsed_ns: u64) {
+        crate::println!(
+            "VIO-GUEST-PROGRESS {{\"workload\":\"{}\",\"ops\":{},\"io_errors\":{},\"mismatches\":{},\"elapsed_ns\":{},\"iops\":{}}}",
+            self.workload,
+            self.ops,
+            self.io_errors,
+            self.mismatches,
+            elapsed_ns,
+            self.iops(elapsed_ns)
+        );
+    }
+
+    pub fn result(&self, clock: &Clock) {
+        let elapsed_ns = self.elapsed_ns;
+        crate::println!(
+            "VIO-GUEST-RESULT {{\"workload\":\"{}\",\"ops\":{},\"reads\":{},\"writes\":{},\"io_errors\":{},\"mismatches\":{},\"elapsed_ns\":{},\"iops\":{},\"lat_p50_ns\":{},\"lat_p99_ns\":{},\"tsc_khz\":{}}}",
+            self.workload,
+            self.ops,
+            self.reads,
+            self.writes,
+            self.io_errors,
+            self.mismatches,
+            elapsed_ns,
+            self.iops(elapsed_ns),
+            self.hist.percentile(50),
+            self.hist.percentile(99),
+            clock.khz
+        );
+    }
+}

@@ -1,0 +1,131 @@
+//! vio-hypervisor: boot a VM from the command line, with Cloud Hypervisor's flags.
+
+use clap::{Arg, ArgAction, ArgMatches, Command};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::Instant;
+use thiserror::Error;
+use vmm::config::{ConfigError, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig, VmConfig};
+use vmm::ExitReason;
+
+#[derive(Debug, Error)]
+enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("Failed to run the VM")]
+    Vm(#[from] vmm::VmError),
+    #[error("The guest crashed: {0}")]
+    GuestCrash(String),
+}
+
+struct Logger {
+    start: Instant,
+    out: Mutex<std::io::Stderr>,
+}
+
+impl log::Log for Logger {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::max_level()
+    }
+
+    fn log(&self, r: &log::Record) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        let t = self.start.elapsed();
+        let thread = std::thread::current();
+        let _ = writeln!(
+            self.out.lock().unwrap(),
+            "vio-hypervisor: {}.{:06}s: <{}> {}:{}:{} -- {}",
+            t.as_secs(),
+            t.subsec_micros(),
+            thread.name().unwrap_or("?"),
+            r.level(),
+            r.file().unwrap_or("?"),
+            r.line().unwrap_or(0),
+            r.args()
+        );
+    }
+
+    fn flush(&self) {}
+}
+
+fn command() -> Command {
+    Command::new("vio-hypervisor")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("VMM with VIO: memory reclaim for VMs with passthrough virtio devices")
+        .arg(Arg::new("kernel").long("kernel").value_name("PATH").help("PVH ELF payload to boot"))
+        .arg(Arg::new("cmdline").long("cmdline").value_name("STRING").help("Payload command line"))
+        .arg(Arg::new("memory").long("memory").value_name("size=<size>,shared=on|off").help("Guest RAM (memfd-backed)"))
+        .arg(Arg::new("cpus").long("cpus").value_name("boot=<n>,max=<n>").help("vCPUs"))
+        .arg(
+            Arg::new("disk")
+                .long("disk")
+                .value_name("path=<file>,readonly=on|off,id=<name>,num_queues=<n>,queue_size=<n>")
+                .action(ArgAction::Append)
+                .help("virtio-blk disk emulated by the VMM (repeatable)"),
+        )
+        .arg(Arg::new("serial").long("serial").value_name("off|tty|null|file=<path>").help("COM1 output").default_value("tty"))
+        .arg(Arg::new("console").long("console").value_name("off|tty|null|file=<path>").help("virtio-console (accepted, not provided)").default_value("off"))
+        .arg(Arg::new("v").short('v').action(ArgAction::Count).help("More log output (repeatable)"))
+}
+
+fn build_config(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
+    let kernel = m.get_one::<String>("kernel").ok_or(ConfigError::NoKernel)?;
+    let config = VmConfig {
+        payload: PayloadConfig {
+            kernel: PathBuf::from(kernel),
+            cmdline: m.get_one::<String>("cmdline").cloned().unwrap_or_default(),
+        },
+        memory: m.get_one::<String>("memory").map_or(Ok(MemoryConfig { size: 512 << 20, shared: false }), |s| MemoryConfig::parse(s))?,
+        cpus: m.get_one::<String>("cpus").map_or(Ok(CpusConfig { boot_vcpus: 1, max_vcpus: 1 }), |s| CpusConfig::parse(s))?,
+        disks: m.get_many::<String>("disk").into_iter().flatten().map(|s| DiskConfig::parse(s)).collect::<Result<_, _>>()?,
+        serial: ConsoleMode::parse("serial", m.get_one::<String>("serial").unwrap())?,
+        console: ConsoleMode::parse("console", m.get_one::<String>("console").unwrap())?,
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+fn run(m: &ArgMatches, start: Instant) -> Result<(), Error> {
+    let config = build_config(m)?;
+    match vmm::run(&config, start)? {
+        ExitReason::Crash(msg) => Err(Error::GuestCrash(msg)),
+        r => {
+            log::info!("VM exited: {r:?}");
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let m = command().get_matches();
+    let level = match m.get_count("v") {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        2 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    log::set_max_level(level);
+    let _ = log::set_boxed_logger(Box::new(Logger { start, out: Mutex::new(std::io::stderr()) }));
+    match run(&m, start) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = format!("Error: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                // Some library errors already print their source; do not say it twice.
+                let text = s.to_string();
+                if !msg.contains(&text) {
+                    msg.push_str(&format!(": {text}"));
+                }
+                src = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

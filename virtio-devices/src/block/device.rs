@@ -1,0 +1,196 @@
+//! The VMM-emulated virtio-blk device: one worker thread serving all its queues.
+
+use super::disk::RawFile;
+use super::engine::{BlockCounters, BlockEngine};
+use super::*;
+use crate::{
+    read_config_bytes, ActivateError, ActiveQueue, Counters, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
+    VirtioInterruptType, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK,
+};
+use log::{error, warn};
+use std::os::unix::io::AsRawFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+const CONFIG_LEN: usize = 60;
+
+pub struct BlockConfig {
+    pub id: String,
+    pub num_queues: u16,
+    pub queue_size: u16,
+}
+
+struct Worker {
+    kill: EventFd,
+    handle: JoinHandle<()>,
+}
+
+pub struct Block {
+    disk: Arc<RawFile>,
+    serial: Arc<[u8; VIRTIO_BLK_ID_BYTES]>,
+    avail_features: u64,
+    acked_features: u64,
+    config: [u8; CONFIG_LEN],
+    queue_sizes: Vec<u16>,
+    counters: Arc<BlockCounters>,
+    worker: Option<Worker>,
+}
+
+/// Features every virtio-blk of this project offers (the emulated disk and vdpu alike).
+pub fn block_features(readonly: bool) -> u64 {
+    let mut f = VIRTIO_F_VERSION_1
+        | VIRTIO_F_RING_INDIRECT_DESC
+        | VIRTIO_F_RING_EVENT_IDX
+        | VIRTIO_BLK_F_SEG_MAX
+        | VIRTIO_BLK_F_BLK_SIZE
+        | VIRTIO_BLK_F_FLUSH;
+    if readonly {
+        f |= VIRTIO_BLK_F_RO;
+    }
+    f
+}
+
+/// virtio_blk_config: capacity, size_max, seg_max, geometry, blk_size, topology, ..., num_queues.
+pub fn block_config_space(capacity_sectors: u64, queue_size: u16, num_queues: u16) -> [u8; CONFIG_LEN] {
+    let mut c = [0u8; CONFIG_LEN];
+    c[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
+    // seg_max: the queue minus header and status descriptors, as Linux expects.
+    c[12..16].copy_from_slice(&u32::from(queue_size.saturating_sub(2)).to_le_bytes());
+    c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+    c[34..36].copy_from_slice(&num_queues.to_le_bytes());
+    c
+}
+
+/// The 20-byte device id reported by GET_ID.
+pub fn block_serial(id: &str) -> [u8; VIRTIO_BLK_ID_BYTES] {
+    let mut s = [0u8; VIRTIO_BLK_ID_BYTES];
+    let b = id.as_bytes();
+    let n = b.len().min(VIRTIO_BLK_ID_BYTES);
+    s[..n].copy_from_slice(&b[..n]);
+    s
+}
+
+impl Block {
+    pub fn new(disk: RawFile, cfg: &BlockConfig) -> Self {
+        let capacity = disk.size() / SECTOR_SIZE;
+        Block {
+            avail_features: block_features(disk.readonly()),
+            acked_features: 0,
+            config: block_config_space(capacity, cfg.queue_size, cfg.num_queues),
+            queue_sizes: vec![cfg.queue_size; cfg.num_queues as usize],
+            serial: Arc::new(block_serial(&cfg.id)),
+            disk: Arc::new(disk),
+            counters: Arc::new(BlockCounters::default()),
+            worker: None,
+        }
+    }
+}
+
+fn run_worker(
+    disk: Arc<RawFile>,
+    serial: Arc<[u8; VIRTIO_BLK_ID_BYTES]>,
+    counters: Arc<BlockCounters>,
+    mem: Arc<GuestMemoryMmap>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    mut queues: Vec<ActiveQueue>,
+    kill: EventFd,
+) {
+    let epoll = match Epoll::new() {
+        Ok(e) => e,
+        Err(e) => return error!("virtio-blk: epoll: {e}"),
+    };
+    let kill_token = queues.len() as u64;
+    let mut setup = epoll.ctl(ControlOperation::Add, kill.as_raw_fd(), EpollEvent::new(EventSet::IN, kill_token));
+    for (i, q) in queues.iter().enumerate() {
+        setup = setup.and(epoll.ctl(ControlOperation::Add, q.kick.as_raw_fd(), EpollEvent::new(EventSet::IN, i as u64)));
+    }
+    if let Err(e) = setup {
+        return error!("virtio-blk: epoll setup: {e}");
+    }
+    let engine = BlockEngine { disk: &disk, serial: &serial, counters: &counters };
+    let mut events = vec![EpollEvent::default(); queues.len() + 1];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return error!("virtio-blk: epoll wait: {e}"),
+        };
+        for ev in &events[..n] {
+            let token = ev.data();
+            if token == kill_token {
+                return;
+            }
+            let q = &mut queues[token as usize];
+            let _ = q.kick.read();
+            match engine.process_queue(&mut q.queue, mem.as_ref()) {
+                Ok(true) => {
+                    if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(q.index)) {
+                        warn!("virtio-blk: interrupt: {e}");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => warn!("virtio-blk: queue {}: {e}", q.index),
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(
+        &mut self,
+        mem: Arc<GuestMemoryMmap>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        self.reset();
+        let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let kill_worker = kill.try_clone().map_err(ActivateError::Worker)?;
+        let (disk, serial, counters) = (self.disk.clone(), self.serial.clone(), self.counters.clone());
+        let handle = std::thread::Builder::new()
+            .name("virtio-blk".into())
+            .spawn(move || run_worker(disk, serial, counters, mem, interrupt, queues, kill_worker))
+            .map_err(ActivateError::Worker)?;
+        self.worker = Some(Worker { kill, handle });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            let _ = w.kill.write(1);
+            let _ = w.handle.join();
+        }
+    }
+
+    fn counters(&self) -> Counters {
+        self.counters.snapshot()
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}

@@ -1,0 +1,5 @@
+//! Transports that present a `VirtioDevice` to the guest.
+
+mod pci_device;
+
+pub use pci_device::{IoEventRegistrar, VirtioPciDevice, VirtioPciLayout};

@@ -1,0 +1,544 @@
+//! virtio-pci modern transport (virtio 1.x 4.1): one 64-bit memory BAR holding the common,
+//! ISR, device and notify structures plus the MSI-X table and PBA.
+
+use crate::*;
+use log::{debug, info, warn};
+use pci::{
+    BarReprogram, MsiInterruptGroup, MsixCap, MsixConfig, PciBarRegion, PciBarType, PciClass, PciConfiguration,
+    PciDevice, PciHeader,
+};
+use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use virtio_queue::{Queue, QueueT};
+
+const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
+const VIRTIO_PCI_DEVICE_ID_BASE: u16 = 0x1040;
+const VIRTIO_PCI_CAP_ID: u8 = 0x09;
+const CAP_COMMON_CFG: u8 = 1;
+const CAP_NOTIFY_CFG: u8 = 2;
+const CAP_ISR_CFG: u8 = 3;
+const CAP_DEVICE_CFG: u8 = 4;
+const CAP_PCI_CFG: u8 = 5;
+const NO_VECTOR: u16 = 0xffff;
+
+/// Where each structure sits in BAR 0.
+pub struct VirtioPciLayout;
+
+impl VirtioPciLayout {
+    pub const BAR_SIZE: u64 = 0x8_0000;
+    pub const COMMON: u64 = 0x0000;
+    pub const COMMON_LEN: u64 = 0x38;
+    pub const ISR: u64 = 0x2000;
+    pub const ISR_LEN: u64 = 1;
+    pub const DEVICE: u64 = 0x4000;
+    pub const DEVICE_LEN: u64 = 0x1000;
+    pub const NOTIFY: u64 = 0x6000;
+    pub const NOTIFY_LEN: u64 = 0x1000;
+    pub const NOTIFY_MULTIPLIER: u32 = 4;
+    pub const MSIX_TABLE: u64 = 0x8000;
+    pub const MSIX_TABLE_LEN: u64 = 0x4_0000;
+    pub const MSIX_PBA: u64 = 0x4_8000;
+    pub const MSIX_PBA_LEN: u64 = 0x800;
+
+    pub fn notify_addr(bar: u64, queue: u16) -> u64 {
+        bar + Self::NOTIFY + u64::from(queue) * u64::from(Self::NOTIFY_MULTIPLIER)
+    }
+}
+
+/// Registers doorbell eventfds with the hypervisor so guest notifies bypass the VMM.
+pub trait IoEventRegistrar: Send + Sync {
+    fn register(&self, fd: &EventFd, addr: u64) -> std::io::Result<()>;
+    fn unregister(&self, fd: &EventFd, addr: u64) -> std::io::Result<()>;
+}
+
+struct MsixVectors {
+    msix: Arc<Mutex<MsixConfig>>,
+    config: AtomicU16,
+    queues: Vec<AtomicU16>,
+    isr: AtomicU8,
+}
+
+impl VirtioInterrupt for MsixVectors {
+    fn trigger(&self, kind: VirtioInterruptType) -> std::io::Result<()> {
+        let vector = match kind {
+            VirtioInterruptType::Config => {
+                self.isr.fetch_or(2, Ordering::SeqCst);
+                self.config.load(Ordering::Acquire)
+            }
+            VirtioInterruptType::Queue(q) => {
+                self.isr.fetch_or(1, Ordering::SeqCst);
+                self.queues.get(q as usize).map_or(NO_VECTOR, |v| v.load(Ordering::Acquire))
+            }
+        };
+        // Without a vector the driver polls (INTx is not wired).
+        if vector != NO_VECTOR {
+            self.msix.lock().unwrap().trigger(vector);
+        }
+        Ok(())
+    }
+}
+
+pub struct VirtioPciDevice {
+    id: String,
+    config: PciConfiguration,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    device_type: u32,
+    queues: Vec<Queue>,
+    kicks: Vec<EventFd>,
+    vectors: Arc<MsixVectors>,
+    msix_cap_reg: usize,
+    pci_cfg_cap: usize,
+    memory: Arc<GuestMemoryMmap>,
+    ioevents: Arc<dyn IoEventRegistrar>,
+    bar: u64,
+    status: u8,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    queue_select: u16,
+    config_generation: u8,
+    activated: bool,
+}
+
+fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
+    // cap_len, cfg_type, bar, id, padding[2], offset, length (after cap_vndr/cap_next)
+    let mut b = vec![(16 + extra.len()) as u8, cfg_type, 0, 0, 0, 0];
+    b.extend_from_slice(&(offset as u32).to_le_bytes());
+    b.extend_from_slice(&(length as u32).to_le_bytes());
+    b.extend_from_slice(extra);
+    b
+}
+
+impl VirtioPciDevice {
+    /// `bar` is the guest-physical base the VMM allocated for BAR 0 (64-bit, BAR_SIZE bytes).
+    pub fn new(
+        id: String,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        memory: Arc<GuestMemoryMmap>,
+        interrupts: Arc<dyn MsiInterruptGroup>,
+        ioevents: Arc<dyn IoEventRegistrar>,
+        bar: u64,
+    ) -> Result<Self, String> {
+        let (device_type, max_sizes) = {
+            let d = device.lock().unwrap();
+            (d.device_type(), d.queue_max_sizes().to_vec())
+        };
+        let nq = max_sizes.len();
+        let num_vectors = (nq + 1) as u16;
+        let class = if device_type == VIRTIO_ID_BLOCK { PciClass::MassStorage } else { PciClass::Other };
+        let mut config = PciConfiguration::new(
+            VIRTIO_PCI_VENDOR_ID,
+            VIRTIO_PCI_DEVICE_ID_BASE + device_type as u16,
+            1,
+            class,
+            0,
+            0,
+            PciHeader::Device,
+            VIRTIO_PCI_VENDOR_ID,
+            0x40,
+        );
+        config.add_bar(PciBarRegion {
+            index: 0,
+            addr: bar,
+            size: VirtioPciLayout::BAR_SIZE,
+            kind: PciBarType::Mem64,
+            prefetchable: false,
+        })?;
+        let caps = [
+            virtio_cap(CAP_COMMON_CFG, VirtioPciLayout::COMMON, VirtioPciLayout::COMMON_LEN, &[]),
+            virtio_cap(CAP_ISR_CFG, VirtioPciLayout::ISR, VirtioPciLayout::ISR_LEN, &[]),
+            virtio_cap(CAP_DEVICE_CFG, VirtioPciLayout::DEVICE, VirtioPciLayout::DEVICE_LEN, &[]),
+            virtio_cap(
+                CAP_NOTIFY_CFG,
+                VirtioPciLayout::NOTIFY,
+                VirtioPciLayout::NOTIFY_LEN,
+                &VirtioPciLayout::NOTIFY_MULTIPLIER.to_le_bytes(),
+            ),
+        ];
+        for c in &caps {
+            config.add_capability(VIRTIO_PCI_CAP_ID, c, &[])?;
+        }
+        // VIRTIO_PCI_CAP_PCI_CFG: bar, offset, length and the data window are driver-writable.
+        let pci_cfg = virtio_cap(CAP_PCI_CFG, 0, 0, &[0; 4]);
+        let mut wmask = vec![0u8; pci_cfg.len()];
+        wmask[2] = 0xff;
+        wmask[6..18].fill(0xff);
+        let pci_cfg_cap = config.add_capability(VIRTIO_PCI_CAP_ID, &pci_cfg, &wmask)?;
+        let cap = MsixCap::new(0, num_vectors, VirtioPciLayout::MSIX_TABLE as u32, VirtioPciLayout::MSIX_PBA as u32);
+        let msix_off = config.add_capability(MsixCap::id(), &cap.bytes(), &MsixCap::writable())?;
+
+        let mut queues = Vec::with_capacity(nq);
+        let mut kicks = Vec::with_capacity(nq);
+        for &s in &max_sizes {
+            queues.push(Queue::new(s).map_err(|e| format!("queue of size {s}: {e}"))?);
+            kicks.push(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?);
+        }
+        let vectors = Arc::new(MsixVectors {
+            msix: Arc::new(Mutex::new(MsixConfig::new(num_vectors, interrupts))),
+            config: AtomicU16::new(NO_VECTOR),
+            queues: (0..nq).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
+            isr: AtomicU8::new(0),
+        });
+        let dev = VirtioPciDevice {
+            id,
+            config,
+            device,
+            device_type,
+            queues,
+            kicks,
+            vectors,
+            msix_cap_reg: msix_off / 4,
+            pci_cfg_cap,
+            memory,
+            ioevents,
+            bar,
+            status: 0,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            queue_select: 0,
+            config_generation: 0,
+            activated: false,
+        };
+        dev.register_ioevents(bar).map_err(|e| format!("ioeventfd: {e}"))?;
+        Ok(dev)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn bar(&self) -> u64 {
+        self.bar
+    }
+
+    pub fn device(&self) -> Arc<Mutex<dyn VirtioDevice>> {
+        self.device.clone()
+    }
+
+    fn register_ioevents(&self, bar: u64) -> std::io::Result<()> {
+        for (i, k) in self.kicks.iter().enumerate() {
+            self.ioevents.register(k, VirtioPciLayout::notify_addr(bar, i as u16))?;
+        }
+        Ok(())
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_select as usize)
+    }
+
+    fn common_read(&mut self, offset: u64, data: &mut [u8]) {
+        let q = self.queue_select as usize;
+        let value: u64 = match (offset, data.len()) {
+            (0x00, 4) => u64::from(self.device_feature_select),
+            (0x04, 4) => {
+                let f = self.device.lock().unwrap().features();
+                if self.device_feature_select < 2 {
+                    (f >> (32 * self.device_feature_select)) & 0xffff_ffff
+                } else {
+                    0
+                }
+            }
+            (0x08, 4) => u64::from(self.driver_feature_select),
+            (0x0c, 4) => {
+                if self.driver_feature_select < 2 {
+                    (self.driver_features >> (32 * self.driver_feature_select)) & 0xffff_ffff
+                } else {
+                    0
+                }
+            }
+            (0x10, 2) => u64::from(self.vectors.config.load(Ordering::Acquire)),
+            (0x12, 2) => self.queues.len() as u64,
+            (0x14, 1) => u64::from(self.status),
+            (0x15, 1) => u64::from(self.config_generation),
+            (0x16, 2) => u64::from(self.queue_select),
+            (0x18, 2) => self.queues.get(q).map_or(0, |x| u64::from(x.size())),
+            (0x1a, 2) => self.vectors.queues.get(q).map_or(u64::from(NO_VECTOR), |v| u64::from(v.load(Ordering::Acquire))),
+            (0x1c, 2) => self.queues.get(q).map_or(0, |x| u64::from(x.ready())),
+            (0x1e, 2) => q as u64, // queue_notify_off: queue i at NOTIFY + i * multiplier
+            (0x20, 4) | (0x24, 4) | (0x28, 4) | (0x2c, 4) | (0x30, 4) | (0x34, 4) => {
+                let Some(x) = self.queues.get(q) else {
+                    data.fill(0);
+                    return;
+                };
+                let full = match offset & !7 {
+                    0x20 => x.desc_table(),
+                    0x28 => x.avail_ring(),
+                    _ => x.used_ring(),
+                };
+                if offset & 4 == 0 {
+                    full & 0xffff_ffff
+                } else {
+                    full >> 32
+                }
+            }
+            _ => {
+                debug!("{}: unhandled common config read at {offset:#x} len {}", self.id, data.len());
+                0
+            }
+        };
+        let bytes = value.to_le_bytes();
+        data.copy_from_slice(&bytes[..data.len()]);
+    }
+
+    fn common_write(&mut self, offset: u64, data: &[u8]) {
+        let mut b = [0u8; 8];
+        b[..data.len()].copy_from_slice(data);
+        let v = u64::from_le_bytes(b);
+        let q = self.queue_select as usize;
+        // Queue configuration is frozen once the driver enabled the queue or the device runs.
+        let queue_writable = !self.activated && self.queues.get(q).is_some_and(|x| !x.ready());
+        match (offset, data.len()) {
+            (0x00, 4) => self.device_feature_select = v as u32,
+            (0x08, 4) => self.driver_feature_select = v as u32,
+            (0x0c, 4) => {
+                if self.status & DEVICE_FEATURES_OK == 0 && self.driver_feature_select < 2 {
+                    let shift = 32 * self.driver_feature_select;
+                    self.driver_features = (self.driver_features & !(0xffff_ffff << shift)) | (v << shift);
+                }
+            }
+            (0x10, 2) => self.vectors.config.store(self.vector_or_none(v as u16), Ordering::Release),
+            (0x14, 1) => self.write_status(v as u8),
+            (0x16, 2) => self.queue_select = v as u16,
+            (0x18, 2) if queue_writable => {
+                if let Some(x) = self.selected_queue() {
+                    x.set_size(v as u16);
+                }
+            }
+            (0x1a, 2) => {
+                let vec = self.vector_or_none(v as u16);
+                if let Some(slot) = self.vectors.queues.get(q) {
+                    slot.store(vec, Ordering::Release);
+                }
+            }
+            (0x1c, 2) if queue_writable => {
+                if v == 1 {
+                    if let Some(x) = self.selected_queue() {
+                        x.set_ready(true);
+                    }
+                }
+            }
+            (0x20..=0x37, 4) if queue_writable => {
+                let (lo, hi) = if offset & 4 == 0 { (Some(v as u32), None) } else { (None, Some(v as u32)) };
+                if let Some(x) = self.selected_queue() {
+                    match offset & !7 {
+                        0x20 => x.set_desc_table_address(lo, hi),
+                        0x28 => x.set_avail_ring_address(lo, hi),
+                        _ => x.set_used_ring_address(lo, hi),
+                    }
+                }
+            }
+            _ => debug!("{}: ignored common config write at {offset:#x} len {}", self.id, data.len()),
+        }
+    }
+
+    /// A vector the device does not have reads back as NO_VECTOR (virtio 1.x 4.1.5.1.2).
+    fn vector_or_none(&self, v: u16) -> u16 {
+        if v < self.vectors.msix.lock().unwrap().num_vectors() {
+            v
+        } else {
+            NO_VECTOR
+        }
+    }
+
+    fn write_status(&mut self, status: u8) {
+        if status == 0 {
+            self.reset();
+            return;
+        }
+        let newly = status & !self.status;
+        if newly & DEVICE_FEATURES_OK != 0 {
+            let offered = self.device.lock().unwrap().features();
+            let bad = self.driver_features & !offered;
+            let packed = self.driver_features & VIRTIO_F_RING_PACKED != 0;
+            if bad != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 || packed {
+                warn!("{}: driver features {:#x} not acceptable", self.id, self.driver_features);
+                self.status = status & !DEVICE_FEATURES_OK;
+                return;
+            }
+            self.device.lock().unwrap().ack_features(self.driver_features);
+        }
+        self.status = status;
+        if newly & DEVICE_DRIVER_OK != 0 && status & DEVICE_FEATURES_OK != 0 {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let event_idx = self.driver_features & VIRTIO_F_RING_EVENT_IDX != 0;
+        let mut active = Vec::new();
+        for (i, q) in self.queues.iter_mut().enumerate() {
+            if !q.ready() {
+                continue;
+            }
+            q.set_event_idx(event_idx);
+            if !q.is_valid(self.memory.as_ref()) {
+                warn!("{}: queue {i} is not valid", self.id);
+                self.status |= DEVICE_NEEDS_RESET;
+                return;
+            }
+            let kick = match self.kicks[i].try_clone() {
+                Ok(k) => k,
+                Err(e) => {
+                    warn!("{}: {e}", self.id);
+                    self.status |= DEVICE_NEEDS_RESET;
+                    return;
+                }
+            };
+            let queue = match Queue::try_from(q.state()) {
+                Ok(q) => q,
+                Err(e) => {
+                    warn!("{}: queue {i}: {e}", self.id);
+                    self.status |= DEVICE_NEEDS_RESET;
+                    return;
+                }
+            };
+            active.push(ActiveQueue { index: i as u16, queue, kick });
+        }
+        let interrupt: Arc<dyn VirtioInterrupt> = self.vectors.clone();
+        match self.device.lock().unwrap().activate(self.memory.clone(), interrupt, active) {
+            Ok(()) => {
+                self.activated = true;
+                info!("{}: activated, features {:#x}", self.id, self.driver_features);
+            }
+            Err(e) => {
+                warn!("{}: activation failed: {e}", self.id);
+                self.status |= DEVICE_NEEDS_RESET;
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.device.lock().unwrap().reset();
+        for q in &mut self.queues {
+            q.reset();
+        }
+        for v in &self.vectors.queues {
+            v.store(NO_VECTOR, Ordering::Release);
+        }
+        self.vectors.config.store(NO_VECTOR, Ordering::Release);
+        self.vectors.isr.store(0, Ordering::Release);
+        self.status = 0;
+        self.driver_features = 0;
+        self.queue_select = 0;
+        self.activated = false;
+    }
+
+    fn bar_access(&mut self, offset: u64, data: &mut [u8], write: Option<&[u8]>) {
+        use VirtioPciLayout as L;
+        let within = |start: u64, len: u64| offset >= start && offset + data.len() as u64 <= start + len;
+        if within(L::COMMON, L::COMMON_LEN) {
+            match write {
+                Some(w) => self.common_write(offset - L::COMMON, w),
+                None => self.common_read(offset - L::COMMON, data),
+            }
+        } else if within(L::ISR, L::ISR_LEN) {
+            if write.is_none() {
+                // Reading the ISR clears it.
+                data[0] = self.vectors.isr.swap(0, Ordering::AcqRel);
+            }
+        } else if within(L::DEVICE, L::DEVICE_LEN) {
+            let mut d = self.device.lock().unwrap();
+            match write {
+                Some(w) => d.write_config(offset - L::DEVICE, w),
+                None => d.read_config(offset - L::DEVICE, data),
+            }
+        } else if within(L::NOTIFY, L::NOTIFY_LEN) {
+            // A notify that reached the VMM (no ioeventfd matched, e.g. through the PCI
+            // configuration access window): kick the queue it names.
+            if write.is_some() {
+                let q = ((offset - L::NOTIFY) / u64::from(L::NOTIFY_MULTIPLIER)) as usize;
+                if let Some(k) = self.kicks.get(q) {
+                    let _ = k.write(1);
+                }
+            } else {
+                data.fill(0);
+            }
+        } else if within(L::MSIX_TABLE, L::MSIX_TABLE_LEN) {
+            let mut m = self.vectors.msix.lock().unwrap();
+            match write {
+                Some(w) => m.write_table(offset - L::MSIX_TABLE, w),
+                None => m.read_table(offset - L::MSIX_TABLE, data),
+            }
+        } else if within(L::MSIX_PBA, L::MSIX_PBA_LEN) {
+            if write.is_none() {
+                self.vectors.msix.lock().unwrap().read_pba(offset - L::MSIX_PBA, data);
+            }
+        } else if write.is_none() {
+            data.fill(0);
+        }
+    }
+
+    /// The VIRTIO_PCI_CAP_PCI_CFG window: an access to pci_cfg_data reaches BAR 0.
+    fn pci_cfg_access(&mut self, data: &mut [u8], write: Option<&[u8]>) {
+        let base = self.pci_cfg_cap / 4;
+        let bar = (self.config.read_reg(base + 1) & 0xff) as u8;
+        let offset = u64::from(self.config.read_reg(base + 2));
+        let length = self.config.read_reg(base + 3) as usize;
+        if bar != 0 || !matches!(length, 1 | 2 | 4) {
+            return;
+        }
+        let n = length.min(data.len());
+        match write {
+            Some(w) => {
+                let mut scratch = [0u8; 4];
+                self.bar_access(offset, &mut scratch[..n], Some(&w[..n]));
+            }
+            None => self.bar_access(offset, &mut data[..n], None),
+        }
+    }
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn read_config_register(&mut self, reg: usize) -> u32 {
+        if reg == self.pci_cfg_cap / 4 + 4 {
+            let mut d = [0u8; 4];
+            self.pci_cfg_access(&mut d, None);
+            return u32::from_le_bytes(d);
+        }
+        if reg == self.msix_cap_reg {
+            let ctl = u32::from(self.vectors.msix.lock().unwrap().msg_ctl());
+            return (self.config.read_reg(reg) & 0xffff) | ctl << 16;
+        }
+        self.config.read_reg(reg)
+    }
+
+    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) -> Option<BarReprogram> {
+        if reg == self.pci_cfg_cap / 4 + 4 {
+            let mut scratch = [0u8; 4];
+            self.pci_cfg_access(&mut scratch, Some(data));
+            return None;
+        }
+        let mv = self.config.write_reg(reg, offset, data);
+        if reg == self.msix_cap_reg {
+            let ctl = (self.config.read_reg(reg) >> 16) as u16;
+            self.vectors.msix.lock().unwrap().set_msg_ctl(ctl);
+        }
+        mv
+    }
+
+    fn read_bar(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        self.bar_access(offset, data, None);
+    }
+
+    fn write_bar(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        let mut scratch = [0u8; 8];
+        let n = data.len().min(8);
+        self.bar_access(offset, &mut scratch[..n], Some(&data[..n]));
+    }
+
+    fn move_bar(&mut self, old_base: u64, new_base: u64) -> std::io::Result<()> {
+        for (i, k) in self.kicks.iter().enumerate() {
+            self.ioevents.unregister(k, VirtioPciLayout::notify_addr(old_base, i as u16))?;
+        }
+        self.register_ioevents(new_base)?;
+        self.bar = new_base;
+        Ok(())
+    }
+}
+
+impl VirtioPciDevice {
+    pub fn device_type(&self) -> u32 {
+        self.device_type
+    }
+}

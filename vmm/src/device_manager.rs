@@ -1,0 +1,196 @@
+//! Creates and wires the VM's devices: legacy ports, PCI segment 0 and virtio-pci disks.
+
+use crate::config::{ConsoleMode, VmConfig};
+use crate::devices::{AcpiPmTimer, AcpiShutdown, DebugPort, ExitReason, I8042, LineWriter, SerialDevice};
+use crate::interrupt::{GsiRouter, KvmMsiGroup};
+use crate::layout;
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use pci::{BarReprogram, Bus, BusDevice, DeviceRelocation, PciBus, PciConfigIo, PciConfigMmio, PciDevice, PciRoot};
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use thiserror::Error;
+use virtio_devices::block::{Block, BlockConfig, RawFile};
+use virtio_devices::transport::{IoEventRegistrar, VirtioPciDevice, VirtioPciLayout};
+use virtio_devices::{Counters, GuestMemoryMmap, VirtioDevice};
+use vmm_sys_util::eventfd::EventFd;
+
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    #[error("Failed to open disk image {0}")]
+    OpenDisk(String, #[source] io::Error),
+    #[error("Failed to open serial output file")]
+    SerialFile(#[source] io::Error),
+    #[error("Failed to set up interrupts")]
+    Interrupts(#[source] io::Error),
+    #[error("No room for a BAR of {0:#x} bytes")]
+    BarSpace(u64),
+    #[error("No free PCI slot")]
+    NoPciSlot,
+    #[error("Failed to create virtio-pci device: {0}")]
+    VirtioPci(String),
+    #[error("Bus conflict")]
+    Bus(#[from] pci::BusError),
+    #[error("Failed to register an ioeventfd")]
+    IoEvent(#[source] io::Error),
+}
+
+/// Bump allocation of naturally aligned BAR space.
+pub struct AddressAllocator {
+    next: u64,
+    end: u64,
+}
+
+impl AddressAllocator {
+    pub fn new(start: u64, size: u64) -> Self {
+        AddressAllocator { next: start, end: start + size }
+    }
+
+    pub fn allocate(&mut self, size: u64) -> Option<u64> {
+        let base = self.next.checked_next_multiple_of(size)?;
+        let end = base.checked_add(size)?;
+        (end <= self.end).then(|| {
+            self.next = end;
+            base
+        })
+    }
+}
+
+struct KvmIoEvents(Arc<VmFd>);
+
+impl IoEventRegistrar for KvmIoEvents {
+    fn register(&self, fd: &EventFd, addr: u64) -> io::Result<()> {
+        self.0.register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch).map_err(io::Error::from)
+    }
+    fn unregister(&self, fd: &EventFd, addr: u64) -> io::Result<()> {
+        self.0.unregister_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch).map_err(io::Error::from)
+    }
+}
+
+/// The MMIO bus side of a PCI device: BAR accesses go to the device.
+struct PciBarHandler(Arc<Mutex<dyn PciDevice>>);
+
+impl BusDevice for PciBarHandler {
+    fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        self.0.lock().unwrap().read_bar(base, offset, data)
+    }
+    fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
+        self.0.lock().unwrap().write_bar(base, offset, data)
+    }
+}
+
+/// Follows a guest BAR move on the MMIO bus, then lets the device re-home its ioeventfds.
+struct BusRelocation(Arc<Bus>);
+
+impl DeviceRelocation for BusRelocation {
+    fn move_bar(&self, mv: &BarReprogram, dev: &mut dyn PciDevice) -> io::Result<()> {
+        self.0.relocate(mv.old_base, mv.new_base).map_err(io::Error::other)?;
+        dev.move_bar(mv.old_base, mv.new_base)
+    }
+}
+
+pub struct DeviceManager {
+    pio_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    virtio: Vec<(String, Arc<Mutex<dyn VirtioDevice>>)>,
+    serial_irq: EventFd,
+}
+
+impl DeviceManager {
+    pub fn new(
+        vm: Arc<VmFd>,
+        config: &VmConfig,
+        memory: Arc<GuestMemoryMmap>,
+        exit: Sender<ExitReason>,
+        start: Instant,
+    ) -> Result<Self, DeviceError> {
+        let pio_bus = Arc::new(Bus::new());
+        let mmio_bus = Arc::new(Bus::new());
+
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::Interrupts)?;
+        vm.register_irqfd(&serial_irq, 4).map_err(|e| DeviceError::Interrupts(e.into()))?;
+        let out: Option<Box<dyn io::Write + Send>> = match &config.serial {
+            ConsoleMode::Tty => Some(Box::new(LineWriter(io::stdout()))),
+            ConsoleMode::File(p) => Some(Box::new(LineWriter(std::fs::File::create(p).map_err(DeviceError::SerialFile)?))),
+            ConsoleMode::Null => Some(Box::new(io::sink())),
+            ConsoleMode::Off => None,
+        };
+        if let Some(out) = out {
+            let irq = serial_irq.try_clone().map_err(DeviceError::Interrupts)?;
+            pio_bus.insert(Arc::new(Mutex::new(SerialDevice::new(irq, out))), 0x3f8, 8)?;
+        }
+        pio_bus.insert(Arc::new(Mutex::new(AcpiShutdown::new(exit.clone()))), 0x600, 8)?;
+        pio_bus.insert(Arc::new(Mutex::new(I8042::new(exit))), I8042::BASE, I8042::LEN)?;
+        pio_bus.insert(Arc::new(Mutex::new(DebugPort::new(start))), 0x80, 1)?;
+        pio_bus.insert(Arc::new(Mutex::new(AcpiPmTimer::new())), AcpiPmTimer::PORT, 4)?;
+
+        let relocation = Arc::new(BusRelocation(mmio_bus.clone()));
+        let pci_bus = Arc::new(Mutex::new(PciBus::new(PciRoot::new(), relocation)));
+        pio_bus.insert(Arc::new(Mutex::new(PciConfigIo::new(pci_bus.clone()))), 0xcf8, 8)?;
+        mmio_bus.insert(
+            Arc::new(Mutex::new(PciConfigMmio::new(pci_bus.clone()))),
+            layout::PCI_MMCONFIG_START,
+            layout::PCI_MMCONFIG_SIZE,
+        )?;
+
+        let router = GsiRouter::new(vm.clone()).map_err(DeviceError::Interrupts)?;
+        let ioevents: Arc<dyn IoEventRegistrar> = Arc::new(KvmIoEvents(vm.clone()));
+        let mut bars64 =
+            AddressAllocator::new(layout::mem_64bit_devices_start(config.memory.size), layout::MEM_64BIT_DEVICES_SIZE);
+        let mut virtio = Vec::new();
+        for (i, disk) in config.disks.iter().enumerate() {
+            let id = disk.id.clone().unwrap_or_else(|| format!("_disk{i}"));
+            let file = RawFile::open(&disk.path, disk.readonly)
+                .map_err(|e| DeviceError::OpenDisk(disk.path.display().to_string(), e))?;
+            let block = Block::new(file, &BlockConfig { id: id.clone(), num_queues: disk.num_queues, queue_size: disk.queue_size });
+            let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(block));
+            let bar = bars64.allocate(VirtioPciLayout::BAR_SIZE).ok_or(DeviceError::BarSpace(VirtioPciLayout::BAR_SIZE))?;
+            let group = KvmMsiGroup::new(router.clone(), disk.num_queues + 1).map_err(DeviceError::Interrupts)?;
+            let pci_dev = VirtioPciDevice::new(id.clone(), device.clone(), memory.clone(), Arc::new(group), ioevents.clone(), bar)
+                .map_err(DeviceError::VirtioPci)?;
+            let pci_dev: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(pci_dev));
+            let mut bus = pci_bus.lock().unwrap();
+            let slot = bus.next_device_number().ok_or(DeviceError::NoPciSlot)?;
+            bus.add_device(slot, pci_dev.clone()).map_err(|_| DeviceError::NoPciSlot)?;
+            mmio_bus.insert(Arc::new(Mutex::new(PciBarHandler(pci_dev))), bar, VirtioPciLayout::BAR_SIZE)?;
+            log::info!("{id}: virtio-blk {} at 00:{slot:02x}.0, BAR0 {bar:#x}", disk.path.display());
+            virtio.push((id, device));
+        }
+        Ok(DeviceManager { pio_bus, mmio_bus, virtio, serial_irq })
+    }
+
+    pub fn pio_bus(&self) -> Arc<Bus> {
+        self.pio_bus.clone()
+    }
+
+    pub fn mmio_bus(&self) -> Arc<Bus> {
+        self.mmio_bus.clone()
+    }
+
+    pub fn counters(&self) -> BTreeMap<String, Counters> {
+        self.virtio.iter().map(|(id, d)| (id.clone(), d.lock().unwrap().counters())).collect()
+    }
+
+    /// Stops every device worker.
+    pub fn reset(&self) {
+        for (_, d) in &self.virtio {
+            d.lock().unwrap().reset();
+        }
+        let _ = self.serial_irq.read();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AddressAllocator;
+
+    #[test]
+    fn allocator_aligns_and_bounds() {
+        let mut a = AddressAllocator::new(0x1000, 0x10_0000);
+        assert_eq!(a.allocate(0x8_0000), Some(0x8_0000));
+        assert_eq!(a.allocate(0x1000), Some(0x10_0000));
+        assert_eq!(a.allocate(0x8_0000), None);
+    }
+}

@@ -1,0 +1,141 @@
+//! Guest RAM: one memfd, mapped shared (so another process, such as a device, can map the
+//! same pages) or private, and registered with KVM as memory slots.
+
+use crate::layout;
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::unix::io::FromRawFd;
+use std::sync::Arc;
+use thiserror::Error;
+use virtio_devices::GuestMemoryMmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    #[error("Failed to create the guest RAM memfd")]
+    Memfd(#[source] io::Error),
+    #[error("Failed to size the guest RAM memfd")]
+    Truncate(#[source] io::Error),
+    #[error("Failed to map guest RAM: {0}")]
+    Mmap(String),
+    #[error("Failed to register guest RAM with KVM")]
+    SetRegion(#[source] kvm_ioctls::Error),
+}
+
+/// One contiguous piece of guest RAM and where it lives in the memfd.
+#[derive(Clone, Copy, Debug)]
+pub struct RamRegion {
+    pub guest_addr: u64,
+    pub size: u64,
+    pub file_offset: u64,
+}
+
+pub struct MemoryManager {
+    memfd: Arc<File>,
+    memory: Arc<GuestMemoryMmap>,
+    regions: Vec<RamRegion>,
+    shared: bool,
+}
+
+fn memfd_create(name: &str) -> io::Result<File> {
+    let name = CString::new(name).unwrap();
+    // SAFETY: name is a valid NUL-terminated string; the returned fd is owned below.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+impl MemoryManager {
+    pub fn new(size: u64, shared: bool) -> Result<Self, MemoryError> {
+        let memfd = memfd_create("vio_guest_ram").map_err(MemoryError::Memfd)?;
+        memfd.set_len(size).map_err(MemoryError::Truncate)?;
+        let memfd = Arc::new(memfd);
+        let mut regions = Vec::new();
+        let mut mapped = Vec::new();
+        let mut offset = 0;
+        for (addr, len) in layout::ram_ranges(size) {
+            let flags = libc::MAP_NORESERVE | if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+            let mapping = MmapRegionBuilder::new(len as usize)
+                .with_file_offset(FileOffset::from_arc(memfd.clone(), offset))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(flags)
+                .build()
+                .map_err(|e| MemoryError::Mmap(e.to_string()))?;
+            let region = GuestRegionMmap::new(mapping, GuestAddress(addr))
+                .ok_or_else(|| MemoryError::Mmap(format!("region at {addr:#x} wraps around")))?;
+            mapped.push(Arc::new(region));
+            regions.push(RamRegion { guest_addr: addr, size: len, file_offset: offset });
+            offset += len;
+        }
+        let memory = GuestMemoryMmap::from_arc_regions(mapped).map_err(|e| MemoryError::Mmap(e.to_string()))?;
+        Ok(MemoryManager { memfd, memory: Arc::new(memory), regions, shared })
+    }
+
+    pub fn memory(&self) -> Arc<GuestMemoryMmap> {
+        self.memory.clone()
+    }
+
+    pub fn regions(&self) -> &[RamRegion] {
+        &self.regions
+    }
+
+    pub fn memfd(&self) -> &Arc<File> {
+        &self.memfd
+    }
+
+    pub fn shared(&self) -> bool {
+        self.shared
+    }
+
+    pub fn size(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
+    pub fn register_with_kvm(&self, vm: &VmFd) -> Result<(), MemoryError> {
+        for (slot, region) in self.memory.iter().enumerate() {
+            let mem_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the mapping stays alive as long as the VM: both are owned by the Vm and
+            // the memory manager outlives the VM fd's use of it.
+            unsafe { vm.set_user_memory_region(mem_region) }.map_err(MemoryError::SetRegion)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn shared_memory_is_visible_through_the_memfd() {
+        let mm = MemoryManager::new(32 << 20, true).unwrap();
+        mm.memory().write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
+        let mut b = [0u8; 4];
+        std::os::unix::fs::FileExt::read_at(mm.memfd().as_ref(), &mut b, 0x1000).unwrap();
+        assert_eq!(u32::from_le_bytes(b), 0xdead_beef);
+        assert_eq!(mm.size(), 32 << 20);
+    }
+
+    #[test]
+    fn private_memory_is_not() {
+        let mm = MemoryManager::new(32 << 20, false).unwrap();
+        mm.memory().write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
+        let mut b = [0u8; 4];
+        std::os::unix::fs::FileExt::read_at(mm.memfd().as_ref(), &mut b, 0x1000).unwrap();
+        assert_eq!(u32::from_le_bytes(b), 0);
+    }
+}

@@ -1,0 +1,182 @@
+//! One VM: KVM VM fd, guest RAM, devices, vCPUs; booted from a PVH ELF.
+
+use crate::config::VmConfig;
+use crate::cpu::{self, CpuError, VcpuSet};
+use crate::device_manager::{DeviceError, DeviceManager};
+use crate::devices::ExitReason;
+use crate::layout;
+use crate::memory_manager::{MemoryError, MemoryManager};
+use kvm_ioctls::{Kvm, VmFd};
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::{load_cmdline, Cmdline, KernelLoader};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::time::Instant;
+use thiserror::Error;
+use virtio_devices::Counters;
+use vm_memory::GuestAddress;
+
+const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
+const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
+
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("Failed to open /dev/kvm")]
+    Kvm(#[source] kvm_ioctls::Error),
+    #[error("Failed to create the KVM VM")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("Failed to set up the KVM VM: {0}")]
+    SetupVm(&'static str, #[source] kvm_ioctls::Error),
+    #[error("Guest memory")]
+    Memory(#[from] MemoryError),
+    #[error("Devices")]
+    Devices(#[from] DeviceError),
+    #[error("vCPUs")]
+    Cpu(#[from] CpuError),
+    #[error("Failed to open kernel {0}")]
+    OpenKernel(String, #[source] std::io::Error),
+    #[error("Failed to load the kernel")]
+    LoadKernel(#[source] linux_loader::loader::Error),
+    #[error("Kernel has no PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY)")]
+    NoPvhEntry,
+    #[error("Invalid kernel command line")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    #[error("Failed to write boot information")]
+    BootParams(#[source] linux_loader::configurator::Error),
+}
+
+pub struct Vm {
+    config: VmConfig,
+    kvm: Kvm,
+    vm_fd: Arc<VmFd>,
+    memory: MemoryManager,
+    devices: DeviceManager,
+    vcpus: Option<VcpuSet>,
+    exit_tx: Sender<ExitReason>,
+    exit_rx: Receiver<ExitReason>,
+}
+
+impl Vm {
+    pub fn new(config: &VmConfig, start: Instant) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::Kvm)?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
+        vm_fd.set_tss_address(layout::KVM_TSS_START as usize).map_err(|e| VmError::SetupVm("TSS address", e))?;
+        vm_fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_START).map_err(|e| VmError::SetupVm("identity map", e))?;
+        vm_fd.create_irq_chip().map_err(|e| VmError::SetupVm("irqchip", e))?;
+        let memory = MemoryManager::new(config.memory.size, config.memory.shared)?;
+        memory.register_with_kvm(&vm_fd)?;
+        let (exit_tx, exit_rx) = channel();
+        let devices = DeviceManager::new(vm_fd.clone(), config, memory.memory(), exit_tx.clone(), start)?;
+        Ok(Vm { config: config.clone(), kvm, vm_fd, memory, devices, vcpus: None, exit_tx, exit_rx })
+    }
+
+    fn load_kernel(&self) -> Result<u64, VmError> {
+        let path = &self.config.payload.kernel;
+        let mut f = File::open(path).map_err(|e| VmError::OpenKernel(path.display().to_string(), e))?;
+        let mem = self.memory.memory();
+        let r = Elf::load(mem.as_ref(), None, &mut f, Some(GuestAddress(layout::HIGH_RAM_START))).map_err(VmError::LoadKernel)?;
+        let PvhBootCapability::PvhEntryPresent(entry) = r.pvh_boot_cap else {
+            return Err(VmError::NoPvhEntry);
+        };
+        let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(VmError::Cmdline)?;
+        if !self.config.payload.cmdline.is_empty() {
+            cmdline.insert_str(&self.config.payload.cmdline).map_err(VmError::Cmdline)?;
+        }
+        load_cmdline(mem.as_ref(), GuestAddress(layout::CMDLINE_START), &cmdline).map_err(VmError::LoadKernel)?;
+        self.write_start_info()?;
+        Ok(entry.0)
+    }
+
+    fn write_start_info(&self) -> Result<(), VmError> {
+        let mut memmap = vec![hvm_memmap_table_entry { addr: 0, size: layout::EBDA_START, type_: E820_RAM, reserved: 0 }];
+        for r in self.memory.regions() {
+            let (addr, size) = if r.guest_addr == 0 {
+                (layout::HIGH_RAM_START, r.size.saturating_sub(layout::HIGH_RAM_START))
+            } else {
+                (r.guest_addr, r.size)
+            };
+            memmap.push(hvm_memmap_table_entry { addr, size, type_: E820_RAM, reserved: 0 });
+        }
+        memmap.push(hvm_memmap_table_entry {
+            addr: layout::PCI_MMCONFIG_START,
+            size: layout::PCI_MMCONFIG_SIZE,
+            type_: E820_RESERVED,
+            reserved: 0,
+        });
+        let start_info = hvm_start_info {
+            magic: XEN_HVM_START_MAGIC_VALUE,
+            version: 1,
+            cmdline_paddr: layout::CMDLINE_START,
+            memmap_paddr: layout::MEMMAP_START,
+            memmap_entries: memmap.len() as u32,
+            ..Default::default()
+        };
+        let mut params = BootParams::new(&start_info, GuestAddress(layout::PVH_INFO_START));
+        params.set_sections(&memmap, GuestAddress(layout::MEMMAP_START));
+        PvhBootConfigurator::write_bootparams(&params, self.memory.memory().as_ref()).map_err(VmError::BootParams)
+    }
+
+    pub fn boot(&mut self) -> Result<(), VmError> {
+        let entry = self.load_kernel()?;
+        cpu::write_boot_gdt(&self.memory.memory())?;
+        cpu::register_kick_signal()?;
+        let n = self.config.cpus.boot_vcpus;
+        let mut vcpus = Vec::new();
+        for id in 0..n {
+            let fd = cpu::create_vcpu(&self.vm_fd, id)?;
+            let tsc_khz = fd.get_tsc_khz().ok();
+            let cpuid = cpu::guest_cpuid(&self.kvm, id, n, tsc_khz)?;
+            cpu::configure_vcpu(&fd, id, &cpuid, (id == 0).then_some(entry))?;
+            vcpus.push((id, fd));
+        }
+        self.vcpus = Some(VcpuSet::start(vcpus, self.devices.pio_bus(), self.devices.mmio_bus(), self.exit_tx.clone())?);
+        log::info!("VM booted: {} vCPU(s), {} MiB, entry {entry:#x}", n, self.config.memory.size >> 20);
+        Ok(())
+    }
+
+    /// Blocks until the guest powers off, resets or crashes.
+    pub fn wait(&self) -> ExitReason {
+        self.exit_rx.recv().unwrap_or(ExitReason::Stopped)
+    }
+
+    pub fn shutdown(&mut self) {
+        if let Some(mut v) = self.vcpus.take() {
+            v.stop();
+        }
+        self.devices.reset();
+    }
+
+    pub fn counters(&self) -> BTreeMap<String, Counters> {
+        self.devices.counters()
+    }
+
+    pub fn memory_manager(&self) -> &MemoryManager {
+        &self.memory
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Runs a VM until it powers off or crashes; a guest reset boots it again.
+pub fn run(config: &VmConfig, start: Instant) -> Result<ExitReason, VmError> {
+    loop {
+        let mut vm = Vm::new(config, start)?;
+        vm.boot()?;
+        let reason = vm.wait();
+        vm.shutdown();
+        match reason {
+            ExitReason::Reset => log::info!("Rebooting the VM"),
+            r => return Ok(r),
+        }
+    }
+}
