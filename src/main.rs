@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::Instant;
 use thiserror::Error;
-use vmm::config::{ConfigError, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig, VmConfig};
+use vmm::config::{
+    ConfigError, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig, VmConfig,
+};
 use vmm::ExitReason;
 
 #[derive(Debug, Error)]
@@ -56,10 +58,30 @@ fn command() -> Command {
     Command::new("vio-hypervisor")
         .version(env!("CARGO_PKG_VERSION"))
         .about("VMM with VIO: memory reclaim for VMs with passthrough virtio devices")
-        .arg(Arg::new("kernel").long("kernel").value_name("PATH").help("PVH ELF payload to boot"))
-        .arg(Arg::new("cmdline").long("cmdline").value_name("STRING").help("Payload command line"))
-        .arg(Arg::new("memory").long("memory").value_name("size=<size>,shared=on|off").help("Guest RAM (memfd-backed)"))
-        .arg(Arg::new("cpus").long("cpus").value_name("boot=<n>,max=<n>").help("vCPUs"))
+        .arg(
+            Arg::new("kernel")
+                .long("kernel")
+                .value_name("PATH")
+                .help("PVH ELF payload to boot"),
+        )
+        .arg(
+            Arg::new("cmdline")
+                .long("cmdline")
+                .value_name("STRING")
+                .help("Payload command line"),
+        )
+        .arg(
+            Arg::new("memory")
+                .long("memory")
+                .value_name("size=<size>,shared=on|off")
+                .help("Guest RAM (memfd-backed)"),
+        )
+        .arg(
+            Arg::new("cpus")
+                .long("cpus")
+                .value_name("boot=<n>,max=<n>")
+                .help("vCPUs"),
+        )
         .arg(
             Arg::new("disk")
                 .long("disk")
@@ -67,9 +89,26 @@ fn command() -> Command {
                 .action(ArgAction::Append)
                 .help("virtio-blk disk emulated by the VMM (repeatable)"),
         )
-        .arg(Arg::new("serial").long("serial").value_name("off|tty|null|file=<path>").help("COM1 output").default_value("tty"))
-        .arg(Arg::new("console").long("console").value_name("off|tty|null|file=<path>").help("virtio-console (accepted, not provided)").default_value("off"))
-        .arg(Arg::new("v").short('v').action(ArgAction::Count).help("More log output (repeatable)"))
+        .arg(
+            Arg::new("serial")
+                .long("serial")
+                .value_name("off|tty|null|file=<path>")
+                .help("COM1 output")
+                .default_value("tty"),
+        )
+        .arg(
+            Arg::new("console")
+                .long("console")
+                .value_name("off|tty|null|file=<path>")
+                .help("virtio-console (accepted, not provided)")
+                .default_value("off"),
+        )
+        .arg(
+            Arg::new("v")
+                .short('v')
+                .action(ArgAction::Count)
+                .help("More log output (repeatable)"),
+        )
 }
 
 fn build_config(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
@@ -79,9 +118,26 @@ fn build_config(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
             kernel: PathBuf::from(kernel),
             cmdline: m.get_one::<String>("cmdline").cloned().unwrap_or_default(),
         },
-        memory: m.get_one::<String>("memory").map_or(Ok(MemoryConfig { size: 512 << 20, shared: false }), |s| MemoryConfig::parse(s))?,
-        cpus: m.get_one::<String>("cpus").map_or(Ok(CpusConfig { boot_vcpus: 1, max_vcpus: 1 }), |s| CpusConfig::parse(s))?,
-        disks: m.get_many::<String>("disk").into_iter().flatten().map(|s| DiskConfig::parse(s)).collect::<Result<_, _>>()?,
+        memory: m.get_one::<String>("memory").map_or(
+            Ok(MemoryConfig {
+                size: 512 << 20,
+                shared: false,
+            }),
+            |s| MemoryConfig::parse(s),
+        )?,
+        cpus: m.get_one::<String>("cpus").map_or(
+            Ok(CpusConfig {
+                boot_vcpus: 1,
+                max_vcpus: 1,
+            }),
+            |s| CpusConfig::parse(s),
+        )?,
+        disks: m
+            .get_many::<String>("disk")
+            .into_iter()
+            .flatten()
+            .map(|s| DiskConfig::parse(s))
+            .collect::<Result<_, _>>()?,
         serial: ConsoleMode::parse("serial", m.get_one::<String>("serial").unwrap())?,
         console: ConsoleMode::parse("console", m.get_one::<String>("console").unwrap())?,
     };
@@ -110,7 +166,10 @@ fn main() -> ExitCode {
         _ => log::LevelFilter::Trace,
     };
     log::set_max_level(level);
-    let _ = log::set_boxed_logger(Box::new(Logger { start, out: Mutex::new(std::io::stderr()) }));
+    let _ = log::set_boxed_logger(Box::new(Logger {
+        start,
+        out: Mutex::new(std::io::stderr()),
+    }));
     match run(&m, start) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

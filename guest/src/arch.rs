@@ -65,42 +65,54 @@ pub extern "C" fn rust_eh_personality() {}
 pub fn outb(port: u16, val: u8) {
     // SAFETY: port I/O is permitted at CPL3 by IOPL=3 and the TSS I/O bitmap; it has no memory
     // effects visible to Rust.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") val, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") val, options(nomem, nostack, preserves_flags))
+    }
 }
 
 #[inline(always)]
 pub fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: as for outb.
-    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags))
+    }
     v
 }
 
 #[inline(always)]
 pub fn outw(port: u16, val: u16) {
     // SAFETY: as for outb.
-    unsafe { asm!("out dx, ax", in("dx") port, in("ax") val, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") val, options(nomem, nostack, preserves_flags))
+    }
 }
 
 #[inline(always)]
 pub fn inw(port: u16) -> u16 {
     let v: u16;
     // SAFETY: as for outb.
-    unsafe { asm!("in ax, dx", in("dx") port, out("ax") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in ax, dx", in("dx") port, out("ax") v, options(nomem, nostack, preserves_flags))
+    }
     v
 }
 
 #[inline(always)]
 pub fn outl(port: u16, val: u32) {
     // SAFETY: as for outb.
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") val, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") val, options(nomem, nostack, preserves_flags))
+    }
 }
 
 #[inline(always)]
 pub fn inl(port: u16) -> u32 {
     let v: u32;
     // SAFETY: as for outb.
-    unsafe { asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags))
+    }
     v
 }
 
@@ -118,6 +130,12 @@ pub fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
 #[inline(always)]
 pub fn pause() {
     core::hint::spin_loop();
+}
+
+/// Raises #UD; with no IDT loaded the CPU triple-faults.
+pub fn undefined_instruction() -> ! {
+    // SAFETY: deliberately faults; nothing after it runs.
+    unsafe { asm!("ud2", options(noreturn)) }
 }
 
 /// Cloud Hypervisor's ACPI sleep-control port: S5 with the SLP_EN bit powers the VM off.

@@ -45,7 +45,7 @@ impl Params {
             seed: info.param_u64("vio.seed", 1)?,
             write_pct: info.param_u64("vio.write_pct", 50)?,
         };
-        if p.bs < 512 || p.bs > PAGE || p.bs % 512 != 0 {
+        if p.bs < 512 || p.bs > PAGE || !p.bs.is_multiple_of(512) {
             return Err("vio.bs must be a multiple of 512 up to 4096");
         }
         if p.qd == 0 || p.write_pct > 100 {
@@ -77,7 +77,9 @@ struct Array<T: Copy> {
 
 impl<T: Copy> Array<T> {
     fn new(ram: &mut Ram, len: u64) -> Result<Self, &'static str> {
-        let base = ram.alloc(len * core::mem::size_of::<T>() as u64).ok_or("out of memory")? as *mut T;
+        let base = ram
+            .alloc(len * core::mem::size_of::<T>() as u64)
+            .ok_or("out of memory")? as *mut T;
         Ok(Array { base, len })
     }
     fn get(&self, i: u64) -> T {
@@ -107,7 +109,10 @@ fn fill_block(page: u64, bs: u64, lba: u64, gen: u32, seed: u64) {
     let p = page as *mut u64;
     for i in 0..bs / 8 {
         // SAFETY: page is a pool page owned by this request while it is not in flight.
-        unsafe { p.add(i as usize).write_volatile(block_word(lba, gen, seed, i)) };
+        unsafe {
+            p.add(i as usize)
+                .write_volatile(block_word(lba, gen, seed, i))
+        };
     }
 }
 
@@ -137,7 +142,11 @@ impl Disk {
             core::ptr::write_volatile((ctrl + 16) as *mut u8, 0xff);
         }
         let data_flags = if kind == T_OUT { 0 } else { DESC_F_WRITE };
-        let mut segs = [(ctrl, 16u32, 0u16), (data, len, data_flags), (ctrl + 16, 1, DESC_F_WRITE)];
+        let mut segs = [
+            (ctrl, 16u32, 0u16),
+            (data, len, data_flags),
+            (ctrl + 16, 1, DESC_F_WRITE),
+        ];
         let segs: &mut [(u64, u32, u16)] = if len == 0 {
             segs[1] = segs[2];
             &mut segs[..2]
@@ -151,13 +160,15 @@ impl Disk {
                 let next = if i + 1 < n { DESC_F_NEXT } else { 0 };
                 write_desc(table + 16 * i as u64, a, l, f | next, i as u16 + 1);
             }
-            self.vq.set_desc(slot, table, 16 * n as u32, DESC_F_INDIRECT, 0);
+            self.vq
+                .set_desc(slot, table, 16 * n as u32, DESC_F_INDIRECT, 0);
             self.vq.push(slot);
         } else {
             let head = slot * 3;
             for (i, &(a, l, f)) in segs.iter().enumerate() {
                 let next = if i + 1 < n { DESC_F_NEXT } else { 0 };
-                self.vq.set_desc(head + i as u16, a, l, f | next, head + i as u16 + 1);
+                self.vq
+                    .set_desc(head + i as u16, a, l, f | next, head + i as u16 + 1);
             }
             self.vq.push(head);
         }
@@ -189,7 +200,12 @@ impl Disk {
     }
 }
 
-pub fn run(info: &BootInfo, ram: &mut Ram, clock: &Clock, report: &mut Report) -> Result<(), &'static str> {
+pub fn run(
+    info: &BootInfo,
+    ram: &mut Ram,
+    clock: &Clock,
+    report: &mut Report,
+) -> Result<(), &'static str> {
     let p = Params::parse(info)?;
     let mut func = None;
     crate::pci::scan(|f| {
@@ -213,7 +229,8 @@ pub fn run(info: &BootInfo, ram: &mut Ram, clock: &Clock, report: &mut Report) -
     if p.event_idx && features & F_EVENT_IDX == 0 {
         return Err("device does not offer event-idx");
     }
-    let capacity = mmio_read32(dev.device_cfg) as u64 | (mmio_read32(dev.device_cfg + 4) as u64) << 32;
+    let capacity =
+        mmio_read32(dev.device_cfg) as u64 | (mmio_read32(dev.device_cfg + 4) as u64) << 32;
     let blocks = capacity * 512 / p.bs;
     if blocks < 2 * p.qd {
         return Err("disk too small for vio.qd");
@@ -224,7 +241,11 @@ pub fn run(info: &BootInfo, ram: &mut Ram, clock: &Clock, report: &mut Report) -
         return Err("vio.qd does not fit in the queue");
     }
     dev.driver_ok();
-    let mut disk = Disk { dev, vq, indirect: p.indirect };
+    let mut disk = Disk {
+        dev,
+        vq,
+        indirect: p.indirect,
+    };
 
     let ctrl_base = ram.alloc(p.qd * PAGE).ok_or("out of memory")?;
     let gens: Array<u32> = Array::new(ram, blocks)?;
@@ -234,7 +255,11 @@ pub fn run(info: &BootInfo, ram: &mut Ram, clock: &Clock, report: &mut Report) -
     let free: Array<u32> = Array::new(ram, p.qd)?;
     let pool: Array<u64> = Array::new(ram, p.pool_pages)?;
     for i in 0..p.pool_pages {
-        pool.set(i, ram.spread_page(i, p.pool_pages).ok_or("vio.pool_pages exceeds free RAM")?);
+        pool.set(
+            i,
+            ram.spread_page(i, p.pool_pages)
+                .ok_or("vio.pool_pages exceeds free RAM")?,
+        );
     }
 
     // GET_ID through the same path, as a smoke test of the device.
@@ -258,7 +283,7 @@ pub fn run(info: &BootInfo, ram: &mut Ram, clock: &Clock, report: &mut Report) -
     let mut nfree = p.qd;
     let mut rng = Rng::new(p.seed);
     let mut submitted = 0u64;
-    let tick_per_op = if p.rate == 0 { 0 } else { clock.khz * 1000 / p.rate };
+    let tick_per_op = (clock.khz * 1000).checked_div(p.rate).unwrap_or(0);
     let mut next_submit = rdtsc();
     let start = rdtsc();
     let mut last_progress = start;
@@ -294,9 +319,26 @@ pub fn run(info: &BootInfo, ram: &mut Ram, clock: &Clock, report: &mut Report) -
             busy.set(lba, 1);
             pool_busy.set(pi, 1);
             let ctrl = ctrl_base + s as u64 * PAGE;
-            slots.set(s as u64, Slot { ctrl, lba, pool: pi as u32, gen, write, start: now });
+            slots.set(
+                s as u64,
+                Slot {
+                    ctrl,
+                    lba,
+                    pool: pi as u32,
+                    gen,
+                    write,
+                    start: now,
+                },
+            );
             let kind = if write { T_OUT } else { T_IN };
-            disk.post(s as u16, ctrl, kind, lba * p.bs / 512, pool.get(pi), p.bs as u32);
+            disk.post(
+                s as u16,
+                ctrl,
+                kind,
+                lba * p.bs / 512,
+                pool.get(pi),
+                p.bs as u32,
+            );
             submitted += 1;
             pushed = true;
         }
@@ -324,10 +366,17 @@ pub fn run(info: &BootInfo, ram: &mut Ram, clock: &Clock, report: &mut Report) -
             }
             if status != S_OK {
                 report.io_errors += 1;
-            } else if !slot.write && slot.gen != 0 && !check_block(pool.get(slot.pool as u64), p.bs, slot.lba, slot.gen, p.seed) {
+            } else if !slot.write
+                && slot.gen != 0
+                && !check_block(pool.get(slot.pool as u64), p.bs, slot.lba, slot.gen, p.seed)
+            {
                 report.mismatches += 1;
                 if report.mismatches <= 5 {
-                    crate::println!("VIO-GUEST-MISMATCH {{\"lba\":{},\"gen\":{}}}", slot.lba, slot.gen);
+                    crate::println!(
+                        "VIO-GUEST-MISMATCH {{\"lba\":{},\"gen\":{}}}",
+                        slot.lba,
+                        slot.gen
+                    );
                 }
             }
             report.hist.record(clock.ns(now - slot.start));

@@ -42,7 +42,12 @@ impl BootInfo {
         if si.magic != START_INFO_MAGIC {
             return Err("bad hvm_start_info magic");
         }
-        let mut info = BootInfo { cmdline: [0; 4096], cmdline_len: 0, ram: [(0, 0); MAX_RANGES], ram_count: 0 };
+        let mut info = BootInfo {
+            cmdline: [0; 4096],
+            cmdline_len: 0,
+            ram: [(0, 0); MAX_RANGES],
+            ram_count: 0,
+        };
         if si.cmdline_paddr != 0 {
             let p = si.cmdline_paddr as *const u8;
             while info.cmdline_len < info.cmdline.len() - 1 {

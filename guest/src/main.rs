@@ -21,7 +21,6 @@ use core::arch::global_asm;
 
 global_asm!(include_str!("boot.S"), options(att_syntax));
 
-
 #[no_mangle]
 pub extern "C" fn rust_start(start_info: u64) -> ! {
     arch::post_code(0x40); // first CPL3 instruction: the VMM timestamps it
@@ -45,11 +44,14 @@ pub extern "C" fn rust_start(start_info: u64) -> ! {
         clock.source
     );
     let workload = info.param("vio.workload").unwrap_or("blk-verify");
-    let (name, run): (&'static str, fn(&_, &mut _, &_, &mut _) -> Result<(), &'static str>) = match workload {
+    let (name, run): (
+        &'static str,
+        fn(&_, &mut _, &_, &mut _) -> Result<(), &'static str>,
+    ) = match workload {
         "blk-verify" => ("blk-verify", blk::run),
         "mem-verify" => ("mem-verify", memverify::run),
         // With no IDT, any exception is a triple fault: lets tests check the VMM's crash path.
-        "triple-fault" => core::arch::x86_64::ud2(),
+        "triple-fault" => arch::undefined_instruction(),
         _ => fail("unknown vio.workload"),
     };
     let mut report = report::Report::new(name);

@@ -31,7 +31,11 @@ impl Ram {
                 count += 1;
             }
         }
-        Ram { ranges, count, cur: (0, ranges[0].0) }
+        Ram {
+            ranges,
+            count,
+            cur: (0, ranges[0].0),
+        }
     }
 
     /// Zeroed, page-aligned memory from the arena.

@@ -7,13 +7,20 @@ use crate::report::Report;
 use crate::stats::mix;
 use crate::tsc::Clock;
 
-pub fn run(info: &BootInfo, ram: &mut Ram, clock: &Clock, report: &mut Report) -> Result<(), &'static str> {
+pub fn run(
+    info: &BootInfo,
+    ram: &mut Ram,
+    clock: &Clock,
+    report: &mut Report,
+) -> Result<(), &'static str> {
     let mem_mb = info.param_u64("vio.mem_mb", 64)?;
     let rounds = info.param_u64("vio.rounds", 3)?;
     let idle_ms = info.param_u64("vio.idle_ms", 100)?;
     let seed = info.param_u64("vio.seed", 1)?;
     let bytes = mem_mb << 20;
-    let base = ram.take_contiguous(bytes).ok_or("vio.mem_mb does not fit in guest RAM")?;
+    let base = ram
+        .take_contiguous(bytes)
+        .ok_or("vio.mem_mb does not fit in guest RAM")?;
     let pages = bytes / PAGE;
     let start = rdtsc();
     let mut last_progress = start;
@@ -52,7 +59,10 @@ fn fill(page: u64, round: u64, seed: u64) {
     let p = page as *mut u64;
     for i in 0..(PAGE / 8) {
         // SAFETY: the page lies in the range taken from the arena for this workload.
-        unsafe { p.add(i as usize).write_volatile(word(page + i * 8, round, seed)) };
+        unsafe {
+            p.add(i as usize)
+                .write_volatile(word(page + i * 8, round, seed))
+        };
     }
 }
 

@@ -77,7 +77,12 @@ impl Function {
 pub fn scan(mut found: impl FnMut(Function)) {
     for dev in 0..32u8 {
         for func in 0..8u8 {
-            let probe = Function { dev, func, vendor: 0, device: 0 };
+            let probe = Function {
+                dev,
+                func,
+                vendor: 0,
+                device: 0,
+            };
             let id = probe.read32(0);
             if id & 0xffff == 0xffff {
                 if func == 0 {
@@ -85,7 +90,12 @@ pub fn scan(mut found: impl FnMut(Function)) {
                 }
                 continue;
             }
-            let f = Function { dev, func, vendor: id as u16, device: (id >> 16) as u16 };
+            let f = Function {
+                dev,
+                func,
+                vendor: id as u16,
+                device: (id >> 16) as u16,
+            };
             found(f);
             if func == 0 && f.read8(0x0e) & 0x80 == 0 {
                 break;

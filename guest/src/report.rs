@@ -17,7 +17,16 @@ pub struct Report {
 
 impl Report {
     pub const fn new(workload: &'static str) -> Self {
-        Report { workload, ops: 0, reads: 0, writes: 0, io_errors: 0, mismatches: 0, elapsed_ns: 0, hist: Histogram::new() }
+        Report {
+            workload,
+            ops: 0,
+            reads: 0,
+            writes: 0,
+            io_errors: 0,
+            mismatches: 0,
+            elapsed_ns: 0,
+            hist: Histogram::new(),
+        }
     }
 
     fn iops(&self, elapsed_ns: u64) -> u64 {

@@ -10,7 +10,10 @@ pub struct Histogram {
 
 impl Histogram {
     pub const fn new() -> Self {
-        Histogram { counts: [0; BUCKETS], total: 0 }
+        Histogram {
+            counts: [0; BUCKETS],
+            total: 0,
+        }
     }
 
     fn index(v: u64) -> usize {

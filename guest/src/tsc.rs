@@ -72,7 +72,10 @@ fn tsc_khz() -> (u64, &'static str) {
     if max >= 0x15 {
         let (den, num, crystal, _) = cpuid(0x15);
         if den != 0 && num != 0 && crystal != 0 {
-            return (crystal as u64 * num as u64 / den as u64 / 1000, "cpuid-0x15");
+            return (
+                crystal as u64 * num as u64 / den as u64 / 1000,
+                "cpuid-0x15",
+            );
         }
     }
     if max >= 0x16 {

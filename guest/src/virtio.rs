@@ -63,7 +63,9 @@ impl VirtioPci {
             let bar = f.read8(off + 4);
             let offset = f.read32(off + 8) as u64;
             let length = f.read32(off + 12) as u64;
-            let Some(base) = f.bar_address(bar) else { return };
+            let Some(base) = f.bar_address(bar) else {
+                return;
+            };
             if let Err(e) = paging::map_range(base + offset, length.max(1), true) {
                 err = Some(e);
             }
@@ -124,7 +126,10 @@ impl VirtioPci {
         let features = offered & (wanted | F_VERSION_1);
         for sel in 0..2u32 {
             mmio_write32(self.common + DRIVER_FEATURE_SELECT, sel);
-            mmio_write32(self.common + DRIVER_FEATURE, (features >> (32 * sel)) as u32);
+            mmio_write32(
+                self.common + DRIVER_FEATURE,
+                (features >> (32 * sel)) as u32,
+            );
         }
         self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
         if self.status() & STATUS_FEATURES_OK == 0 {
@@ -136,7 +141,12 @@ impl VirtioPci {
         Ok(features)
     }
 
-    pub fn setup_queue(&self, index: u16, max: u16, ram: &mut Ram) -> Result<Virtqueue, &'static str> {
+    pub fn setup_queue(
+        &self,
+        index: u16,
+        max: u16,
+        ram: &mut Ram,
+    ) -> Result<Virtqueue, &'static str> {
         mmio_write16(self.common + QUEUE_SELECT, index);
         let dev_max = mmio_read16(self.common + QUEUE_SIZE);
         if dev_max == 0 {
@@ -152,7 +162,11 @@ impl VirtioPci {
         let used = ram.alloc(6 + 8 * n).ok_or("out of memory")?;
         mmio_write16(self.common + QUEUE_SIZE, size);
         mmio_write16(self.common + QUEUE_MSIX_VECTOR, NO_VECTOR);
-        for (reg, addr) in [(QUEUE_DESC, desc), (QUEUE_DRIVER, avail), (QUEUE_DEVICE, used)] {
+        for (reg, addr) in [
+            (QUEUE_DESC, desc),
+            (QUEUE_DRIVER, avail),
+            (QUEUE_DEVICE, used),
+        ] {
             mmio_write32(self.common + reg, addr as u32);
             mmio_write32(self.common + reg + 4, (addr >> 32) as u32);
         }
@@ -203,7 +217,13 @@ pub struct Virtqueue {
 
 impl Virtqueue {
     pub fn set_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        write_desc(self.desc + 16 * (i as u64 % self.size as u64), addr, len, flags, next);
+        write_desc(
+            self.desc + 16 * (i as u64 % self.size as u64),
+            addr,
+            len,
+            flags,
+            next,
+        );
     }
 
     fn write_avail_u16(&self, off: u64, v: u16) {
@@ -231,7 +251,8 @@ impl Virtqueue {
         fence(Ordering::SeqCst);
         let notify = if self.event_idx {
             let event = self.read_used_u16(4 + 8 * self.size as u64);
-            self.avail_idx.wrapping_sub(event).wrapping_sub(1) < self.avail_idx.wrapping_sub(old_idx)
+            self.avail_idx.wrapping_sub(event).wrapping_sub(1)
+                < self.avail_idx.wrapping_sub(old_idx)
         } else {
             self.read_used_u16(0) & USED_F_NO_NOTIFY == 0
         };
@@ -254,12 +275,18 @@ impl Virtqueue {
         let e = self.used + 4 + 8 * (self.last_used % self.size) as u64;
         // SAFETY: e is inside the used ring.
         let (id, len) = unsafe {
-            (core::ptr::read_volatile(e as *const u32), core::ptr::read_volatile((e + 4) as *const u32))
+            (
+                core::ptr::read_volatile(e as *const u32),
+                core::ptr::read_volatile((e + 4) as *const u32),
+            )
         };
         self.last_used = self.last_used.wrapping_add(1);
         if self.event_idx {
             // Keep used_event half the index space ahead: the polled driver wants no interrupts.
-            self.write_avail_u16(4 + 2 * self.size as u64, self.last_used.wrapping_add(0x8000));
+            self.write_avail_u16(
+                4 + 2 * self.size as u64,
+                self.last_used.wrapping_add(0x8000),
+            );
         }
         Some((id, len))
     }

@@ -40,12 +40,19 @@ impl Bus {
         (addr - base < *len).then(|| (*base, dev.clone()))
     }
 
-    pub fn insert(&self, dev: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<(), BusError> {
+    pub fn insert(
+        &self,
+        dev: Arc<Mutex<dyn BusDevice>>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), BusError> {
         if len == 0 {
             return Err(BusError::ZeroLength(base));
         }
         let mut ranges = self.ranges.write().unwrap();
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         if let Some((b, (l, _))) = ranges.range(..end).next_back() {
             if b + l > base {
                 return Err(BusError::Overlap { base, len });
@@ -56,7 +63,12 @@ impl Bus {
     }
 
     pub fn remove(&self, base: u64) -> Result<(), BusError> {
-        self.ranges.write().unwrap().remove(&base).map(|_| ()).ok_or(BusError::NotFound(base))
+        self.ranges
+            .write()
+            .unwrap()
+            .remove(&base)
+            .map(|_| ())
+            .ok_or(BusError::NotFound(base))
     }
 
     /// Moves the range at `old` to `new`, keeping its device and length.
@@ -113,8 +125,14 @@ mod tests {
         let bus = Bus::new();
         let dev = Arc::new(Mutex::new(Echo(10)));
         bus.insert(dev.clone(), 0x100, 0x10).unwrap();
-        assert!(matches!(bus.insert(dev.clone(), 0x108, 0x10), Err(BusError::Overlap { .. })));
-        assert!(matches!(bus.insert(dev.clone(), 0xf8, 0x10), Err(BusError::Overlap { .. })));
+        assert!(matches!(
+            bus.insert(dev.clone(), 0x108, 0x10),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(matches!(
+            bus.insert(dev.clone(), 0xf8, 0x10),
+            Err(BusError::Overlap { .. })
+        ));
         bus.insert(dev.clone(), 0x110, 0x10).unwrap();
         let mut b = [0u8; 1];
         assert!(bus.read(0x103, &mut b));
@@ -127,6 +145,9 @@ mod tests {
         assert!(bus.read(0x201, &mut b));
         assert_eq!(b[0], 8);
         assert!(bus.relocate(0x200, 0x110).is_err());
-        assert!(bus.read(0x200, &mut b), "failed relocation keeps the old range");
+        assert!(
+            bus.read(0x200, &mut b),
+            "failed relocation keeps the old range"
+        );
     }
 }

@@ -74,7 +74,10 @@ impl PciConfiguration {
         registers[0] = u32::from(device) << 16 | u32::from(vendor);
         // Command: I/O, memory, bus master, INTx disable are the bits a driver flips.
         writable[1] = 0x0000_0407;
-        registers[2] = (class as u32) << 24 | u32::from(subclass) << 16 | u32::from(prog_if) << 8 | u32::from(revision);
+        registers[2] = (class as u32) << 24
+            | u32::from(subclass) << 16
+            | u32::from(prog_if) << 8
+            | u32::from(revision);
         let header_type = match header {
             PciHeader::Device => 0,
             PciHeader::Bridge => 1,
@@ -83,7 +86,12 @@ impl PciConfiguration {
         writable[3] = 0x0000_00ff; // cache line size
         registers[11] = u32::from(subsystem_id) << 16 | u32::from(subsystem_vendor);
         writable[15] = 0x0000_00ff; // interrupt line
-        PciConfiguration { registers, writable, bars: [None; NUM_BARS], last_capability: None }
+        PciConfiguration {
+            registers,
+            writable,
+            bars: [None; NUM_BARS],
+            last_capability: None,
+        }
     }
 
     pub fn read_reg(&self, idx: usize) -> u32 {
@@ -100,8 +108,12 @@ impl PciConfiguration {
     /// Applies a guest write of `data` at byte `offset` of register `idx`, honouring the
     /// writable mask. Returns the BAR move it causes, if any.
     pub fn write_reg(&mut self, idx: usize, offset: u64, data: &[u8]) -> Option<BarReprogram> {
-        if idx >= NUM_CONFIGURATION_REGISTERS || offset as usize + data.len() > 4 || data.is_empty() {
-            warn!("Bad PCI config write: register {idx} offset {offset} len {}", data.len());
+        if idx >= NUM_CONFIGURATION_REGISTERS || offset as usize + data.len() > 4 || data.is_empty()
+        {
+            warn!(
+                "Bad PCI config write: register {idx} offset {offset} len {}",
+                data.len()
+            );
             return None;
         }
         let shift = offset * 8;
@@ -134,7 +146,9 @@ impl PciConfiguration {
             return Some(reg);
         }
         // The upper half of a 64-bit BAR.
-        (reg > 0).then(|| reg - 1).filter(|&i| matches!(self.bars[i], Some(b) if b.kind == PciBarType::Mem64))
+        (reg > 0)
+            .then(|| reg - 1)
+            .filter(|&i| matches!(self.bars[i], Some(b) if b.kind == PciBarType::Mem64))
     }
 
     fn detect_bar_move(&mut self, reg: usize) -> Option<BarReprogram> {
@@ -161,22 +175,39 @@ impl PciConfiguration {
             return None;
         }
         self.bars[i] = Some(PciBarRegion { addr: new, ..bar });
-        Some(BarReprogram { old_base: bar.addr, new_base: new, len: bar.size, kind: bar.kind })
+        Some(BarReprogram {
+            old_base: bar.addr,
+            new_base: new,
+            len: bar.size,
+            kind: bar.kind,
+        })
     }
 
     /// Places BAR `region.index` at `region.addr`; the size must be a power of two and the
     /// address aligned to it.
     pub fn add_bar(&mut self, region: PciBarRegion) -> Result<(), String> {
         let i = region.index;
-        let slots = if region.kind == PciBarType::Mem64 { 2 } else { 1 };
-        if i + slots > NUM_BARS || self.bars[i].is_some() || (slots == 2 && self.bars[i + 1].is_some()) {
+        let slots = if region.kind == PciBarType::Mem64 {
+            2
+        } else {
+            1
+        };
+        if i + slots > NUM_BARS
+            || self.bars[i].is_some()
+            || (slots == 2 && self.bars[i + 1].is_some())
+        {
             return Err(format!("BAR {i} is not free"));
         }
-        if !region.size.is_power_of_two() || region.addr % region.size != 0 {
-            return Err(format!("BAR {i} size {:#x} at {:#x} is not naturally aligned", region.size, region.addr));
+        if !region.size.is_power_of_two() || !region.addr.is_multiple_of(region.size) {
+            return Err(format!(
+                "BAR {i} size {:#x} at {:#x} is not naturally aligned",
+                region.size, region.addr
+            ));
         }
         let min = if region.kind == PciBarType::Io { 4 } else { 16 };
-        if region.size < min || (region.kind != PciBarType::Mem64 && region.addr + region.size > 1 << 32) {
+        if region.size < min
+            || (region.kind != PciBarType::Mem64 && region.addr + region.size > 1 << 32)
+        {
             return Err(format!("BAR {i} does not fit its type"));
         }
         let reg = BAR0_REG + i;
@@ -187,7 +218,12 @@ impl PciConfiguration {
         } | if region.prefetchable { 0x8 } else { 0 };
         let size_mask = !(region.size - 1);
         self.registers[reg] = (region.addr as u32) | type_bits;
-        self.writable[reg] = size_mask as u32 & if region.kind == PciBarType::Io { !0x3 } else { !0xf };
+        self.writable[reg] = size_mask as u32
+            & if region.kind == PciBarType::Io {
+                !0x3
+            } else {
+                !0xf
+            };
         if slots == 2 {
             self.registers[reg + 1] = (region.addr >> 32) as u32;
             self.writable[reg + 1] = (size_mask >> 32) as u32;
@@ -210,7 +246,12 @@ impl PciConfiguration {
 
     /// Appends a capability (its bytes from offset 2 on; id and next pointer are filled in)
     /// and returns its offset. `writable` gives the guest-writable bits per byte of `body`.
-    pub fn add_capability(&mut self, id: u8, body: &[u8], writable: &[u8]) -> Result<usize, String> {
+    pub fn add_capability(
+        &mut self,
+        id: u8,
+        body: &[u8],
+        writable: &[u8],
+    ) -> Result<usize, String> {
         let len = (body.len() + 2).next_multiple_of(4);
         let offset = match self.last_capability {
             Some((off, l)) => off + l,
@@ -250,7 +291,17 @@ mod tests {
     use super::*;
 
     fn cfg() -> PciConfiguration {
-        PciConfiguration::new(0x1af4, 0x1042, 1, PciClass::MassStorage, 0, 0, PciHeader::Device, 0x1af4, 0x40)
+        PciConfiguration::new(
+            0x1af4,
+            0x1042,
+            1,
+            PciClass::MassStorage,
+            0,
+            0,
+            PciHeader::Device,
+            0x1af4,
+            0x40,
+        )
     }
 
     fn w32(c: &mut PciConfiguration, reg: usize, v: u32) -> Option<BarReprogram> {
@@ -279,22 +330,41 @@ mod tests {
     #[test]
     fn bar32_sizing_and_move() {
         let mut c = cfg();
-        c.add_bar(PciBarRegion { index: 0, addr: 0xc000_0000, size: 0x1000, kind: PciBarType::Mem32, prefetchable: false })
-            .unwrap();
-        assert_eq!(w32(&mut c, 4, 0xffff_ffff), None, "sizing probe is not a move");
+        c.add_bar(PciBarRegion {
+            index: 0,
+            addr: 0xc000_0000,
+            size: 0x1000,
+            kind: PciBarType::Mem32,
+            prefetchable: false,
+        })
+        .unwrap();
+        assert_eq!(
+            w32(&mut c, 4, 0xffff_ffff),
+            None,
+            "sizing probe is not a move"
+        );
         assert_eq!(c.read_reg(4), 0xffff_f000);
         let mv = w32(&mut c, 4, 0xc000_0000);
         assert_eq!(mv, None, "restoring the address is not a move");
         let mv = w32(&mut c, 4, 0xd000_0000).unwrap();
-        assert_eq!((mv.old_base, mv.new_base, mv.len), (0xc000_0000, 0xd000_0000, 0x1000));
+        assert_eq!(
+            (mv.old_base, mv.new_base, mv.len),
+            (0xc000_0000, 0xd000_0000, 0x1000)
+        );
         assert_eq!(c.bar(0).unwrap().addr, 0xd000_0000);
     }
 
     #[test]
     fn bar64_sizing_and_move() {
         let mut c = cfg();
-        c.add_bar(PciBarRegion { index: 2, addr: 0x1_0000_0000, size: 0x8_0000, kind: PciBarType::Mem64, prefetchable: true })
-            .unwrap();
+        c.add_bar(PciBarRegion {
+            index: 2,
+            addr: 0x1_0000_0000,
+            size: 0x8_0000,
+            kind: PciBarType::Mem64,
+            prefetchable: true,
+        })
+        .unwrap();
         assert_eq!(c.read_reg(6), 0x0000_000c);
         assert_eq!(c.read_reg(7), 0x1);
         assert_eq!(w32(&mut c, 6, 0xffff_ffff), None);
@@ -310,19 +380,41 @@ mod tests {
     #[test]
     fn bar_validation() {
         let mut c = cfg();
-        let bad_align = PciBarRegion { index: 0, addr: 0x1800, size: 0x1000, kind: PciBarType::Mem32, prefetchable: false };
+        let bad_align = PciBarRegion {
+            index: 0,
+            addr: 0x1800,
+            size: 0x1000,
+            kind: PciBarType::Mem32,
+            prefetchable: false,
+        };
         assert!(c.add_bar(bad_align).is_err());
-        let not_pow2 = PciBarRegion { index: 0, addr: 0, size: 0x1800, kind: PciBarType::Mem32, prefetchable: false };
+        let not_pow2 = PciBarRegion {
+            index: 0,
+            addr: 0,
+            size: 0x1800,
+            kind: PciBarType::Mem32,
+            prefetchable: false,
+        };
         assert!(c.add_bar(not_pow2).is_err());
-        let last64 = PciBarRegion { index: 5, addr: 0, size: 0x1000, kind: PciBarType::Mem64, prefetchable: false };
+        let last64 = PciBarRegion {
+            index: 5,
+            addr: 0,
+            size: 0x1000,
+            kind: PciBarType::Mem64,
+            prefetchable: false,
+        };
         assert!(c.add_bar(last64).is_err());
     }
 
     #[test]
     fn capability_list() {
         let mut c = cfg();
-        let a = c.add_capability(0x09, &[16, 1, 0, 0], &[0, 0, 0, 0]).unwrap();
-        let b = c.add_capability(0x11, &[0x03, 0x00, 0, 0, 0, 0, 0, 0, 0, 0], &[0, 0xc0]).unwrap();
+        let a = c
+            .add_capability(0x09, &[16, 1, 0, 0], &[0, 0, 0, 0])
+            .unwrap();
+        let b = c
+            .add_capability(0x11, &[0x03, 0x00, 0, 0, 0, 0, 0, 0, 0, 0], &[0, 0xc0])
+            .unwrap();
         assert_eq!(a, 0x40);
         assert_eq!(b, 0x48);
         assert_ne!(c.read_reg(1) & STATUS_CAPABILITIES, 0);

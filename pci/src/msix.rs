@@ -38,7 +38,10 @@ struct Entry {
 
 impl Default for Entry {
     fn default() -> Self {
-        Entry { msg: MsiMessage::default(), vector_ctl: VECTOR_MASKED }
+        Entry {
+            msg: MsiMessage::default(),
+            vector_ctl: VECTOR_MASKED,
+        }
     }
 }
 
@@ -58,7 +61,10 @@ pub struct MsixConfig {
 
 impl MsixConfig {
     pub fn new(vectors: u16, group: Arc<dyn MsiInterruptGroup>) -> Self {
-        assert!(vectors > 0 && vectors <= 2048, "MSI-X supports 1..2048 vectors");
+        assert!(
+            vectors > 0 && vectors <= 2048,
+            "MSI-X supports 1..2048 vectors"
+        );
         MsixConfig {
             entries: vec![Entry::default(); vectors as usize],
             pba: vec![0; (vectors as usize).div_ceil(64)],
@@ -145,16 +151,35 @@ impl MsixConfig {
     pub fn write_table(&mut self, offset: u64, data: &[u8]) {
         let idx = (offset / MSIX_ENTRY_SIZE) as usize;
         let field = (offset % MSIX_ENTRY_SIZE) as usize;
-        if idx >= self.entries.len() || !(data.len() == 4 || data.len() == 8) || field % 4 != 0 || field + data.len() > 16 {
-            debug!("Ignoring MSI-X table write at {offset:#x} len {}", data.len());
+        if idx >= self.entries.len()
+            || !(data.len() == 4 || data.len() == 8)
+            || !field.is_multiple_of(4)
+            || field + data.len() > 16
+        {
+            debug!(
+                "Ignoring MSI-X table write at {offset:#x} len {}",
+                data.len()
+            );
             return;
         }
         let old = self.entries[idx];
-        let mut raw = [old.msg.addr_lo, old.msg.addr_hi, old.msg.data, old.vector_ctl];
+        let mut raw = [
+            old.msg.addr_lo,
+            old.msg.addr_hi,
+            old.msg.data,
+            old.vector_ctl,
+        ];
         for (k, chunk) in data.chunks(4).enumerate() {
             raw[field / 4 + k] = u32::from_le_bytes(chunk.try_into().unwrap());
         }
-        let new = Entry { msg: MsiMessage { addr_lo: raw[0], addr_hi: raw[1], data: raw[2] }, vector_ctl: raw[3] & VECTOR_MASKED };
+        let new = Entry {
+            msg: MsiMessage {
+                addr_lo: raw[0],
+                addr_hi: raw[1],
+                data: raw[2],
+            },
+            vector_ctl: raw[3] & VECTOR_MASKED,
+        };
         self.entries[idx] = new;
         if new != old {
             self.push_route(idx);
@@ -204,7 +229,11 @@ pub struct MsixCap {
 
 impl MsixCap {
     pub fn new(bar: u8, vectors: u16, table_offset: u32, pba_offset: u32) -> Self {
-        MsixCap { msg_ctl: vectors - 1, table: table_offset | u32::from(bar & 7), pba: pba_offset | u32::from(bar & 7) }
+        MsixCap {
+            msg_ctl: vectors - 1,
+            table: table_offset | u32::from(bar & 7),
+            pba: pba_offset | u32::from(bar & 7),
+        }
     }
 
     pub fn id() -> u8 {
@@ -261,7 +290,10 @@ mod tests {
         let rec = Arc::new(Recorder::default());
         let mut m = MsixConfig::new(4, rec.clone());
         m.trigger(1);
-        assert!(rec.fired.lock().unwrap().is_empty(), "disabled MSI-X delivers nothing");
+        assert!(
+            rec.fired.lock().unwrap().is_empty(),
+            "disabled MSI-X delivers nothing"
+        );
         m.set_msg_ctl(MSG_CTL_ENABLE);
         write_entry(&mut m, 1, 0xfee0_0000, 0x31, 0);
         m.trigger(1);
@@ -285,7 +317,14 @@ mod tests {
         let routes = rec.routes.lock().unwrap();
         let last = routes.iter().rev().find(|r| r.0 == 1).unwrap();
         assert!(!last.2, "vector 1 is deliverable");
-        assert_eq!(last.1, MsiMessage { addr_lo: 0xfee0_0000, addr_hi: 0, data: 0x31 });
+        assert_eq!(
+            last.1,
+            MsiMessage {
+                addr_lo: 0xfee0_0000,
+                addr_hi: 0,
+                data: 0x31
+            }
+        );
     }
 
     #[test]

@@ -12,7 +12,12 @@ use std::sync::{Arc, Mutex};
 pub trait PciDevice: Send {
     fn read_config_register(&mut self, reg: usize) -> u32;
     /// Returns the BAR move the write caused, for the VMM to apply.
-    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) -> Option<BarReprogram>;
+    fn write_config_register(
+        &mut self,
+        reg: usize,
+        offset: u64,
+        data: &[u8],
+    ) -> Option<BarReprogram>;
     fn read_bar(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
         data.fill(0xff);
     }
@@ -35,7 +40,19 @@ pub struct PciRoot {
 
 impl PciRoot {
     pub fn new() -> Self {
-        PciRoot { config: PciConfiguration::new(0x8086, 0x0d57, 0, PciClass::Bridge, 0, 0, PciHeader::Device, 0, 0) }
+        PciRoot {
+            config: PciConfiguration::new(
+                0x8086,
+                0x0d57,
+                0,
+                PciClass::Bridge,
+                0,
+                0,
+                PciHeader::Device,
+                0,
+                0,
+            ),
+        }
     }
 }
 
@@ -49,7 +66,12 @@ impl PciDevice for PciRoot {
     fn read_config_register(&mut self, reg: usize) -> u32 {
         self.config.read_reg(reg)
     }
-    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) -> Option<BarReprogram> {
+    fn write_config_register(
+        &mut self,
+        reg: usize,
+        offset: u64,
+        data: &[u8],
+    ) -> Option<BarReprogram> {
         self.config.write_reg(reg, offset, data)
     }
 }
@@ -63,7 +85,10 @@ impl PciBus {
     pub fn new(root: PciRoot, relocation: Arc<dyn DeviceRelocation>) -> Self {
         let mut devices: BTreeMap<u8, Arc<Mutex<dyn PciDevice>>> = BTreeMap::new();
         devices.insert(0, Arc::new(Mutex::new(root)));
-        PciBus { devices, relocation }
+        PciBus {
+            devices,
+            relocation,
+        }
     }
 
     pub fn next_device_number(&self) -> Option<u8> {
@@ -72,7 +97,10 @@ impl PciBus {
 
     pub fn add_device(&mut self, number: u8, dev: Arc<Mutex<dyn PciDevice>>) -> io::Result<()> {
         if number >= 32 || self.devices.contains_key(&number) {
-            return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("PCI slot {number} is taken")));
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("PCI slot {number} is taken"),
+            ));
         }
         self.devices.insert(number, dev);
         Ok(())
@@ -103,9 +131,15 @@ impl PciBus {
         }
         let mut d = d.lock().unwrap();
         if let Some(mv) = d.write_config_register(reg, offset, data) {
-            debug!("PCI {bus:02x}:{dev:02x}.{func}: BAR moves {:#x} -> {:#x}", mv.old_base, mv.new_base);
+            debug!(
+                "PCI {bus:02x}:{dev:02x}.{func}: BAR moves {:#x} -> {:#x}",
+                mv.old_base, mv.new_base
+            );
             if let Err(e) = self.relocation.move_bar(&mv, &mut *d) {
-                warn!("Failed to move BAR {:#x} -> {:#x}: {e}", mv.old_base, mv.new_base);
+                warn!(
+                    "Failed to move BAR {:#x} -> {:#x}: {e}",
+                    mv.old_base, mv.new_base
+                );
             }
         }
     }
@@ -138,7 +172,12 @@ impl PciConfigIo {
             return None;
         }
         let a = self.address;
-        Some(((a >> 16) as u8, ((a >> 11) & 0x1f) as u8, ((a >> 8) & 7) as u8, ((a & 0xfc) >> 2) as usize))
+        Some((
+            (a >> 16) as u8,
+            ((a >> 11) & 0x1f) as u8,
+            ((a >> 8) & 7) as u8,
+            ((a & 0xfc) >> 2) as usize,
+        ))
     }
 }
 
@@ -177,7 +216,10 @@ impl BusDevice for PciConfigIo {
         let byte = offset - 4;
         if let Some((b, d, f, reg)) = self.target() {
             if access_ok(byte, data.len()) {
-                self.bus.lock().unwrap().config_write(b, d, f, reg, byte as u64, data);
+                self.bus
+                    .lock()
+                    .unwrap()
+                    .config_write(b, d, f, reg, byte as u64, data);
             }
         }
     }
@@ -218,7 +260,10 @@ impl BusDevice for PciConfigMmio {
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         let (b, d, f, reg, byte) = Self::decode(offset);
         if access_ok(byte, data.len()) {
-            self.bus.lock().unwrap().config_write(b, d, f, reg, byte as u64, data);
+            self.bus
+                .lock()
+                .unwrap()
+                .config_write(b, d, f, reg, byte as u64, data);
         }
     }
 }
@@ -241,7 +286,12 @@ mod tests {
         fn read_config_register(&mut self, reg: usize) -> u32 {
             self.0.read_reg(reg)
         }
-        fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) -> Option<BarReprogram> {
+        fn write_config_register(
+            &mut self,
+            reg: usize,
+            offset: u64,
+            data: &[u8],
+        ) -> Option<BarReprogram> {
             self.0.write_reg(reg, offset, data)
         }
     }
@@ -249,12 +299,31 @@ mod tests {
     fn setup() -> (Arc<Mutex<PciBus>>, Arc<NoRelocation>) {
         let rel = Arc::new(NoRelocation(Mutex::new(vec![])));
         let bus = Arc::new(Mutex::new(PciBus::new(PciRoot::new(), rel.clone())));
-        let mut cfg = PciConfiguration::new(0x1af4, 0x1042, 1, PciClass::MassStorage, 0, 0, PciHeader::Device, 0x1af4, 2);
-        cfg.add_bar(PciBarRegion { index: 0, addr: 0xc000_0000, size: 0x1000, kind: PciBarType::Mem32, prefetchable: false })
-            .unwrap();
+        let mut cfg = PciConfiguration::new(
+            0x1af4,
+            0x1042,
+            1,
+            PciClass::MassStorage,
+            0,
+            0,
+            PciHeader::Device,
+            0x1af4,
+            2,
+        );
+        cfg.add_bar(PciBarRegion {
+            index: 0,
+            addr: 0xc000_0000,
+            size: 0x1000,
+            kind: PciBarType::Mem32,
+            prefetchable: false,
+        })
+        .unwrap();
         let n = bus.lock().unwrap().next_device_number().unwrap();
         assert_eq!(n, 1);
-        bus.lock().unwrap().add_device(n, Arc::new(Mutex::new(Dev(cfg)))).unwrap();
+        bus.lock()
+            .unwrap()
+            .add_device(n, Arc::new(Mutex::new(Dev(cfg))))
+            .unwrap();
         (bus, rel)
     }
 

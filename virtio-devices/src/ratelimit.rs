@@ -10,13 +10,17 @@ pub struct LogLimiter {
 
 impl LogLimiter {
     pub const fn new(first: u64, every: u64) -> Self {
-        LogLimiter { count: AtomicU64::new(0), first, every }
+        LogLimiter {
+            count: AtomicU64::new(0),
+            first,
+            every,
+        }
     }
 
     /// Counts one occurrence; true when this one should be logged.
     pub fn hit(&self) -> bool {
         let n = self.count.fetch_add(1, Ordering::Relaxed);
-        n < self.first || (self.every != 0 && n % self.every == 0)
+        n < self.first || (self.every != 0 && n.is_multiple_of(self.every))
     }
 
     pub fn count(&self) -> u64 {

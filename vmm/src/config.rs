@@ -7,7 +7,11 @@ use thiserror::Error;
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("Error parsing --{flag} \"{value}\": {reason}")]
-    Parse { flag: &'static str, value: String, reason: String },
+    Parse {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
     #[error("--kernel is required")]
     NoKernel,
     #[error("Kernel {0} does not exist")]
@@ -71,12 +75,18 @@ pub struct OptionParser {
 impl OptionParser {
     pub fn parse(flag: &'static str, raw: &str, known: &[&str]) -> Result<Self, ConfigError> {
         let mut values = BTreeMap::new();
-        let p = OptionParser { flag, raw: raw.to_string(), values: BTreeMap::new() };
+        let p = OptionParser {
+            flag,
+            raw: raw.to_string(),
+            values: BTreeMap::new(),
+        };
         if raw.is_empty() {
             return Err(p.error("empty value"));
         }
         for item in raw.split(',') {
-            let (k, v) = item.split_once('=').ok_or_else(|| p.error(&format!("expected key=value, got \"{item}\"")))?;
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| p.error(&format!("expected key=value, got \"{item}\"")))?;
             if !known.contains(&k) {
                 return Err(p.error(&format!("unknown key \"{k}\"")));
             }
@@ -88,7 +98,11 @@ impl OptionParser {
     }
 
     pub fn error(&self, reason: &str) -> ConfigError {
-        ConfigError::Parse { flag: self.flag, value: self.raw.clone(), reason: reason.to_string() }
+        ConfigError::Parse {
+            flag: self.flag,
+            value: self.raw.clone(),
+            reason: reason.to_string(),
+        }
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
@@ -105,12 +119,17 @@ impl OptionParser {
     }
 
     pub fn size(&self, key: &str) -> Result<Option<u64>, ConfigError> {
-        self.get(key).map(|v| parse_size(v).map_err(|r| self.error(&format!("{key}: {r}")))).transpose()
+        self.get(key)
+            .map(|v| parse_size(v).map_err(|r| self.error(&format!("{key}: {r}"))))
+            .transpose()
     }
 
     pub fn number<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>, ConfigError> {
         self.get(key)
-            .map(|v| v.parse::<T>().map_err(|_| self.error(&format!("{key} must be a number, got \"{v}\""))))
+            .map(|v| {
+                v.parse::<T>()
+                    .map_err(|_| self.error(&format!("{key} must be a number, got \"{v}\"")))
+            })
             .transpose()
     }
 }
@@ -123,10 +142,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('G') | Some('g') => (&s[..s.len() - 1], 30),
         Some('T') | Some('t') => (&s[..s.len() - 1], 40),
         Some(c) if c.is_ascii_digit() => (s, 0),
-        _ => return Err(format!("invalid size \"{s}\" (use a number with an optional K, M, G or T suffix)")),
+        _ => {
+            return Err(format!(
+                "invalid size \"{s}\" (use a number with an optional K, M, G or T suffix)"
+            ))
+        }
     };
-    let n: u64 = digits.parse().map_err(|_| format!("invalid size \"{s}\" (use a number with an optional K, M, G or T suffix)"))?;
-    n.checked_mul(1 << shift).ok_or_else(|| format!("size \"{s}\" is too large"))
+    let n: u64 = digits.parse().map_err(|_| {
+        format!("invalid size \"{s}\" (use a number with an optional K, M, G or T suffix)")
+    })?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size \"{s}\" is too large"))
 }
 
 impl MemoryConfig {
@@ -139,7 +165,10 @@ impl MemoryConfig {
         if size > (1 << 40) {
             return Err(p.error("size must be at most 1T"));
         }
-        Ok(MemoryConfig { size, shared: p.toggle("shared", false)? })
+        Ok(MemoryConfig {
+            size,
+            shared: p.toggle("shared", false)?,
+        })
     }
 }
 
@@ -154,23 +183,38 @@ impl CpusConfig {
         if max < boot {
             return Err(p.error("max must not be below boot"));
         }
-        Ok(CpusConfig { boot_vcpus: boot, max_vcpus: max })
+        Ok(CpusConfig {
+            boot_vcpus: boot,
+            max_vcpus: max,
+        })
     }
 }
 
 impl DiskConfig {
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse("disk", raw, &["path", "readonly", "id", "num_queues", "queue_size"])?;
+        let p = OptionParser::parse(
+            "disk",
+            raw,
+            &["path", "readonly", "id", "num_queues", "queue_size"],
+        )?;
         let path = PathBuf::from(p.get("path").ok_or_else(|| p.error("path is required"))?);
         let num_queues: u16 = p.number("num_queues")?.unwrap_or(1);
-        let queue_size: u16 = p.number("queue_size")?.unwrap_or(virtio_devices::block::DEFAULT_QUEUE_SIZE);
+        let queue_size: u16 = p
+            .number("queue_size")?
+            .unwrap_or(virtio_devices::block::DEFAULT_QUEUE_SIZE);
         if num_queues == 0 || num_queues > 16 {
             return Err(p.error("num_queues must be 1..16"));
         }
         if !queue_size.is_power_of_two() || !(2..=32768).contains(&queue_size) {
             return Err(p.error("queue_size must be a power of two, 2..32768"));
         }
-        Ok(DiskConfig { path, readonly: p.toggle("readonly", false)?, id: p.get("id").map(str::to_string), num_queues, queue_size })
+        Ok(DiskConfig {
+            path,
+            readonly: p.toggle("readonly", false)?,
+            id: p.get("id").map(str::to_string),
+            num_queues,
+            queue_size,
+        })
     }
 }
 
@@ -182,7 +226,10 @@ impl ConsoleMode {
             "null" => Ok(ConsoleMode::Null),
             _ => {
                 let p = OptionParser::parse(flag, raw, &["file"])?;
-                let f = p.get("file").filter(|f| !f.is_empty()).ok_or_else(|| p.error("expected off, tty, null or file=PATH"))?;
+                let f = p
+                    .get("file")
+                    .filter(|f| !f.is_empty())
+                    .ok_or_else(|| p.error("expected off, tty, null or file=PATH"))?;
                 Ok(ConsoleMode::File(PathBuf::from(f)))
             }
         }
@@ -225,23 +272,46 @@ mod tests {
 
     #[test]
     fn memory() {
-        assert_eq!(MemoryConfig::parse("size=1G,shared=on").unwrap(), MemoryConfig { size: 1 << 30, shared: true });
+        assert_eq!(
+            MemoryConfig::parse("size=1G,shared=on").unwrap(),
+            MemoryConfig {
+                size: 1 << 30,
+                shared: true
+            }
+        );
         assert!(!MemoryConfig::parse("size=64M").unwrap().shared);
         let e = reason(MemoryConfig::parse("size=12X").unwrap_err());
-        assert!(e.contains("--memory") && e.contains("size=12X") && e.contains("invalid size"), "{e}");
+        assert!(
+            e.contains("--memory") && e.contains("size=12X") && e.contains("invalid size"),
+            "{e}"
+        );
         assert!(reason(MemoryConfig::parse("size=1M").unwrap_err()).contains("at least 16M"));
-        assert!(reason(MemoryConfig::parse("size=64M,shared=maybe").unwrap_err()).contains("on or off"));
-        assert!(reason(MemoryConfig::parse("sise=64M").unwrap_err()).contains("unknown key \"sise\""));
+        assert!(
+            reason(MemoryConfig::parse("size=64M,shared=maybe").unwrap_err()).contains("on or off")
+        );
+        assert!(
+            reason(MemoryConfig::parse("sise=64M").unwrap_err()).contains("unknown key \"sise\"")
+        );
         assert!(reason(MemoryConfig::parse("64M").unwrap_err()).contains("expected key=value"));
     }
 
     #[test]
     fn cpus() {
-        assert_eq!(CpusConfig::parse("boot=2").unwrap(), CpusConfig { boot_vcpus: 2, max_vcpus: 2 });
+        assert_eq!(
+            CpusConfig::parse("boot=2").unwrap(),
+            CpusConfig {
+                boot_vcpus: 2,
+                max_vcpus: 2
+            }
+        );
         let e = reason(CpusConfig::parse("boot=0").unwrap_err());
-        assert!(e.contains("--cpus") && e.contains("boot must be at least 1"), "{e}");
+        assert!(
+            e.contains("--cpus") && e.contains("boot must be at least 1"),
+            "{e}"
+        );
         assert!(reason(CpusConfig::parse("boot=x").unwrap_err()).contains("must be a number"));
-        assert!(reason(CpusConfig::parse("boot=4,max=2").unwrap_err()).contains("max must not be below"));
+        assert!(reason(CpusConfig::parse("boot=4,max=2").unwrap_err())
+            .contains("max must not be below"));
         assert!(CpusConfig::parse("boot=300").is_err());
     }
 
@@ -252,30 +322,56 @@ mod tests {
         assert!(d.readonly);
         assert_eq!(d.id.as_deref(), Some("disk0"));
         assert!(reason(DiskConfig::parse("readonly=on").unwrap_err()).contains("path is required"));
-        assert!(reason(DiskConfig::parse("path=a,queue_size=100").unwrap_err()).contains("power of two"));
+        assert!(
+            reason(DiskConfig::parse("path=a,queue_size=100").unwrap_err())
+                .contains("power of two")
+        );
         assert!(reason(DiskConfig::parse("path=a,path=b").unwrap_err()).contains("given twice"));
         assert!(reason(DiskConfig::parse("path=a,colour=red").unwrap_err()).contains("unknown key"));
     }
 
     #[test]
     fn serial() {
-        assert_eq!(ConsoleMode::parse("serial", "tty").unwrap(), ConsoleMode::Tty);
-        assert_eq!(ConsoleMode::parse("serial", "off").unwrap(), ConsoleMode::Off);
-        assert_eq!(ConsoleMode::parse("serial", "file=/tmp/s").unwrap(), ConsoleMode::File("/tmp/s".into()));
-        assert!(reason(ConsoleMode::parse("serial", "pty").unwrap_err()).contains("expected key=value"));
+        assert_eq!(
+            ConsoleMode::parse("serial", "tty").unwrap(),
+            ConsoleMode::Tty
+        );
+        assert_eq!(
+            ConsoleMode::parse("serial", "off").unwrap(),
+            ConsoleMode::Off
+        );
+        assert_eq!(
+            ConsoleMode::parse("serial", "file=/tmp/s").unwrap(),
+            ConsoleMode::File("/tmp/s".into())
+        );
+        assert!(
+            reason(ConsoleMode::parse("serial", "pty").unwrap_err()).contains("expected key=value")
+        );
         assert!(ConsoleMode::parse("serial", "file=").is_err());
     }
 
     #[test]
     fn missing_files() {
         let cfg = VmConfig {
-            payload: PayloadConfig { kernel: "/nonexistent/kernel".into(), cmdline: String::new() },
-            memory: MemoryConfig { size: 64 << 20, shared: false },
-            cpus: CpusConfig { boot_vcpus: 1, max_vcpus: 1 },
+            payload: PayloadConfig {
+                kernel: "/nonexistent/kernel".into(),
+                cmdline: String::new(),
+            },
+            memory: MemoryConfig {
+                size: 64 << 20,
+                shared: false,
+            },
+            cpus: CpusConfig {
+                boot_vcpus: 1,
+                max_vcpus: 1,
+            },
             disks: vec![],
             serial: ConsoleMode::Tty,
             console: ConsoleMode::Off,
         };
-        assert_eq!(cfg.validate(), Err(ConfigError::KernelMissing("/nonexistent/kernel".into())));
+        assert_eq!(
+            cfg.validate(),
+            Err(ConfigError::KernelMissing("/nonexistent/kernel".into()))
+        );
     }
 }

@@ -3,8 +3,9 @@
 use crate::devices::ExitReason;
 use crate::layout;
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
-    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs,
+    KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use pci::Bus;
@@ -50,8 +51,15 @@ const APIC_LVT1: usize = 0x360;
 
 /// Which CPUID leaves a guest sees: KVM's supported set, with the topology, the hypervisor
 /// bit and the TSC frequency leaf (0x40000010, as Cloud Hypervisor fills it) set per vCPU.
-pub fn guest_cpuid(kvm: &Kvm, id: u8, nr_vcpus: u8, tsc_khz: Option<u32>) -> Result<CpuId, CpuError> {
-    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(CpuError::SupportedCpuid)?;
+pub fn guest_cpuid(
+    kvm: &Kvm,
+    id: u8,
+    nr_vcpus: u8,
+    tsc_khz: Option<u32>,
+) -> Result<CpuId, CpuError> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(CpuError::SupportedCpuid)?;
     let mut entries: Vec<kvm_cpuid_entry2> = supported.as_slice().to_vec();
     for e in entries.iter_mut() {
         match e.function {
@@ -67,9 +75,15 @@ pub fn guest_cpuid(kvm: &Kvm, id: u8, nr_vcpus: u8, tsc_khz: Option<u32>) -> Res
     }
     if let Some(khz) = tsc_khz {
         entries.retain(|e| e.function != 0x4000_0010);
-        entries.push(kvm_cpuid_entry2 { function: 0x4000_0010, eax: khz, ebx: 1_000_000, ..Default::default() });
+        entries.push(kvm_cpuid_entry2 {
+            function: 0x4000_0010,
+            eax: khz,
+            ebx: 1_000_000,
+            ..Default::default()
+        });
     }
-    CpuId::from_entries(&entries).map_err(|_| CpuError::SupportedCpuid(kvm_ioctls::Error::new(libc::E2BIG)))
+    CpuId::from_entries(&entries)
+        .map_err(|_| CpuError::SupportedCpuid(kvm_ioctls::Error::new(libc::E2BIG)))
 }
 
 fn boot_msrs() -> Msrs {
@@ -83,17 +97,26 @@ fn boot_msrs() -> Msrs {
         (MSR_SYSCALL_MASK, 0),
         (MSR_LSTAR, 0),
         (MSR_IA32_TSC, 0),
-        (MSR_IA32_MISC_ENABLE, 1), // fast strings
+        (MSR_IA32_MISC_ENABLE, 1),          // fast strings
         (MSR_MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, write-back default
     ]
     .iter()
-    .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+    .map(|&(index, data)| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    })
     .collect();
     Msrs::from_entries(&entries).expect("static MSR list fits")
 }
 
 /// The flat 32-bit GDT the PVH entry expects: null, code (0x08), data (0x10), TSS (0x18).
-const BOOT_GDT: [u64; 4] = [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x008f_8b00_0000_0067];
+const BOOT_GDT: [u64; 4] = [
+    0,
+    0x00cf_9b00_0000_ffff,
+    0x00cf_9300_0000_ffff,
+    0x008f_8b00_0000_0067,
+];
 
 fn segment(selector: u16, entry: u64) -> kvm_segment {
     kvm_segment {
@@ -122,18 +145,29 @@ fn segment(selector: u16, entry: u64) -> kvm_segment {
 
 pub fn write_boot_gdt(mem: &GuestMemoryMmap) -> Result<(), CpuError> {
     for (i, e) in BOOT_GDT.iter().enumerate() {
-        mem.write_obj(*e, GuestAddress(layout::BOOT_GDT_START + 8 * i as u64)).map_err(CpuError::Gdt)?;
+        mem.write_obj(*e, GuestAddress(layout::BOOT_GDT_START + 8 * i as u64))
+            .map_err(CpuError::Gdt)?;
     }
-    mem.write_obj(0u64, GuestAddress(layout::BOOT_IDT_START)).map_err(CpuError::Gdt)
+    mem.write_obj(0u64, GuestAddress(layout::BOOT_IDT_START))
+        .map_err(CpuError::Gdt)
 }
 
 /// Sets up a vCPU; the boot vCPU also gets the PVH entry state (32-bit protected mode,
 /// paging off, %ebx = hvm_start_info).
-pub fn configure_vcpu(vcpu: &VcpuFd, id: u8, cpuid: &CpuId, entry: Option<u64>) -> Result<(), CpuError> {
+pub fn configure_vcpu(
+    vcpu: &VcpuFd,
+    id: u8,
+    cpuid: &CpuId,
+    entry: Option<u64>,
+) -> Result<(), CpuError> {
     let err = |what| move |e| CpuError::Configure(id, what, e);
     vcpu.set_cpuid2(cpuid).map_err(err("CPUID"))?;
     vcpu.set_msrs(&boot_msrs()).map_err(err("MSRs"))?;
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     vcpu.set_fpu(&fpu).map_err(err("FPU"))?;
     let mut lapic = vcpu.get_lapic().map_err(err("LAPIC"))?;
     for (reg, mode) in [(APIC_LVT0, 0x7u32), (APIC_LVT1, 0x4)] {
@@ -165,7 +199,12 @@ pub fn configure_vcpu(vcpu: &VcpuFd, id: u8, cpuid: &CpuId, entry: Option<u64>) 
     sregs.cr4 = 0;
     sregs.efer = 0;
     vcpu.set_sregs(&sregs).map_err(err("sregs"))?;
-    let regs = kvm_regs { rflags: 0x2, rip: entry, rbx: layout::PVH_INFO_START, ..Default::default() };
+    let regs = kvm_regs {
+        rflags: 0x2,
+        rip: entry,
+        rbx: layout::PVH_INFO_START,
+        ..Default::default()
+    };
     vcpu.set_regs(&regs).map_err(err("regs"))
 }
 
@@ -215,22 +254,39 @@ fn run_vcpu(mut vcpu: VcpuFd, id: u8, ctx: VcpuContext) {
                 }
             }
             Ok(VcpuExit::Hlt) => {}
-            Ok(VcpuExit::Shutdown) => break Some(ExitReason::Crash(format!("vCPU {id}: triple fault (shutdown exit)"))),
+            Ok(VcpuExit::Shutdown) => {
+                break Some(ExitReason::Crash(format!(
+                    "vCPU {id}: triple fault (shutdown exit)"
+                )))
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => break Some(ExitReason::PowerOff),
                 KVM_SYSTEM_EVENT_RESET => break Some(ExitReason::Reset),
-                KVM_SYSTEM_EVENT_CRASH => break Some(ExitReason::Crash(format!("vCPU {id}: guest crash event"))),
+                KVM_SYSTEM_EVENT_CRASH => {
+                    break Some(ExitReason::Crash(format!("vCPU {id}: guest crash event")))
+                }
                 k => log::warn!("vCPU {id}: unknown system event {k}"),
             },
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                break Some(ExitReason::Crash(format!("vCPU {id}: entry failed, reason {reason:#x} on cpu {cpu}")))
+                break Some(ExitReason::Crash(format!(
+                    "vCPU {id}: entry failed, reason {reason:#x} on cpu {cpu}"
+                )))
             }
             Ok(VcpuExit::InternalError) => {
-                let regs = vcpu.get_regs().map(|r| format!("rip {:#x}", r.rip)).unwrap_or_default();
-                break Some(ExitReason::Crash(format!("vCPU {id}: KVM internal error (emulation failure) {regs}")));
+                let regs = vcpu
+                    .get_regs()
+                    .map(|r| format!("rip {:#x}", r.rip))
+                    .unwrap_or_default();
+                break Some(ExitReason::Crash(format!(
+                    "vCPU {id}: KVM internal error (emulation failure) {regs}"
+                )));
             }
             Ok(VcpuExit::Intr) => {}
-            Ok(other) => break Some(ExitReason::Crash(format!("vCPU {id}: unexpected exit {other:?}"))),
+            Ok(other) => {
+                break Some(ExitReason::Crash(format!(
+                    "vCPU {id}: unexpected exit {other:?}"
+                )))
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
             Err(e) => break Some(ExitReason::Crash(format!("vCPU {id}: KVM_RUN failed: {e}"))),
         }
@@ -244,12 +300,22 @@ fn run_vcpu(mut vcpu: VcpuFd, id: u8, ctx: VcpuContext) {
 }
 
 impl VcpuSet {
-    pub fn start(vcpus: Vec<(u8, VcpuFd)>, pio: Arc<Bus>, mmio: Arc<Bus>, exit: Sender<ExitReason>) -> Result<Self, CpuError> {
+    pub fn start(
+        vcpus: Vec<(u8, VcpuFd)>,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        exit: Sender<ExitReason>,
+    ) -> Result<Self, CpuError> {
         let stop = Arc::new(AtomicBool::new(false));
         let exit = Arc::new(Mutex::new(exit));
         let mut threads = Vec::new();
         for (id, vcpu) in vcpus {
-            let ctx = VcpuContext { pio: pio.clone(), mmio: mmio.clone(), exit: exit.clone(), stop: stop.clone() };
+            let ctx = VcpuContext {
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                exit: exit.clone(),
+                stop: stop.clone(),
+            };
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || run_vcpu(vcpu, id, ctx))
@@ -281,5 +347,6 @@ impl Drop for VcpuSet {
 }
 
 pub fn create_vcpu(vm: &VmFd, id: u8) -> Result<VcpuFd, CpuError> {
-    vm.create_vcpu(u64::from(id)).map_err(|e| CpuError::Create(id, e))
+    vm.create_vcpu(u64::from(id))
+        .map_err(|e| CpuError::Create(id, e))
 }

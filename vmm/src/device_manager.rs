@@ -1,11 +1,16 @@
 //! Creates and wires the VM's devices: legacy ports, PCI segment 0 and virtio-pci disks.
 
 use crate::config::{ConsoleMode, VmConfig};
-use crate::devices::{AcpiPmTimer, AcpiShutdown, DebugPort, ExitReason, I8042, LineWriter, SerialDevice};
+use crate::devices::{
+    AcpiPmTimer, AcpiShutdown, DebugPort, ExitReason, LineWriter, SerialDevice, I8042,
+};
 use crate::interrupt::{GsiRouter, KvmMsiGroup};
 use crate::layout;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
-use pci::{BarReprogram, Bus, BusDevice, DeviceRelocation, PciBus, PciConfigIo, PciConfigMmio, PciDevice, PciRoot};
+use pci::{
+    BarReprogram, Bus, BusDevice, DeviceRelocation, PciBus, PciConfigIo, PciConfigMmio, PciDevice,
+    PciRoot,
+};
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::mpsc::Sender;
@@ -45,7 +50,10 @@ pub struct AddressAllocator {
 
 impl AddressAllocator {
     pub fn new(start: u64, size: u64) -> Self {
-        AddressAllocator { next: start, end: start + size }
+        AddressAllocator {
+            next: start,
+            end: start + size,
+        }
     }
 
     pub fn allocate(&mut self, size: u64) -> Option<u64> {
@@ -62,10 +70,14 @@ struct KvmIoEvents(Arc<VmFd>);
 
 impl IoEventRegistrar for KvmIoEvents {
     fn register(&self, fd: &EventFd, addr: u64) -> io::Result<()> {
-        self.0.register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch).map_err(io::Error::from)
+        self.0
+            .register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(io::Error::from)
     }
     fn unregister(&self, fd: &EventFd, addr: u64) -> io::Result<()> {
-        self.0.unregister_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch).map_err(io::Error::from)
+        self.0
+            .unregister_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(io::Error::from)
     }
 }
 
@@ -86,7 +98,9 @@ struct BusRelocation(Arc<Bus>);
 
 impl DeviceRelocation for BusRelocation {
     fn move_bar(&self, mv: &BarReprogram, dev: &mut dyn PciDevice) -> io::Result<()> {
-        self.0.relocate(mv.old_base, mv.new_base).map_err(io::Error::other)?;
+        self.0
+            .relocate(mv.old_base, mv.new_base)
+            .map_err(io::Error::other)?;
         dev.move_bar(mv.old_base, mv.new_base)
     }
 }
@@ -110,10 +124,13 @@ impl DeviceManager {
         let mmio_bus = Arc::new(Bus::new());
 
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::Interrupts)?;
-        vm.register_irqfd(&serial_irq, 4).map_err(|e| DeviceError::Interrupts(e.into()))?;
+        vm.register_irqfd(&serial_irq, 4)
+            .map_err(|e| DeviceError::Interrupts(e.into()))?;
         let out: Option<Box<dyn io::Write + Send>> = match &config.serial {
             ConsoleMode::Tty => Some(Box::new(LineWriter(io::stdout()))),
-            ConsoleMode::File(p) => Some(Box::new(LineWriter(std::fs::File::create(p).map_err(DeviceError::SerialFile)?))),
+            ConsoleMode::File(p) => Some(Box::new(LineWriter(
+                std::fs::File::create(p).map_err(DeviceError::SerialFile)?,
+            ))),
             ConsoleMode::Null => Some(Box::new(io::sink())),
             ConsoleMode::Off => None,
         };
@@ -121,14 +138,30 @@ impl DeviceManager {
             let irq = serial_irq.try_clone().map_err(DeviceError::Interrupts)?;
             pio_bus.insert(Arc::new(Mutex::new(SerialDevice::new(irq, out))), 0x3f8, 8)?;
         }
-        pio_bus.insert(Arc::new(Mutex::new(AcpiShutdown::new(exit.clone()))), 0x600, 8)?;
-        pio_bus.insert(Arc::new(Mutex::new(I8042::new(exit))), I8042::BASE, I8042::LEN)?;
+        pio_bus.insert(
+            Arc::new(Mutex::new(AcpiShutdown::new(exit.clone()))),
+            0x600,
+            8,
+        )?;
+        pio_bus.insert(
+            Arc::new(Mutex::new(I8042::new(exit))),
+            I8042::BASE,
+            I8042::LEN,
+        )?;
         pio_bus.insert(Arc::new(Mutex::new(DebugPort::new(start))), 0x80, 1)?;
-        pio_bus.insert(Arc::new(Mutex::new(AcpiPmTimer::new())), AcpiPmTimer::PORT, 4)?;
+        pio_bus.insert(
+            Arc::new(Mutex::new(AcpiPmTimer::new())),
+            AcpiPmTimer::PORT,
+            4,
+        )?;
 
         let relocation = Arc::new(BusRelocation(mmio_bus.clone()));
         let pci_bus = Arc::new(Mutex::new(PciBus::new(PciRoot::new(), relocation)));
-        pio_bus.insert(Arc::new(Mutex::new(PciConfigIo::new(pci_bus.clone()))), 0xcf8, 8)?;
+        pio_bus.insert(
+            Arc::new(Mutex::new(PciConfigIo::new(pci_bus.clone()))),
+            0xcf8,
+            8,
+        )?;
         mmio_bus.insert(
             Arc::new(Mutex::new(PciConfigMmio::new(pci_bus.clone()))),
             layout::PCI_MMCONFIG_START,
@@ -137,28 +170,60 @@ impl DeviceManager {
 
         let router = GsiRouter::new(vm.clone()).map_err(DeviceError::Interrupts)?;
         let ioevents: Arc<dyn IoEventRegistrar> = Arc::new(KvmIoEvents(vm.clone()));
-        let mut bars64 =
-            AddressAllocator::new(layout::mem_64bit_devices_start(config.memory.size), layout::MEM_64BIT_DEVICES_SIZE);
+        let mut bars64 = AddressAllocator::new(
+            layout::mem_64bit_devices_start(config.memory.size),
+            layout::MEM_64BIT_DEVICES_SIZE,
+        );
         let mut virtio = Vec::new();
         for (i, disk) in config.disks.iter().enumerate() {
             let id = disk.id.clone().unwrap_or_else(|| format!("_disk{i}"));
             let file = RawFile::open(&disk.path, disk.readonly)
                 .map_err(|e| DeviceError::OpenDisk(disk.path.display().to_string(), e))?;
-            let block = Block::new(file, &BlockConfig { id: id.clone(), num_queues: disk.num_queues, queue_size: disk.queue_size });
+            let block = Block::new(
+                file,
+                &BlockConfig {
+                    id: id.clone(),
+                    num_queues: disk.num_queues,
+                    queue_size: disk.queue_size,
+                },
+            );
             let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(block));
-            let bar = bars64.allocate(VirtioPciLayout::BAR_SIZE).ok_or(DeviceError::BarSpace(VirtioPciLayout::BAR_SIZE))?;
-            let group = KvmMsiGroup::new(router.clone(), disk.num_queues + 1).map_err(DeviceError::Interrupts)?;
-            let pci_dev = VirtioPciDevice::new(id.clone(), device.clone(), memory.clone(), Arc::new(group), ioevents.clone(), bar)
-                .map_err(DeviceError::VirtioPci)?;
+            let bar = bars64
+                .allocate(VirtioPciLayout::BAR_SIZE)
+                .ok_or(DeviceError::BarSpace(VirtioPciLayout::BAR_SIZE))?;
+            let group = KvmMsiGroup::new(router.clone(), disk.num_queues + 1)
+                .map_err(DeviceError::Interrupts)?;
+            let pci_dev = VirtioPciDevice::new(
+                id.clone(),
+                device.clone(),
+                memory.clone(),
+                Arc::new(group),
+                ioevents.clone(),
+                bar,
+            )
+            .map_err(DeviceError::VirtioPci)?;
             let pci_dev: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(pci_dev));
             let mut bus = pci_bus.lock().unwrap();
             let slot = bus.next_device_number().ok_or(DeviceError::NoPciSlot)?;
-            bus.add_device(slot, pci_dev.clone()).map_err(|_| DeviceError::NoPciSlot)?;
-            mmio_bus.insert(Arc::new(Mutex::new(PciBarHandler(pci_dev))), bar, VirtioPciLayout::BAR_SIZE)?;
-            log::info!("{id}: virtio-blk {} at 00:{slot:02x}.0, BAR0 {bar:#x}", disk.path.display());
+            bus.add_device(slot, pci_dev.clone())
+                .map_err(|_| DeviceError::NoPciSlot)?;
+            mmio_bus.insert(
+                Arc::new(Mutex::new(PciBarHandler(pci_dev))),
+                bar,
+                VirtioPciLayout::BAR_SIZE,
+            )?;
+            log::info!(
+                "{id}: virtio-blk {} at 00:{slot:02x}.0, BAR0 {bar:#x}",
+                disk.path.display()
+            );
             virtio.push((id, device));
         }
-        Ok(DeviceManager { pio_bus, mmio_bus, virtio, serial_irq })
+        Ok(DeviceManager {
+            pio_bus,
+            mmio_bus,
+            virtio,
+            serial_irq,
+        })
     }
 
     pub fn pio_bus(&self) -> Arc<Bus> {
@@ -170,7 +235,10 @@ impl DeviceManager {
     }
 
     pub fn counters(&self) -> BTreeMap<String, Counters> {
-        self.virtio.iter().map(|(id, d)| (id.clone(), d.lock().unwrap().counters())).collect()
+        self.virtio
+            .iter()
+            .map(|(id, d)| (id.clone(), d.lock().unwrap().counters()))
+            .collect()
     }
 
     /// Stops every device worker.

@@ -41,7 +41,9 @@ pub struct SerialDevice {
 
 impl SerialDevice {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
-        SerialDevice { serial: Serial::new(EventFdTrigger(irq), out) }
+        SerialDevice {
+            serial: Serial::new(EventFdTrigger(irq), out),
+        }
     }
 }
 
@@ -89,7 +91,9 @@ pub const SLEEP_RESET: u8 = 1;
 
 impl AcpiShutdown {
     pub fn new(exit: Sender<ExitReason>) -> Self {
-        AcpiShutdown { exit: Arc::new(Mutex::new(exit)) }
+        AcpiShutdown {
+            exit: Arc::new(Mutex::new(exit)),
+        }
     }
 }
 
@@ -122,7 +126,9 @@ impl I8042 {
     pub const LEN: u64 = 5;
 
     pub fn new(exit: Sender<ExitReason>) -> Self {
-        I8042 { exit: Arc::new(Mutex::new(exit)) }
+        I8042 {
+            exit: Arc::new(Mutex::new(exit)),
+        }
     }
 }
 
@@ -148,7 +154,10 @@ pub struct DebugPort {
 
 impl DebugPort {
     pub fn new(start: Instant) -> Self {
-        DebugPort { start, codes: Arc::new(Mutex::new(Vec::new())) }
+        DebugPort {
+            start,
+            codes: Arc::new(Mutex::new(Vec::new())),
+        }
     }
 }
 
@@ -160,7 +169,11 @@ impl BusDevice for DebugPort {
     fn write(&mut self, _base: u64, _offset: u64, data: &[u8]) {
         let Some(&code) = data.first() else { return };
         let us = self.start.elapsed().as_micros() as u64;
-        log::info!("Guest boot progress: code {code:#04x} at {}.{:03} ms", us / 1000, us % 1000);
+        log::info!(
+            "Guest boot progress: code {code:#04x} at {}.{:03} ms",
+            us / 1000,
+            us % 1000
+        );
         let mut codes = self.codes.lock().unwrap();
         if codes.len() < 256 {
             codes.push((code, us));
@@ -178,7 +191,9 @@ impl AcpiPmTimer {
     pub const HZ: u128 = 3_579_545;
 
     pub fn new() -> Self {
-        AcpiPmTimer { start: Instant::now() }
+        AcpiPmTimer {
+            start: Instant::now(),
+        }
     }
 }
 

@@ -2,8 +2,8 @@
 //! KVM_SET_GSI_ROUTING replaces the whole table, so every change re-commits all routes.
 
 use kvm_bindings::{
-    kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::VmFd;
 use pci::{MsiInterruptGroup, MsiMessage};
@@ -20,7 +20,11 @@ pub struct GsiRouter {
 }
 
 fn irqchip_entry(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
-    let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_IRQCHIP, ..Default::default() };
+    let mut e = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        ..Default::default()
+    };
     e.u.irqchip.irqchip = chip;
     e.u.irqchip.pin = pin;
     e
@@ -28,7 +32,10 @@ fn irqchip_entry(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
 
 impl GsiRouter {
     pub fn new(vm: Arc<VmFd>) -> io::Result<Arc<Self>> {
-        let r = Arc::new(GsiRouter { vm, msi: Mutex::new((BTreeMap::new(), IOAPIC_PINS)) });
+        let r = Arc::new(GsiRouter {
+            vm,
+            msi: Mutex::new((BTreeMap::new(), IOAPIC_PINS)),
+        });
         r.commit(&r.msi.lock().unwrap().0)?;
         Ok(r)
     }
@@ -44,7 +51,8 @@ impl GsiRouter {
             entries.push(irqchip_entry(pin, KVM_IRQCHIP_IOAPIC, pin));
         }
         entries.extend(msi.values().copied());
-        let routing = KvmIrqRouting::from_entries(&entries).map_err(|e| io::Error::other(format!("{e:?}")))?;
+        let routing = KvmIrqRouting::from_entries(&entries)
+            .map_err(|e| io::Error::other(format!("{e:?}")))?;
         self.vm.set_gsi_routing(&routing).map_err(io::Error::from)
     }
 
@@ -56,7 +64,11 @@ impl GsiRouter {
     }
 
     fn set_msi(&self, gsi: u32, msg: MsiMessage) -> io::Result<()> {
-        let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_MSI, ..Default::default() };
+        let mut e = kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_MSI,
+            ..Default::default()
+        };
         e.u.msi.address_lo = msg.addr_lo;
         e.u.msi.address_hi = msg.addr_hi;
         e.u.msi.data = msg.data;
@@ -79,10 +91,17 @@ impl KvmMsiGroup {
         let mut irqfds = Vec::new();
         for &gsi in &gsis {
             let fd = EventFd::new(libc::EFD_NONBLOCK)?;
-            router.vm.register_irqfd(&fd, gsi).map_err(io::Error::from)?;
+            router
+                .vm
+                .register_irqfd(&fd, gsi)
+                .map_err(io::Error::from)?;
             irqfds.push(fd);
         }
-        Ok(KvmMsiGroup { router, gsis, irqfds })
+        Ok(KvmMsiGroup {
+            router,
+            gsis,
+            irqfds,
+        })
     }
 }
 
@@ -90,12 +109,18 @@ impl MsiInterruptGroup for KvmMsiGroup {
     fn update(&self, index: u16, msg: MsiMessage, _masked: bool) -> io::Result<()> {
         // Masking is enforced by MsixConfig (it never triggers a masked vector); the route
         // stays so an unmask delivers to the right place at once.
-        let gsi = *self.gsis.get(index as usize).ok_or(io::ErrorKind::InvalidInput)?;
+        let gsi = *self
+            .gsis
+            .get(index as usize)
+            .ok_or(io::ErrorKind::InvalidInput)?;
         self.router.set_msi(gsi, msg)
     }
 
     fn trigger(&self, index: u16) -> io::Result<()> {
-        self.irqfds.get(index as usize).ok_or(io::ErrorKind::InvalidInput)?.write(1)
+        self.irqfds
+            .get(index as usize)
+            .ok_or(io::ErrorKind::InvalidInput)?
+            .write(1)
     }
 
     fn notifier(&self, index: u16) -> Option<EventFd> {

@@ -44,7 +44,8 @@ pub struct MemoryManager {
 fn memfd_create(name: &str) -> io::Result<File> {
     let name = CString::new(name).unwrap();
     // SAFETY: name is a valid NUL-terminated string; the returned fd is owned below.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -61,7 +62,12 @@ impl MemoryManager {
         let mut mapped = Vec::new();
         let mut offset = 0;
         for (addr, len) in layout::ram_ranges(size) {
-            let flags = libc::MAP_NORESERVE | if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+            let flags = libc::MAP_NORESERVE
+                | if shared {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE
+                };
             let mapping = MmapRegionBuilder::new(len as usize)
                 .with_file_offset(FileOffset::from_arc(memfd.clone(), offset))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
@@ -71,11 +77,21 @@ impl MemoryManager {
             let region = GuestRegionMmap::new(mapping, GuestAddress(addr))
                 .ok_or_else(|| MemoryError::Mmap(format!("region at {addr:#x} wraps around")))?;
             mapped.push(Arc::new(region));
-            regions.push(RamRegion { guest_addr: addr, size: len, file_offset: offset });
+            regions.push(RamRegion {
+                guest_addr: addr,
+                size: len,
+                file_offset: offset,
+            });
             offset += len;
         }
-        let memory = GuestMemoryMmap::from_arc_regions(mapped).map_err(|e| MemoryError::Mmap(e.to_string()))?;
-        Ok(MemoryManager { memfd, memory: Arc::new(memory), regions, shared })
+        let memory = GuestMemoryMmap::from_arc_regions(mapped)
+            .map_err(|e| MemoryError::Mmap(e.to_string()))?;
+        Ok(MemoryManager {
+            memfd,
+            memory: Arc::new(memory),
+            regions,
+            shared,
+        })
     }
 
     pub fn memory(&self) -> Arc<GuestMemoryMmap> {
@@ -123,7 +139,9 @@ mod tests {
     #[test]
     fn shared_memory_is_visible_through_the_memfd() {
         let mm = MemoryManager::new(32 << 20, true).unwrap();
-        mm.memory().write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
+        mm.memory()
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
         let mut b = [0u8; 4];
         std::os::unix::fs::FileExt::read_at(mm.memfd().as_ref(), &mut b, 0x1000).unwrap();
         assert_eq!(u32::from_le_bytes(b), 0xdead_beef);
@@ -133,7 +151,9 @@ mod tests {
     #[test]
     fn private_memory_is_not() {
         let mm = MemoryManager::new(32 << 20, false).unwrap();
-        mm.memory().write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
+        mm.memory()
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
         let mut b = [0u8; 4];
         std::os::unix::fs::FileExt::read_at(mm.memfd().as_ref(), &mut b, 0x1000).unwrap();
         assert_eq!(u32::from_le_bytes(b), 0);

@@ -66,42 +66,86 @@ impl Vm {
     pub fn new(config: &VmConfig, start: Instant) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let vm_fd = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
-        vm_fd.set_tss_address(layout::KVM_TSS_START as usize).map_err(|e| VmError::SetupVm("TSS address", e))?;
-        vm_fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_START).map_err(|e| VmError::SetupVm("identity map", e))?;
-        vm_fd.create_irq_chip().map_err(|e| VmError::SetupVm("irqchip", e))?;
+        vm_fd
+            .set_tss_address(layout::KVM_TSS_START as usize)
+            .map_err(|e| VmError::SetupVm("TSS address", e))?;
+        vm_fd
+            .set_identity_map_address(layout::KVM_IDENTITY_MAP_START)
+            .map_err(|e| VmError::SetupVm("identity map", e))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(|e| VmError::SetupVm("irqchip", e))?;
         let memory = MemoryManager::new(config.memory.size, config.memory.shared)?;
         memory.register_with_kvm(&vm_fd)?;
         let (exit_tx, exit_rx) = channel();
-        let devices = DeviceManager::new(vm_fd.clone(), config, memory.memory(), exit_tx.clone(), start)?;
-        Ok(Vm { config: config.clone(), kvm, vm_fd, memory, devices, vcpus: None, exit_tx, exit_rx })
+        let devices = DeviceManager::new(
+            vm_fd.clone(),
+            config,
+            memory.memory(),
+            exit_tx.clone(),
+            start,
+        )?;
+        Ok(Vm {
+            config: config.clone(),
+            kvm,
+            vm_fd,
+            memory,
+            devices,
+            vcpus: None,
+            exit_tx,
+            exit_rx,
+        })
     }
 
     fn load_kernel(&self) -> Result<u64, VmError> {
         let path = &self.config.payload.kernel;
-        let mut f = File::open(path).map_err(|e| VmError::OpenKernel(path.display().to_string(), e))?;
+        let mut f =
+            File::open(path).map_err(|e| VmError::OpenKernel(path.display().to_string(), e))?;
         let mem = self.memory.memory();
-        let r = Elf::load(mem.as_ref(), None, &mut f, Some(GuestAddress(layout::HIGH_RAM_START))).map_err(VmError::LoadKernel)?;
+        let r = Elf::load(
+            mem.as_ref(),
+            None,
+            &mut f,
+            Some(GuestAddress(layout::HIGH_RAM_START)),
+        )
+        .map_err(VmError::LoadKernel)?;
         let PvhBootCapability::PvhEntryPresent(entry) = r.pvh_boot_cap else {
             return Err(VmError::NoPvhEntry);
         };
         let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(VmError::Cmdline)?;
         if !self.config.payload.cmdline.is_empty() {
-            cmdline.insert_str(&self.config.payload.cmdline).map_err(VmError::Cmdline)?;
+            cmdline
+                .insert_str(&self.config.payload.cmdline)
+                .map_err(VmError::Cmdline)?;
         }
-        load_cmdline(mem.as_ref(), GuestAddress(layout::CMDLINE_START), &cmdline).map_err(VmError::LoadKernel)?;
+        load_cmdline(mem.as_ref(), GuestAddress(layout::CMDLINE_START), &cmdline)
+            .map_err(VmError::LoadKernel)?;
         self.write_start_info()?;
         Ok(entry.0)
     }
 
     fn write_start_info(&self) -> Result<(), VmError> {
-        let mut memmap = vec![hvm_memmap_table_entry { addr: 0, size: layout::EBDA_START, type_: E820_RAM, reserved: 0 }];
+        let mut memmap = vec![hvm_memmap_table_entry {
+            addr: 0,
+            size: layout::EBDA_START,
+            type_: E820_RAM,
+            reserved: 0,
+        }];
         for r in self.memory.regions() {
             let (addr, size) = if r.guest_addr == 0 {
-                (layout::HIGH_RAM_START, r.size.saturating_sub(layout::HIGH_RAM_START))
+                (
+                    layout::HIGH_RAM_START,
+                    r.size.saturating_sub(layout::HIGH_RAM_START),
+                )
             } else {
                 (r.guest_addr, r.size)
             };
-            memmap.push(hvm_memmap_table_entry { addr, size, type_: E820_RAM, reserved: 0 });
+            memmap.push(hvm_memmap_table_entry {
+                addr,
+                size,
+                type_: E820_RAM,
+                reserved: 0,
+            });
         }
         memmap.push(hvm_memmap_table_entry {
             addr: layout::PCI_MMCONFIG_START,
@@ -119,7 +163,8 @@ impl Vm {
         };
         let mut params = BootParams::new(&start_info, GuestAddress(layout::PVH_INFO_START));
         params.set_sections(&memmap, GuestAddress(layout::MEMMAP_START));
-        PvhBootConfigurator::write_bootparams(&params, self.memory.memory().as_ref()).map_err(VmError::BootParams)
+        PvhBootConfigurator::write_bootparams(&params, self.memory.memory().as_ref())
+            .map_err(VmError::BootParams)
     }
 
     pub fn boot(&mut self) -> Result<(), VmError> {
@@ -135,8 +180,17 @@ impl Vm {
             cpu::configure_vcpu(&fd, id, &cpuid, (id == 0).then_some(entry))?;
             vcpus.push((id, fd));
         }
-        self.vcpus = Some(VcpuSet::start(vcpus, self.devices.pio_bus(), self.devices.mmio_bus(), self.exit_tx.clone())?);
-        log::info!("VM booted: {} vCPU(s), {} MiB, entry {entry:#x}", n, self.config.memory.size >> 20);
+        self.vcpus = Some(VcpuSet::start(
+            vcpus,
+            self.devices.pio_bus(),
+            self.devices.mmio_bus(),
+            self.exit_tx.clone(),
+        )?);
+        log::info!(
+            "VM booted: {} vCPU(s), {} MiB, entry {entry:#x}",
+            n,
+            self.config.memory.size >> 20
+        );
         Ok(())
     }
 

@@ -4,8 +4,9 @@ use super::disk::RawFile;
 use super::engine::{BlockCounters, BlockEngine};
 use super::*;
 use crate::{
-    read_config_bytes, ActivateError, ActiveQueue, Counters, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
-    VirtioInterruptType, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK,
+    read_config_bytes, ActivateError, ActiveQueue, Counters, GuestMemoryMmap, VirtioDevice,
+    VirtioInterrupt, VirtioInterruptType, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK,
 };
 use log::{error, warn};
 use std::os::unix::io::AsRawFd;
@@ -54,7 +55,11 @@ pub fn block_features(readonly: bool) -> u64 {
 }
 
 /// virtio_blk_config: capacity, size_max, seg_max, geometry, blk_size, topology, ..., num_queues.
-pub fn block_config_space(capacity_sectors: u64, queue_size: u16, num_queues: u16) -> [u8; CONFIG_LEN] {
+pub fn block_config_space(
+    capacity_sectors: u64,
+    queue_size: u16,
+    num_queues: u16,
+) -> [u8; CONFIG_LEN] {
     let mut c = [0u8; CONFIG_LEN];
     c[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
     // seg_max: the queue minus header and status descriptors, as Linux expects.
@@ -103,14 +108,26 @@ fn run_worker(
         Err(e) => return error!("virtio-blk: epoll: {e}"),
     };
     let kill_token = queues.len() as u64;
-    let mut setup = epoll.ctl(ControlOperation::Add, kill.as_raw_fd(), EpollEvent::new(EventSet::IN, kill_token));
+    let mut setup = epoll.ctl(
+        ControlOperation::Add,
+        kill.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, kill_token),
+    );
     for (i, q) in queues.iter().enumerate() {
-        setup = setup.and(epoll.ctl(ControlOperation::Add, q.kick.as_raw_fd(), EpollEvent::new(EventSet::IN, i as u64)));
+        setup = setup.and(epoll.ctl(
+            ControlOperation::Add,
+            q.kick.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, i as u64),
+        ));
     }
     if let Err(e) = setup {
         return error!("virtio-blk: epoll setup: {e}");
     }
-    let engine = BlockEngine { disk: &disk, serial: &serial, counters: &counters };
+    let engine = BlockEngine {
+        disk: &disk,
+        serial: &serial,
+        counters: &counters,
+    };
     let mut events = vec![EpollEvent::default(); queues.len() + 1];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -168,7 +185,11 @@ impl VirtioDevice for Block {
         self.reset();
         let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
         let kill_worker = kill.try_clone().map_err(ActivateError::Worker)?;
-        let (disk, serial, counters) = (self.disk.clone(), self.serial.clone(), self.counters.clone());
+        let (disk, serial, counters) = (
+            self.disk.clone(),
+            self.serial.clone(),
+            self.counters.clone(),
+        );
         let handle = std::thread::Builder::new()
             .name("virtio-blk".into())
             .spawn(move || run_worker(disk, serial, counters, mem, interrupt, queues, kill_worker))

@@ -18,7 +18,11 @@ impl RawFile {
     pub fn open(path: &Path, readonly: bool) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(!readonly).open(path)?;
         let size = file.metadata()?.len();
-        Ok(RawFile { file, readonly, size })
+        Ok(RawFile {
+            file,
+            readonly,
+            size,
+        })
     }
 
     pub fn size(&self) -> u64 {
@@ -30,7 +34,11 @@ impl RawFile {
     }
 
     /// Fills `slice` from the file at `offset`; past the end of the file reads as zeros.
-    pub fn read_into<B: BitmapSlice>(&self, slice: &VolatileSlice<B>, offset: u64) -> io::Result<()> {
+    pub fn read_into<B: BitmapSlice>(
+        &self,
+        slice: &VolatileSlice<B>,
+        offset: u64,
+    ) -> io::Result<()> {
         let guard = slice.ptr_guard_mut();
         let mut done = 0usize;
         while done < slice.len() {
@@ -53,8 +61,11 @@ impl RawFile {
                     return Err(e);
                 }
                 0 => {
-                    let rest = slice.subslice(done, slice.len() - done).map_err(io::Error::other)?;
-                    rest.write_slice(&vec![0; rest.len()], 0).map_err(io::Error::other)?;
+                    let rest = slice
+                        .subslice(done, slice.len() - done)
+                        .map_err(io::Error::other)?;
+                    rest.write_slice(&vec![0; rest.len()], 0)
+                        .map_err(io::Error::other)?;
                     break;
                 }
                 n => done += n as usize,
@@ -65,7 +76,11 @@ impl RawFile {
     }
 
     /// Writes `slice` to the file at `offset`.
-    pub fn write_from<B: BitmapSlice>(&self, slice: &VolatileSlice<B>, offset: u64) -> io::Result<()> {
+    pub fn write_from<B: BitmapSlice>(
+        &self,
+        slice: &VolatileSlice<B>,
+        offset: u64,
+    ) -> io::Result<()> {
         if self.readonly {
             return Err(io::Error::from(io::ErrorKind::PermissionDenied));
         }

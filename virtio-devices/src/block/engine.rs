@@ -89,7 +89,10 @@ fn sub_spans(segs: &[Segment], mut skip: u64, mut len: u64) -> Vec<Segment> {
             continue;
         }
         let take = (slen - skip).min(len);
-        out.push(Segment { addr: s.addr.wrapping_add(skip), len: take as u32 });
+        out.push(Segment {
+            addr: s.addr.wrapping_add(skip),
+            len: take as u32,
+        });
         len -= take;
         skip = 0;
     }
@@ -103,7 +106,10 @@ fn total(segs: &[Segment]) -> u64 {
 impl Request {
     /// Parses a chain. Errors after the status byte is known come back as `Err` together with
     /// where to write the status.
-    pub fn parse<M, T>(chain: DescriptorChain<T>, mem: &M) -> Result<Request, (RequestError, Option<GuestAddress>)>
+    pub fn parse<M, T>(
+        chain: DescriptorChain<T>,
+        mem: &M,
+    ) -> Result<Request, (RequestError, Option<GuestAddress>)>
     where
         M: GuestMemory + ?Sized,
         T: std::ops::Deref<Target = M>,
@@ -112,7 +118,10 @@ impl Request {
         let mut writable = Vec::new();
         let mut order_error = false;
         for d in chain {
-            let seg = Segment { addr: d.addr().0, len: d.len() };
+            let seg = Segment {
+                addr: d.addr().0,
+                len: d.len(),
+            };
             if d.is_write_only() {
                 writable.push(seg);
             } else {
@@ -157,7 +166,12 @@ impl Request {
             }
             _ => sub_spans(&writable, 0, wtotal - 1),
         };
-        Ok(Request { kind, sector, data, status })
+        Ok(Request {
+            kind,
+            sector,
+            data,
+            status,
+        })
     }
 
     pub fn data_len(&self) -> u64 {
@@ -208,7 +222,7 @@ impl BlockEngine<'_> {
 
     fn check_range(&self, req: &Request) -> Result<u64, RequestError> {
         let len = req.data_len();
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return Err(RequestError::Unaligned(len));
         }
         if len > MAX_REQUEST_BYTES {
@@ -216,14 +230,21 @@ impl BlockEngine<'_> {
         }
         let end = req.sector.checked_add(len / SECTOR_SIZE);
         if end.is_none_or(|e| e > self.capacity_sectors()) {
-            return Err(RequestError::OutOfRange { sector: req.sector, len });
+            return Err(RequestError::OutOfRange {
+                sector: req.sector,
+                len,
+            });
         }
         Ok(len)
     }
 
     /// Runs a parsed request; returns the bytes written into device-writable buffers,
     /// excluding the status byte.
-    pub fn execute<M: GuestMemory + ?Sized>(&self, req: &Request, mem: &M) -> Result<u32, RequestError> {
+    pub fn execute<M: GuestMemory + ?Sized>(
+        &self,
+        req: &Request,
+        mem: &M,
+    ) -> Result<u32, RequestError> {
         match req.kind {
             RequestType::In | RequestType::Out => {
                 let len = self.check_range(req)?;
@@ -231,7 +252,11 @@ impl BlockEngine<'_> {
                 if write && self.disk.readonly() {
                     return Err(RequestError::ReadOnly);
                 }
-                let access = if write { Permissions::Read } else { Permissions::Write };
+                let access = if write {
+                    Permissions::Read
+                } else {
+                    Permissions::Write
+                };
                 let mut offset = req.sector * SECTOR_SIZE;
                 for seg in &req.data {
                     let slices = mem
@@ -239,7 +264,11 @@ impl BlockEngine<'_> {
                         .map_err(|_| RequestError::BadBuffer(seg.addr))?;
                     for slice in slices {
                         let slice = slice.map_err(|_| RequestError::BadBuffer(seg.addr))?;
-                        let r = if write { self.disk.write_from(&slice, offset) } else { self.disk.read_into(&slice, offset) };
+                        let r = if write {
+                            self.disk.write_from(&slice, offset)
+                        } else {
+                            self.disk.read_into(&slice, offset)
+                        };
                         r.map_err(|e| RequestError::Io(e.to_string()))?;
                         offset += slice.len() as u64;
                     }
@@ -254,7 +283,9 @@ impl BlockEngine<'_> {
                 Ok(if write { 0 } else { len as u32 })
             }
             RequestType::Flush => {
-                self.disk.flush().map_err(|e| RequestError::Io(e.to_string()))?;
+                self.disk
+                    .flush()
+                    .map_err(|e| RequestError::Io(e.to_string()))?;
                 self.counters.flush_ops.fetch_add(1, Ordering::Relaxed);
                 Ok(0)
             }
@@ -262,7 +293,8 @@ impl BlockEngine<'_> {
                 let mut written = 0u32;
                 for seg in sub_spans(&req.data, 0, VIRTIO_BLK_ID_BYTES as u64) {
                     let src = &self.serial[written as usize..written as usize + seg.len as usize];
-                    mem.write_slice(src, GuestAddress(seg.addr)).map_err(|_| RequestError::BadBuffer(seg.addr))?;
+                    mem.write_slice(src, GuestAddress(seg.addr))
+                        .map_err(|_| RequestError::BadBuffer(seg.addr))?;
                     written += seg.len;
                 }
                 Ok(written)
@@ -300,6 +332,13 @@ impl BlockEngine<'_> {
         }
     }
 
+    fn bad_head(&self) {
+        self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+        if BAD_REQUEST_LOG.hit() {
+            warn!("virtio-blk: skipping an avail entry with an invalid head index");
+        }
+    }
+
     fn bad_request(&self, e: &RequestError) {
         if matches!(e, RequestError::Io(_)) {
             self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
@@ -312,20 +351,404 @@ impl BlockEngine<'_> {
     }
 
     /// Serves every available chain; returns true when the driver should be notified.
-    pub fn process_queue<M: GuestMemory>(&self, queue: &mut Queue, mem: &M) -> Result<bool, virtio_queue::Error> {
+    ///
+    /// Every iteration consumes an avail entry, so a hostile ring cannot make this spin: an
+    /// invalid head index is skipped, an avail index more than a queue ahead is an error.
+    pub fn process_queue<M: GuestMemory>(
+        &self,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<bool, virtio_queue::Error> {
         let mut used_any = false;
         loop {
             queue.disable_notification(mem)?;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                let len = self.handle_chain(chain, mem);
-                queue.add_used(mem, head, len)?;
-                used_any = true;
+            loop {
+                let avail = queue.avail_idx(mem, Ordering::Acquire)?;
+                let pending = avail - std::num::Wrapping(queue.next_avail());
+                if pending.0 == 0 {
+                    break;
+                }
+                if pending.0 > queue.size() {
+                    return Err(virtio_queue::Error::InvalidAvailRingIndex);
+                }
+                match queue.pop_descriptor_chain(mem) {
+                    // The chain of an out-of-range head has no descriptors and no used slot.
+                    Some(chain) if chain.head_index() >= queue.size() => self.bad_head(),
+                    Some(chain) => {
+                        let head = chain.head_index();
+                        let len = self.handle_chain(chain, mem);
+                        queue.add_used(mem, head, len)?;
+                        used_any = true;
+                    }
+                    // The avail entry itself could not be read.
+                    None => {
+                        self.bad_head();
+                        queue.set_next_avail(queue.next_avail().wrapping_add(1));
+                    }
+                }
             }
             if !queue.enable_notification(mem)? {
                 break;
             }
         }
         Ok(used_any && queue.needs_notification(mem)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::GuestMemoryMmap;
+    use std::io::Write;
+    use virtio_bindings::bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
+
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const QSIZE: u16 = 16;
+    const R: u16 = 0;
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+    const N: u16 = VRING_DESC_F_NEXT as u16;
+
+    struct Rig {
+        mem: GuestMemoryMmap,
+        queue: Queue,
+        disk: RawFile,
+        path: std::path::PathBuf,
+        serial: [u8; VIRTIO_BLK_ID_BYTES],
+        counters: BlockCounters,
+        avail_idx: u16,
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    fn rig(readonly: bool) -> Rig {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "vio-engine-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut f = std::fs::File::create(&path).unwrap();
+        let content: Vec<u8> = (0..(1u32 << 20)).map(|i| (i / 512) as u8).collect();
+        f.write_all(&content).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut queue = Queue::new(QSIZE).unwrap();
+        queue.set_desc_table_address(Some(DESC as u32), Some(0));
+        queue.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        queue.set_used_ring_address(Some(USED as u32), Some(0));
+        queue.set_ready(true);
+        assert!(queue.is_valid(&mem));
+        Rig {
+            disk: RawFile::open(&path, readonly).unwrap(),
+            mem,
+            queue,
+            path,
+            serial: *b"vio-test-serial-0001",
+            counters: BlockCounters::default(),
+            avail_idx: 0,
+        }
+    }
+
+    fn desc_at(mem: &GuestMemoryMmap, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
+        mem.write_obj(addr, GuestAddress(at)).unwrap();
+        mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+        mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+        mem.write_obj(next, GuestAddress(at + 14)).unwrap();
+    }
+
+    fn header(mem: &GuestMemoryMmap, at: u64, kind: u32, sector: u64) {
+        mem.write_obj(kind, GuestAddress(at)).unwrap();
+        mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+        mem.write_obj(sector, GuestAddress(at + 8)).unwrap();
+    }
+
+    impl Rig {
+        /// Writes descriptors `(addr, len, flags)` chained from index `first` and makes
+        /// `first` available.
+        fn chain(&mut self, first: u16, descs: &[(u64, u32, u16)]) {
+            for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+                let idx = first + i as u16;
+                let next = if i + 1 < descs.len() { N } else { 0 };
+                desc_at(
+                    &self.mem,
+                    DESC + 16 * u64::from(idx),
+                    addr,
+                    len,
+                    flags | next,
+                    idx + 1,
+                );
+            }
+            self.publish(first);
+        }
+
+        fn publish(&mut self, head: u16) {
+            let slot = self.avail_idx % QSIZE;
+            self.mem
+                .write_obj(head, GuestAddress(AVAIL + 4 + 2 * u64::from(slot)))
+                .unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            self.mem
+                .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+                .unwrap();
+        }
+
+        fn run(&mut self) -> Result<bool, virtio_queue::Error> {
+            let engine = BlockEngine {
+                disk: &self.disk,
+                serial: &self.serial,
+                counters: &self.counters,
+            };
+            engine.process_queue(&mut self.queue, &self.mem)
+        }
+
+        /// (id, len) of used element `i`.
+        fn used(&self, i: u16) -> (u32, u32) {
+            let e = USED + 4 + 8 * u64::from(i);
+            (
+                self.mem.read_obj(GuestAddress(e)).unwrap(),
+                self.mem.read_obj(GuestAddress(e + 4)).unwrap(),
+            )
+        }
+
+        fn used_idx(&self) -> u16 {
+            self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+        }
+
+        fn status(&self, at: u64) -> u8 {
+            self.mem.read_obj(GuestAddress(at)).unwrap()
+        }
+    }
+
+    #[test]
+    fn read_request() {
+        let mut r = rig(false);
+        header(&r.mem, 0x10000, VIRTIO_BLK_T_IN, 2);
+        r.mem.write_obj(0xffu8, GuestAddress(0x12000)).unwrap();
+        r.chain(0, &[(0x10000, 16, R), (0x11000, 1024, W), (0x12000, 1, W)]);
+        r.run().unwrap();
+        assert_eq!(r.used_idx(), 1);
+        assert_eq!(r.used(0), (0, 1025));
+        assert_eq!(r.status(0x12000), VIRTIO_BLK_S_OK);
+        let mut data = [0u8; 1024];
+        r.mem.read_slice(&mut data, GuestAddress(0x11000)).unwrap();
+        assert!(data[..512].iter().all(|&b| b == 2) && data[512..].iter().all(|&b| b == 3));
+        assert_eq!(r.counters.read_bytes.load(Ordering::Relaxed), 1024);
+    }
+
+    #[test]
+    fn write_request_with_header_and_data_in_one_descriptor() {
+        let mut r = rig(false);
+        header(&r.mem, 0x10000, VIRTIO_BLK_T_OUT, 4);
+        r.mem
+            .write_slice(&[0x5a; 512], GuestAddress(0x10010))
+            .unwrap();
+        r.chain(0, &[(0x10000, 16 + 512, R), (0x12000, 1, W)]);
+        r.run().unwrap();
+        assert_eq!(r.status(0x12000), VIRTIO_BLK_S_OK);
+        assert_eq!(r.used(0), (0, 1));
+        let mut b = [0u8; 512];
+        r.disk.read_at(&mut b, 4 * 512).unwrap();
+        assert_eq!(b, [0x5a; 512]);
+    }
+
+    #[test]
+    fn data_split_across_descriptors_and_status_in_data_descriptor() {
+        let mut r = rig(false);
+        header(&r.mem, 0x10000, VIRTIO_BLK_T_IN, 1);
+        // 512 data bytes in two pieces; the status is the last byte of the last piece.
+        r.chain(0, &[(0x10000, 16, R), (0x11000, 300, W), (0x11800, 213, W)]);
+        r.run().unwrap();
+        assert_eq!(r.status(0x11800 + 212), VIRTIO_BLK_S_OK);
+        assert_eq!(r.used(0), (0, 513));
+    }
+
+    #[test]
+    fn get_id_and_flush_and_unsupported() {
+        let mut r = rig(false);
+        header(&r.mem, 0x10000, VIRTIO_BLK_T_GET_ID, 0);
+        r.chain(0, &[(0x10000, 16, R), (0x11000, 20, W), (0x12000, 1, W)]);
+        header(&r.mem, 0x10100, VIRTIO_BLK_T_FLUSH, 0);
+        r.chain(3, &[(0x10100, 16, R), (0x12001, 1, W)]);
+        header(&r.mem, 0x10200, 99, 0);
+        r.chain(5, &[(0x10200, 16, R), (0x12002, 1, W)]);
+        r.run().unwrap();
+        let mut id = [0u8; 20];
+        r.mem.read_slice(&mut id, GuestAddress(0x11000)).unwrap();
+        assert_eq!(&id, b"vio-test-serial-0001");
+        assert_eq!(r.used(0), (0, 21));
+        assert_eq!(r.status(0x12001), VIRTIO_BLK_S_OK);
+        assert_eq!(r.status(0x12002), VIRTIO_BLK_S_UNSUPP);
+        assert_eq!(r.counters.flush_ops.load(Ordering::Relaxed), 1);
+    }
+
+    fn expect_ioerr(r: &mut Rig, status: u64) {
+        r.run().unwrap();
+        assert_eq!(r.used_idx(), 1, "the chain is returned, not dropped");
+        assert_eq!(r.used(0).1, 1);
+        assert_eq!(r.status(status), VIRTIO_BLK_S_IOERR);
+        assert_eq!(r.counters.bad_requests.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn beyond_the_disk_end_is_ioerr() {
+        let mut r = rig(false);
+        header(&r.mem, 0x10000, VIRTIO_BLK_T_IN, (1 << 20) / 512 - 1);
+        r.chain(0, &[(0x10000, 16, R), (0x11000, 1024, W), (0x12000, 1, W)]);
+        expect_ioerr(&mut r, 0x12000);
+        // Sector arithmetic that would wrap.
+        let mut r = rig(false);
+        header(&r.mem, 0x10000, VIRTIO_BLK_T_IN, u64::MAX);
+        r.chain(0, &[(0x10000, 16, R), (0x11000, 512, W), (0x12000, 1, W)]);
+        expect_ioerr(&mut r, 0x12000);
+    }
+
+    #[test]
+    fn buffer_outside_guest_memory_is_ioerr() {
+        let mut r = rig(false);
+        header(&r.mem, 0x10000, VIRTIO_BLK_T_IN, 0);
+        r.chain(
+            0,
+            &[(0x10000, 16, R), (0xffff_f000, 512, W), (0x12000, 1, W)],
+        );
+        expect_ioerr(&mut r, 0x12000);
+        // Straddling the end of RAM.
+        let mut r = rig(false);
+        header(&r.mem, 0x10000, VIRTIO_BLK_T_OUT, 0);
+        r.chain(
+            0,
+            &[(0x10000, 16, R), ((1 << 20) - 256, 512, R), (0x12000, 1, W)],
+        );
+        expect_ioerr(&mut r, 0x12000);
+    }
+
+    #[test]
+    fn malformed_framing_is_ioerr() {
+        // Readable after writable.
+        let mut r = rig(false);
+        header(&r.mem, 0x10000, VIRTIO_BLK_T_IN, 0);
+        r.chain(
+            0,
+            &[
+                (0x10000, 16, R),
+                (0x11000, 512, W),
+                (0x10100, 16, R),
+                (0x12000, 1, W),
+            ],
+        );
+        expect_ioerr(&mut r, 0x12000);
+        // Short header.
+        let mut r = rig(false);
+        r.chain(0, &[(0x10000, 8, R), (0x12000, 1, W)]);
+        expect_ioerr(&mut r, 0x12000);
+        // Unaligned length.
+        let mut r = rig(false);
+        header(&r.mem, 0x10000, VIRTIO_BLK_T_OUT, 0);
+        r.chain(0, &[(0x10000, 16, R), (0x11000, 100, R), (0x12000, 1, W)]);
+        expect_ioerr(&mut r, 0x12000);
+        // Header outside guest memory.
+        let mut r = rig(false);
+        r.chain(0, &[(0xffff_0000, 16, R), (0x12000, 1, W)]);
+        expect_ioerr(&mut r, 0x12000);
+    }
+
+    #[test]
+    fn no_status_descriptor_returns_the_chain_with_zero_length() {
+        let mut r = rig(false);
+        header(&r.mem, 0x10000, VIRTIO_BLK_T_OUT, 0);
+        r.chain(0, &[(0x10000, 16, R), (0x11000, 512, R)]);
+        r.run().unwrap();
+        assert_eq!(r.used_idx(), 1);
+        assert_eq!(r.used(0), (0, 0));
+    }
+
+    #[test]
+    fn descriptor_loop_terminates() {
+        let mut r = rig(false);
+        header(&r.mem, 0x10000, VIRTIO_BLK_T_IN, 0);
+        desc_at(&r.mem, DESC, 0x10000, 16, N, 1);
+        desc_at(&r.mem, DESC + 16, 0x11000, 512, W | N, 0); // points back to the head
+        r.publish(0);
+        r.run().unwrap();
+        assert_eq!(r.used_idx(), 1, "a looping chain is bounded and returned");
+    }
+
+    #[test]
+    fn head_index_out_of_range_does_not_panic() {
+        let mut r = rig(false);
+        r.publish(QSIZE + 3);
+        r.run().unwrap();
+        assert_eq!(r.counters.bad_requests.load(Ordering::Relaxed), 1);
+        // The bad entry is skipped and the queue keeps serving.
+        header(&r.mem, 0x10000, VIRTIO_BLK_T_FLUSH, 0);
+        r.chain(0, &[(0x10000, 16, R), (0x12000, 1, W)]);
+        r.run().unwrap();
+        assert_eq!(r.used_idx(), 1);
+        assert_eq!(r.status(0x12000), VIRTIO_BLK_S_OK);
+    }
+
+    #[test]
+    fn avail_index_far_ahead_is_an_error_not_a_hang() {
+        let mut r = rig(false);
+        r.mem.write_obj(1000u16, GuestAddress(AVAIL + 2)).unwrap();
+        assert!(matches!(
+            r.run(),
+            Err(virtio_queue::Error::InvalidAvailRingIndex)
+        ));
+        assert_eq!(r.used_idx(), 0, "nothing is consumed from a corrupt ring");
+    }
+
+    #[test]
+    fn indirect_tables() {
+        let mut r = rig(false);
+        header(&r.mem, 0x10000, VIRTIO_BLK_T_IN, 0);
+        desc_at(&r.mem, 0x20000, 0x10000, 16, N, 1);
+        desc_at(&r.mem, 0x20010, 0x11000, 512, W | N, 2);
+        desc_at(&r.mem, 0x20020, 0x12000, 1, W, 0);
+        desc_at(&r.mem, DESC, 0x20000, 48, VRING_DESC_F_INDIRECT as u16, 0);
+        r.publish(0);
+        r.run().unwrap();
+        assert_eq!(r.status(0x12000), VIRTIO_BLK_S_OK);
+        assert_eq!(r.used(0), (0, 513));
+
+        // A nested indirect table and a misaligned table size end the chain: no status found.
+        let mut r = rig(false);
+        desc_at(
+            &r.mem,
+            0x20000,
+            0x20100,
+            16,
+            VRING_DESC_F_INDIRECT as u16,
+            0,
+        );
+        desc_at(&r.mem, DESC, 0x20000, 16, VRING_DESC_F_INDIRECT as u16, 0);
+        r.publish(0);
+        desc_at(
+            &r.mem,
+            DESC + 16,
+            0x20000,
+            17,
+            VRING_DESC_F_INDIRECT as u16,
+            0,
+        );
+        r.publish(1);
+        r.run().unwrap();
+        assert_eq!(r.used_idx(), 2);
+        assert_eq!(r.used(0), (0, 0));
+        assert_eq!(r.used(1), (1, 0));
+    }
+
+    #[test]
+    fn readonly_disk_rejects_writes() {
+        let mut r = rig(true);
+        header(&r.mem, 0x10000, VIRTIO_BLK_T_OUT, 0);
+        r.chain(0, &[(0x10000, 16, R), (0x11000, 512, R), (0x12000, 1, W)]);
+        expect_ioerr(&mut r, 0x12000);
     }
 }

@@ -4,7 +4,9 @@ mod device;
 pub mod disk;
 pub mod engine;
 
-pub use device::{block_config_space, block_features, block_serial, Block, BlockConfig, DEFAULT_QUEUE_SIZE};
+pub use device::{
+    block_config_space, block_features, block_serial, Block, BlockConfig, DEFAULT_QUEUE_SIZE,
+};
 pub use disk::RawFile;
 pub use engine::{BlockCounters, BlockEngine, Request, RequestError, RequestType};
 

@@ -4,8 +4,8 @@
 use crate::*;
 use log::{debug, info, warn};
 use pci::{
-    BarReprogram, MsiInterruptGroup, MsixCap, MsixConfig, PciBarRegion, PciBarType, PciClass, PciConfiguration,
-    PciDevice, PciHeader,
+    BarReprogram, MsiInterruptGroup, MsixCap, MsixConfig, PciBarRegion, PciBarType, PciClass,
+    PciConfiguration, PciDevice, PciHeader,
 };
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -67,7 +67,9 @@ impl VirtioInterrupt for MsixVectors {
             }
             VirtioInterruptType::Queue(q) => {
                 self.isr.fetch_or(1, Ordering::SeqCst);
-                self.queues.get(q as usize).map_or(NO_VECTOR, |v| v.load(Ordering::Acquire))
+                self.queues
+                    .get(q as usize)
+                    .map_or(NO_VECTOR, |v| v.load(Ordering::Acquire))
             }
         };
         // Without a vector the driver polls (INTx is not wired).
@@ -125,7 +127,11 @@ impl VirtioPciDevice {
         };
         let nq = max_sizes.len();
         let num_vectors = (nq + 1) as u16;
-        let class = if device_type == VIRTIO_ID_BLOCK { PciClass::MassStorage } else { PciClass::Other };
+        let class = if device_type == VIRTIO_ID_BLOCK {
+            PciClass::MassStorage
+        } else {
+            PciClass::Other
+        };
         let mut config = PciConfiguration::new(
             VIRTIO_PCI_VENDOR_ID,
             VIRTIO_PCI_DEVICE_ID_BASE + device_type as u16,
@@ -145,9 +151,24 @@ impl VirtioPciDevice {
             prefetchable: false,
         })?;
         let caps = [
-            virtio_cap(CAP_COMMON_CFG, VirtioPciLayout::COMMON, VirtioPciLayout::COMMON_LEN, &[]),
-            virtio_cap(CAP_ISR_CFG, VirtioPciLayout::ISR, VirtioPciLayout::ISR_LEN, &[]),
-            virtio_cap(CAP_DEVICE_CFG, VirtioPciLayout::DEVICE, VirtioPciLayout::DEVICE_LEN, &[]),
+            virtio_cap(
+                CAP_COMMON_CFG,
+                VirtioPciLayout::COMMON,
+                VirtioPciLayout::COMMON_LEN,
+                &[],
+            ),
+            virtio_cap(
+                CAP_ISR_CFG,
+                VirtioPciLayout::ISR,
+                VirtioPciLayout::ISR_LEN,
+                &[],
+            ),
+            virtio_cap(
+                CAP_DEVICE_CFG,
+                VirtioPciLayout::DEVICE,
+                VirtioPciLayout::DEVICE_LEN,
+                &[],
+            ),
             virtio_cap(
                 CAP_NOTIFY_CFG,
                 VirtioPciLayout::NOTIFY,
@@ -164,7 +185,12 @@ impl VirtioPciDevice {
         wmask[2] = 0xff;
         wmask[6..18].fill(0xff);
         let pci_cfg_cap = config.add_capability(VIRTIO_PCI_CAP_ID, &pci_cfg, &wmask)?;
-        let cap = MsixCap::new(0, num_vectors, VirtioPciLayout::MSIX_TABLE as u32, VirtioPciLayout::MSIX_PBA as u32);
+        let cap = MsixCap::new(
+            0,
+            num_vectors,
+            VirtioPciLayout::MSIX_TABLE as u32,
+            VirtioPciLayout::MSIX_PBA as u32,
+        );
         let msix_off = config.add_capability(MsixCap::id(), &cap.bytes(), &MsixCap::writable())?;
 
         let mut queues = Vec::with_capacity(nq);
@@ -200,7 +226,8 @@ impl VirtioPciDevice {
             config_generation: 0,
             activated: false,
         };
-        dev.register_ioevents(bar).map_err(|e| format!("ioeventfd: {e}"))?;
+        dev.register_ioevents(bar)
+            .map_err(|e| format!("ioeventfd: {e}"))?;
         Ok(dev)
     }
 
@@ -218,7 +245,8 @@ impl VirtioPciDevice {
 
     fn register_ioevents(&self, bar: u64) -> std::io::Result<()> {
         for (i, k) in self.kicks.iter().enumerate() {
-            self.ioevents.register(k, VirtioPciLayout::notify_addr(bar, i as u16))?;
+            self.ioevents
+                .register(k, VirtioPciLayout::notify_addr(bar, i as u16))?;
         }
         Ok(())
     }
@@ -253,7 +281,13 @@ impl VirtioPciDevice {
             (0x15, 1) => u64::from(self.config_generation),
             (0x16, 2) => u64::from(self.queue_select),
             (0x18, 2) => self.queues.get(q).map_or(0, |x| u64::from(x.size())),
-            (0x1a, 2) => self.vectors.queues.get(q).map_or(u64::from(NO_VECTOR), |v| u64::from(v.load(Ordering::Acquire))),
+            (0x1a, 2) => self
+                .vectors
+                .queues
+                .get(q)
+                .map_or(u64::from(NO_VECTOR), |v| {
+                    u64::from(v.load(Ordering::Acquire))
+                }),
             (0x1c, 2) => self.queues.get(q).map_or(0, |x| u64::from(x.ready())),
             (0x1e, 2) => q as u64, // queue_notify_off: queue i at NOTIFY + i * multiplier
             (0x20, 4) | (0x24, 4) | (0x28, 4) | (0x2c, 4) | (0x30, 4) | (0x34, 4) => {
@@ -273,7 +307,11 @@ impl VirtioPciDevice {
                 }
             }
             _ => {
-                debug!("{}: unhandled common config read at {offset:#x} len {}", self.id, data.len());
+                debug!(
+                    "{}: unhandled common config read at {offset:#x} len {}",
+                    self.id,
+                    data.len()
+                );
                 0
             }
         };
@@ -294,10 +332,14 @@ impl VirtioPciDevice {
             (0x0c, 4) => {
                 if self.status & DEVICE_FEATURES_OK == 0 && self.driver_feature_select < 2 {
                     let shift = 32 * self.driver_feature_select;
-                    self.driver_features = (self.driver_features & !(0xffff_ffff << shift)) | (v << shift);
+                    self.driver_features =
+                        (self.driver_features & !(0xffff_ffff << shift)) | (v << shift);
                 }
             }
-            (0x10, 2) => self.vectors.config.store(self.vector_or_none(v as u16), Ordering::Release),
+            (0x10, 2) => self
+                .vectors
+                .config
+                .store(self.vector_or_none(v as u16), Ordering::Release),
             (0x14, 1) => self.write_status(v as u8),
             (0x16, 2) => self.queue_select = v as u16,
             (0x18, 2) if queue_writable => {
@@ -319,7 +361,11 @@ impl VirtioPciDevice {
                 }
             }
             (0x20..=0x37, 4) if queue_writable => {
-                let (lo, hi) = if offset & 4 == 0 { (Some(v as u32), None) } else { (None, Some(v as u32)) };
+                let (lo, hi) = if offset & 4 == 0 {
+                    (Some(v as u32), None)
+                } else {
+                    (None, Some(v as u32))
+                };
                 if let Some(x) = self.selected_queue() {
                     match offset & !7 {
                         0x20 => x.set_desc_table_address(lo, hi),
@@ -328,7 +374,11 @@ impl VirtioPciDevice {
                     }
                 }
             }
-            _ => debug!("{}: ignored common config write at {offset:#x} len {}", self.id, data.len()),
+            _ => debug!(
+                "{}: ignored common config write at {offset:#x} len {}",
+                self.id,
+                data.len()
+            ),
         }
     }
 
@@ -352,11 +402,17 @@ impl VirtioPciDevice {
             let bad = self.driver_features & !offered;
             let packed = self.driver_features & VIRTIO_F_RING_PACKED != 0;
             if bad != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 || packed {
-                warn!("{}: driver features {:#x} not acceptable", self.id, self.driver_features);
+                warn!(
+                    "{}: driver features {:#x} not acceptable",
+                    self.id, self.driver_features
+                );
                 self.status = status & !DEVICE_FEATURES_OK;
                 return;
             }
-            self.device.lock().unwrap().ack_features(self.driver_features);
+            self.device
+                .lock()
+                .unwrap()
+                .ack_features(self.driver_features);
         }
         self.status = status;
         if newly & DEVICE_DRIVER_OK != 0 && status & DEVICE_FEATURES_OK != 0 {
@@ -393,13 +449,25 @@ impl VirtioPciDevice {
                     return;
                 }
             };
-            active.push(ActiveQueue { index: i as u16, queue, kick });
+            active.push(ActiveQueue {
+                index: i as u16,
+                queue,
+                kick,
+            });
         }
         let interrupt: Arc<dyn VirtioInterrupt> = self.vectors.clone();
-        match self.device.lock().unwrap().activate(self.memory.clone(), interrupt, active) {
+        match self
+            .device
+            .lock()
+            .unwrap()
+            .activate(self.memory.clone(), interrupt, active)
+        {
             Ok(()) => {
                 self.activated = true;
-                info!("{}: activated, features {:#x}", self.id, self.driver_features);
+                info!(
+                    "{}: activated, features {:#x}",
+                    self.id, self.driver_features
+                );
             }
             Err(e) => {
                 warn!("{}: activation failed: {e}", self.id);
@@ -426,7 +494,8 @@ impl VirtioPciDevice {
 
     fn bar_access(&mut self, offset: u64, data: &mut [u8], write: Option<&[u8]>) {
         use VirtioPciLayout as L;
-        let within = |start: u64, len: u64| offset >= start && offset + data.len() as u64 <= start + len;
+        let within =
+            |start: u64, len: u64| offset >= start && offset + data.len() as u64 <= start + len;
         if within(L::COMMON, L::COMMON_LEN) {
             match write {
                 Some(w) => self.common_write(offset - L::COMMON, w),
@@ -462,7 +531,11 @@ impl VirtioPciDevice {
             }
         } else if within(L::MSIX_PBA, L::MSIX_PBA_LEN) {
             if write.is_none() {
-                self.vectors.msix.lock().unwrap().read_pba(offset - L::MSIX_PBA, data);
+                self.vectors
+                    .msix
+                    .lock()
+                    .unwrap()
+                    .read_pba(offset - L::MSIX_PBA, data);
             }
         } else if write.is_none() {
             data.fill(0);
@@ -503,7 +576,12 @@ impl PciDevice for VirtioPciDevice {
         self.config.read_reg(reg)
     }
 
-    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) -> Option<BarReprogram> {
+    fn write_config_register(
+        &mut self,
+        reg: usize,
+        offset: u64,
+        data: &[u8],
+    ) -> Option<BarReprogram> {
         if reg == self.pci_cfg_cap / 4 + 4 {
             let mut scratch = [0u8; 4];
             self.pci_cfg_access(&mut scratch, Some(data));
@@ -529,7 +607,8 @@ impl PciDevice for VirtioPciDevice {
 
     fn move_bar(&mut self, old_base: u64, new_base: u64) -> std::io::Result<()> {
         for (i, k) in self.kicks.iter().enumerate() {
-            self.ioevents.unregister(k, VirtioPciLayout::notify_addr(old_base, i as u16))?;
+            self.ioevents
+                .unregister(k, VirtioPciLayout::notify_addr(old_base, i as u16))?;
         }
         self.register_ioevents(new_base)?;
         self.bar = new_base;

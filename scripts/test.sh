@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs every test on a fresh machine: installs what is missing, builds, lints, tests.
+# Integration tests boot real VMs and need /dev/kvm; without it they print SKIPPED.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v python3 >/dev/null || need_apt+=(python3)
+if ((${#need_apt[@]})); then
+    apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
+fi
+for c in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
+done
+[ -e /dev/kvm ] || echo "*** WARNING: /dev/kvm is missing: integration tests will be SKIPPED ***"
+
+echo "== build"
+scripts/build-guest.sh
+cargo build --workspace --release --locked
+
+echo "== format and lint"
+cargo fmt --all -- --check
+(cd guest && cargo fmt -- --check)
+cargo clippy --workspace --all-targets --release --locked -- -D warnings
+(cd guest && cargo clippy --release --locked -- -D warnings)
+
+echo "== tests"
+cargo test --workspace --release --locked

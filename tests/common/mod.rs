@@ -1,0 +1,239 @@
+//! Helpers for integration tests: boot the real VMM on KVM with the test guest.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+pub const VMM: &str = env!("CARGO_BIN_EXE_vio-hypervisor");
+
+/// True when /dev/kvm is usable; otherwise says loudly that the test is skipped.
+pub fn kvm_available(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    eprintln!("\n*** SKIPPED {test}: /dev/kvm is not present on this machine; this test boots a real VM ***\n");
+    false
+}
+
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The guest ELF built by scripts/build-guest.sh (or VIO_GUEST_ELF).
+pub fn guest_elf() -> PathBuf {
+    let p = std::env::var_os("VIO_GUEST_ELF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            workspace().join("guest/target/x86_64-unknown-linux-gnu/release/vio-guest")
+        });
+    assert!(
+        p.is_file(),
+        "guest ELF {} missing: run scripts/build-guest.sh",
+        p.display()
+    );
+    p
+}
+
+/// A disk image on tmpfs, removed on drop.
+pub struct TmpDisk {
+    pub path: PathBuf,
+}
+
+impl TmpDisk {
+    pub fn new(name: &str, size: u64) -> Self {
+        let dir = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let path = dir.join(format!(
+            "vio-test-{}-{}-{name}.img",
+            std::process::id(),
+            unique()
+        ));
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(size).unwrap();
+        TmpDisk { path }
+    }
+
+    pub fn arg(&self) -> String {
+        format!("path={}", self.path.display())
+    }
+}
+
+impl Drop for TmpDisk {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A running VMM whose serial output (stdout) is read line by line.
+pub struct Vm {
+    child: Child,
+    lines: Receiver<String>,
+    stderr: std::thread::JoinHandle<String>,
+    pub stdout: Vec<String>,
+}
+
+pub struct Outcome {
+    pub status: ExitStatus,
+    pub stdout: Vec<String>,
+    pub stderr: String,
+}
+
+impl Outcome {
+    pub fn result(&self) -> Value {
+        self.line_json("VIO-GUEST-RESULT ").unwrap_or_else(|| {
+            panic!(
+                "no RESULT line\nstdout:\n{}\nstderr:\n{}",
+                self.stdout.join("\n"),
+                self.stderr
+            )
+        })
+    }
+
+    pub fn line_json(&self, prefix: &str) -> Option<Value> {
+        let lines: Vec<&String> = self
+            .stdout
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .collect();
+        assert!(
+            lines.len() <= 1 || prefix != "VIO-GUEST-RESULT ",
+            "more than one RESULT line"
+        );
+        lines
+            .last()
+            .map(|l| serde_json::from_str(l[prefix.len()..].trim()).expect("RESULT is JSON"))
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "status {:?}\nstdout:\n{}\nstderr:\n{}",
+            self.status,
+            self.stdout.join("\n"),
+            self.stderr
+        )
+    }
+}
+
+impl Vm {
+    pub fn spawn(args: &[String]) -> Vm {
+        let mut child = Command::new(VMM)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start vio-hypervisor");
+        let out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line.trim_end_matches('\r').to_string()).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        Vm {
+            child,
+            lines,
+            stderr,
+            stdout: Vec::new(),
+        }
+    }
+
+    /// Waits for a stdout line starting with `prefix`.
+    pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.stdout.push(l.clone());
+                    if l.starts_with(prefix) {
+                        return Some(l);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Waits for the VMM to exit (killing it after `timeout`).
+    pub fn finish(mut self, timeout: Duration) -> Outcome {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                let stderr = self.stderr.join().unwrap_or_default();
+                panic!(
+                    "VMM did not exit within {timeout:?}\nstdout:\n{}\nstderr:\n{stderr}",
+                    self.stdout.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.stdout.push(l);
+        }
+        let stderr = self.stderr.join().unwrap_or_default();
+        Outcome {
+            status,
+            stdout: self.stdout,
+            stderr,
+        }
+    }
+}
+
+/// Runs the VMM to completion.
+pub fn run(args: &[String], timeout: Duration) -> Outcome {
+    Vm::spawn(args).finish(timeout)
+}
+
+pub fn boot_args(memory: &str, cmdline: &str, disks: &[&TmpDisk]) -> Vec<String> {
+    let mut a = vec![
+        "--kernel".to_string(),
+        guest_elf().display().to_string(),
+        "--memory".into(),
+        memory.into(),
+        "--serial".into(),
+        "tty".into(),
+        "--console".into(),
+        "off".into(),
+        "--cmdline".into(),
+        cmdline.into(),
+    ];
+    for d in disks {
+        a.push("--disk".into());
+        a.push(d.arg());
+    }
+    a
+}
+
+pub fn u(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
