@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Bench harness: runs each configuration several times in one go and reports medians.
+
+    scripts/bench.py foundation [--runs N]
+
+Every number in docs/performance.md comes from here, with the command that produced it.
+"""
+import argparse
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VMM = os.path.join(ROOT, "target/release/vio-hypervisor")
+GUEST = os.path.join(ROOT, "guest/target/x86_64-unknown-linux-gnu/release/vio-guest")
+PROGRESS = re.compile(r"Guest boot progress: code 0x40 at ([0-9.]+) ms")
+
+
+def build():
+    subprocess.run([os.path.join(ROOT, "scripts/build-guest.sh")], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cargo", "build", "--release", "--locked", "-q"], check=True, cwd=ROOT)
+
+
+def boot(cmdline, disk=None, memory="size=512M"):
+    args = [VMM, "-v", "--kernel", GUEST, "--memory", memory, "--serial", "tty", "--cmdline", cmdline]
+    if disk:
+        args += ["--disk", f"path={disk}"]
+    t0 = time.monotonic()
+    p = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    wall = time.monotonic() - t0
+    if p.returncode != 0:
+        sys.exit(f"VMM failed ({p.returncode}): {p.stderr[-2000:]}")
+    result = None
+    result_at = None
+    for line in p.stdout.splitlines():
+        if line.startswith("VIO-GUEST-RESULT "):
+            result = json.loads(line[len("VIO-GUEST-RESULT "):])
+    m = PROGRESS.search(p.stderr)
+    cpl3_ms = float(m.group(1)) if m else None
+    return {"wall_s": wall, "cpl3_ms": cpl3_ms, "result": result, "cmd": shlex.join(args)}
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def foundation(runs):
+    rows = []
+    boots = [boot("vio.workload=mem-verify vio.mem_mb=1 vio.rounds=1 vio.idle_ms=0") for _ in range(runs)]
+    rows.append(("boot: VMM start to first CPL3 instruction", f"{med([b['cpl3_ms'] for b in boots]):.1f} ms", boots[0]["cmd"]))
+    rows.append(("boot: VMM start to exit (1 MiB mem-verify, RESULT, power-off)", f"{med([b['wall_s'] for b in boots]) * 1000:.1f} ms", boots[0]["cmd"]))
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
+        disk = os.path.join(d, "disk.img")
+        with open(disk, "wb") as f:
+            f.truncate(256 << 20)
+        for qd in (1, 16):
+            cmd = f"vio.workload=blk-verify vio.ops=200000 vio.qd={qd} vio.seed=1"
+            rs = [boot(cmd, disk) for _ in range(runs)]
+            for r in rs:
+                assert r["result"]["mismatches"] == 0 and r["result"]["io_errors"] == 0, r["result"]
+            iops = med([r["result"]["iops"] for r in rs])
+            p50 = med([r["result"]["lat_p50_ns"] for r in rs]) / 1000
+            p99 = med([r["result"]["lat_p99_ns"] for r in rs]) / 1000
+            rows.append((f"blk-verify qd={qd}, emulated virtio-blk, tmpfs", f"{iops:,.0f} IOPS (p50 {p50:.1f} us, p99 {p99:.1f} us)", rs[0]["cmd"]))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("suite", choices=["foundation"])
+    ap.add_argument("--runs", type=int, default=5)
+    a = ap.parse_args()
+    build()
+    rows = foundation(a.runs)
+    print(f"Median of {a.runs} runs, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs\n")
+    print("| what | result |\n|---|---|")
+    for what, val, _ in rows:
+        print(f"| {what} | {val} |")
+    print("\nCommands:\n")
+    for what, _, cmd in rows:
+        print(f"- {what}: `{cmd.replace(ROOT + '/', '')}`")
+
+
+if __name__ == "__main__":
+    main()
