@@ -681,7 +681,12 @@ mod tests {
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             read_config_bytes(&[1, 2, 3, 4, 5, 6, 7, 8], offset, data)
         }
-        fn activate(&mut self, _m: Arc<GuestMemoryMmap>, _i: Arc<dyn VirtioInterrupt>, q: Vec<ActiveQueue>) -> Result<(), ActivateError> {
+        fn activate(
+            &mut self,
+            _m: Arc<GuestMemoryMmap>,
+            _i: Arc<dyn VirtioInterrupt>,
+            q: Vec<ActiveQueue>,
+        ) -> Result<(), ActivateError> {
             self.activated = q.iter().map(|a| (a.index, a.queue.size())).collect();
             Ok(())
         }
@@ -694,7 +699,15 @@ mod tests {
         let fake = Arc::new(StdMutex::new(Fake::default()));
         let events = Arc::new(Events::default());
         let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
-        let dev = VirtioPciDevice::new("t".into(), fake.clone(), mem, Arc::new(NoInterrupts), events.clone(), BAR).unwrap();
+        let dev = VirtioPciDevice::new(
+            "t".into(),
+            fake.clone(),
+            mem,
+            Arc::new(NoInterrupts),
+            events.clone(),
+            BAR,
+        )
+        .unwrap();
         (dev, fake, events)
     }
 
@@ -719,11 +732,28 @@ mod tests {
         while ptr != 0 {
             let reg = d.read_config_register(ptr / 4);
             let id = reg & 0xff;
-            types.push(if id == 0x09 { (d.read_config_register(ptr / 4) >> 24) as u8 } else { 0x11 });
+            types.push(if id == 0x09 {
+                (d.read_config_register(ptr / 4) >> 24) as u8
+            } else {
+                0x11
+            });
             ptr = ((reg >> 8) & 0xff) as usize;
         }
-        assert_eq!(types, vec![CAP_COMMON_CFG, CAP_ISR_CFG, CAP_DEVICE_CFG, CAP_NOTIFY_CFG, CAP_PCI_CFG, 0x11]);
-        assert_eq!(*events.registered.lock().unwrap(), vec![BAR + 0x6000, BAR + 0x6004]);
+        assert_eq!(
+            types,
+            vec![
+                CAP_COMMON_CFG,
+                CAP_ISR_CFG,
+                CAP_DEVICE_CFG,
+                CAP_NOTIFY_CFG,
+                CAP_PCI_CFG,
+                0x11
+            ]
+        );
+        assert_eq!(
+            *events.registered.lock().unwrap(),
+            vec![BAR + 0x6000, BAR + 0x6004]
+        );
     }
 
     #[test]
@@ -750,30 +780,61 @@ mod tests {
         w(&mut d, 0x1a, 2, 1);
         assert_eq!(r(&mut d, 0x1a, 2), 1, "vector 1 exists (3 vectors)");
         w(&mut d, 0x1a, 2, 9);
-        assert_eq!(r(&mut d, 0x1a, 2), 0xffff, "a vector the device lacks reads NO_VECTOR");
+        assert_eq!(
+            r(&mut d, 0x1a, 2),
+            0xffff,
+            "a vector the device lacks reads NO_VECTOR"
+        );
         w(&mut d, 0x16, 2, 5);
-        assert_eq!(r(&mut d, 0x18, 2), 0, "a queue that does not exist has size 0");
+        assert_eq!(
+            r(&mut d, 0x18, 2),
+            0,
+            "a queue that does not exist has size 0"
+        );
         assert_eq!(r(&mut d, 0x4000, 4), 0x0403_0201, "device config window");
 
         // Feature negotiation: a feature the device does not offer is refused.
-        w(&mut d, 0x14, 1, u64::from(DEVICE_ACKNOWLEDGE | DEVICE_DRIVER));
+        w(
+            &mut d,
+            0x14,
+            1,
+            u64::from(DEVICE_ACKNOWLEDGE | DEVICE_DRIVER),
+        );
         w(&mut d, 0x08, 4, 0);
         w(&mut d, 0x0c, 4, 1 << 5);
         w(&mut d, 0x08, 4, 1);
         w(&mut d, 0x0c, 4, 1);
-        w(&mut d, 0x14, 1, u64::from(DEVICE_ACKNOWLEDGE | DEVICE_DRIVER | DEVICE_FEATURES_OK));
+        w(
+            &mut d,
+            0x14,
+            1,
+            u64::from(DEVICE_ACKNOWLEDGE | DEVICE_DRIVER | DEVICE_FEATURES_OK),
+        );
         assert_eq!(r(&mut d, 0x14, 1) as u8 & DEVICE_FEATURES_OK, 0);
         w(&mut d, 0x08, 4, 0);
         w(&mut d, 0x0c, 4, (1 << 29) | 1);
-        w(&mut d, 0x14, 1, u64::from(DEVICE_ACKNOWLEDGE | DEVICE_DRIVER | DEVICE_FEATURES_OK));
+        w(
+            &mut d,
+            0x14,
+            1,
+            u64::from(DEVICE_ACKNOWLEDGE | DEVICE_DRIVER | DEVICE_FEATURES_OK),
+        );
         assert_ne!(r(&mut d, 0x14, 1) as u8 & DEVICE_FEATURES_OK, 0);
-        assert_eq!(fake.lock().unwrap().acked, VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX | 1);
+        assert_eq!(
+            fake.lock().unwrap().acked,
+            VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX | 1
+        );
 
         // Enable queue 1 only, then DRIVER_OK activates with it.
         w(&mut d, 0x16, 2, 1);
         w(&mut d, 0x1c, 2, 1);
         assert_eq!(r(&mut d, 0x1c, 2), 1);
-        w(&mut d, 0x14, 1, u64::from(DEVICE_ACKNOWLEDGE | DEVICE_DRIVER | DEVICE_FEATURES_OK | DEVICE_DRIVER_OK));
+        w(
+            &mut d,
+            0x14,
+            1,
+            u64::from(DEVICE_ACKNOWLEDGE | DEVICE_DRIVER | DEVICE_FEATURES_OK | DEVICE_DRIVER_OK),
+        );
         assert_eq!(fake.lock().unwrap().activated, vec![(1, 16)]);
         // Queue registers are frozen while the device runs.
         w(&mut d, 0x18, 2, 8);
@@ -794,11 +855,21 @@ mod tests {
         let (mut d, fake, _) = device();
         w(&mut d, 0x08, 4, 1);
         w(&mut d, 0x0c, 4, 1);
-        w(&mut d, 0x14, 1, u64::from(DEVICE_ACKNOWLEDGE | DEVICE_DRIVER | DEVICE_FEATURES_OK));
+        w(
+            &mut d,
+            0x14,
+            1,
+            u64::from(DEVICE_ACKNOWLEDGE | DEVICE_DRIVER | DEVICE_FEATURES_OK),
+        );
         w(&mut d, 0x16, 2, 0);
         w(&mut d, 0x20, 4, 0xfff_0000); // descriptor table outside guest memory
         w(&mut d, 0x1c, 2, 1);
-        w(&mut d, 0x14, 1, u64::from(DEVICE_ACKNOWLEDGE | DEVICE_DRIVER | DEVICE_FEATURES_OK | DEVICE_DRIVER_OK));
+        w(
+            &mut d,
+            0x14,
+            1,
+            u64::from(DEVICE_ACKNOWLEDGE | DEVICE_DRIVER | DEVICE_FEATURES_OK | DEVICE_DRIVER_OK),
+        );
         assert_ne!(r(&mut d, 0x14, 1) as u8 & DEVICE_NEEDS_RESET, 0);
         assert!(fake.lock().unwrap().activated.is_empty());
     }
@@ -821,7 +892,10 @@ mod tests {
     fn moving_the_bar_moves_the_doorbells() {
         let (mut d, _, events) = device();
         d.move_bar(BAR, 0x2_0000_0000).unwrap();
-        assert_eq!(*events.registered.lock().unwrap(), vec![0x2_0000_6000, 0x2_0000_6004]);
+        assert_eq!(
+            *events.registered.lock().unwrap(),
+            vec![0x2_0000_6000, 0x2_0000_6004]
+        );
         assert_eq!(d.bar(), 0x2_0000_0000);
     }
 
