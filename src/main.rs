@@ -8,16 +8,19 @@ use std::sync::Mutex;
 use std::time::Instant;
 use thiserror::Error;
 use vmm::config::{
-    ConfigError, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig, VmConfig,
+    ConfigError, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, OptionParser, PayloadConfig,
+    VmConfig,
 };
-use vmm::ExitReason;
+use vmm::{error_chain, Vmm, VmmExit};
 
 #[derive(Debug, Error)]
 enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("Failed to run the VM")]
-    Vm(#[from] vmm::VmError),
+    #[error("Failed to start the VM: {0}")]
+    Vm(String),
+    #[error("API server")]
+    Api(#[from] vmm::api::http::HttpServerError),
     #[error("The guest crashed: {0}")]
     GuestCrash(String),
 }
@@ -104,6 +107,12 @@ fn command() -> Command {
                 .default_value("off"),
         )
         .arg(
+            Arg::new("api-socket")
+                .long("api-socket")
+                .value_name("path=<socket>|<socket>")
+                .help("Serve the HTTP API on a Unix socket"),
+        )
+        .arg(
             Arg::new("v")
                 .short('v')
                 .action(ArgAction::Count)
@@ -145,14 +154,49 @@ fn build_config(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
     Ok(config)
 }
 
+fn api_socket_path(raw: &str) -> Result<PathBuf, ConfigError> {
+    if raw.starts_with("path=") {
+        let p = OptionParser::parse("api-socket", raw, &["path"])?;
+        return Ok(PathBuf::from(
+            p.get("path")
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| p.error("empty path"))?,
+        ));
+    }
+    if raw.is_empty() {
+        return Err(ConfigError::Parse {
+            flag: "api-socket",
+            value: raw.into(),
+            reason: "empty path".into(),
+        });
+    }
+    Ok(PathBuf::from(raw))
+}
+
 fn run(m: &ArgMatches, start: Instant) -> Result<(), Error> {
-    let config = build_config(m)?;
-    match vmm::run(&config, start)? {
-        ExitReason::Crash(msg) => Err(Error::GuestCrash(msg)),
-        r => {
-            log::info!("VM exited: {r:?}");
-            Ok(())
-        }
+    let api = m
+        .get_one::<String>("api-socket")
+        .map(|s| api_socket_path(s))
+        .transpose()?;
+    // As in Cloud Hypervisor: with a payload the VM boots at once; without one the VMM
+    // waits for vm.create and vm.boot on the API.
+    let config = match (m.get_one::<String>("kernel"), &api) {
+        (Some(_), _) => Some(build_config(m)?),
+        (None, Some(_)) => None,
+        (None, None) => return Err(ConfigError::NoKernel.into()),
+    };
+    let mut vmm = Vmm::new(start);
+    if let Some(path) = &api {
+        vmm::api::http::start(path, vmm.api_sender())?;
+        log::info!("API server on {}", path.display());
+    }
+    if let Some(config) = config {
+        vmm.create(config).map_err(|e| Error::Vm(e.to_string()))?;
+        vmm.boot().map_err(|e| Error::Vm(e.to_string()))?;
+    }
+    match vmm.control_loop() {
+        VmmExit::Clean => Ok(()),
+        VmmExit::GuestCrash(msg) => Err(Error::GuestCrash(msg)),
     }
 }
 
@@ -173,16 +217,7 @@ fn main() -> ExitCode {
     match run(&m, start) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = format!("Error: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                // Some library errors already print their source; do not say it twice.
-                let text = s.to_string();
-                if !msg.contains(&text) {
-                    msg.push_str(&format!(": {text}"));
-                }
-                src = s.source();
-            }
+            let msg = format!("Error: {}", error_chain(&e));
             eprintln!("{msg}");
             ExitCode::FAILURE
         }

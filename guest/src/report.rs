@@ -52,7 +52,7 @@ impl Report {
     pub fn result(&self, clock: &Clock) {
         let elapsed_ns = self.elapsed_ns;
         crate::println!(
-            "VIO-GUEST-RESULT {{\"workload\":\"{}\",\"ops\":{},\"reads\":{},\"writes\":{},\"io_errors\":{},\"mismatches\":{},\"elapsed_ns\":{},\"iops\":{},\"lat_p50_ns\":{},\"lat_p99_ns\":{},\"tsc_khz\":{}}}",
+            "VIO-GUEST-RESULT {{\"workload\":\"{}\",\"ops\":{},\"reads\":{},\"writes\":{},\"io_errors\":{},\"mismatches\":{},\"elapsed_ns\":{},\"iops\":{},\"lat_p50_ns\":{},\"lat_p99_ns\":{},\"lat_max_ns\":{},\"tsc_khz\":{}}}",
             self.workload,
             self.ops,
             self.reads,
@@ -63,6 +63,7 @@ impl Report {
             self.iops(elapsed_ns),
             self.hist.percentile(50),
             self.hist.percentile(99),
+            self.hist.max,
             clock.khz
         );
     }

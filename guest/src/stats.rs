@@ -6,6 +6,7 @@ const BUCKETS: usize = 64 * SUB;
 pub struct Histogram {
     counts: [u32; BUCKETS],
     total: u64,
+    pub max: u64,
 }
 
 impl Histogram {
@@ -13,6 +14,7 @@ impl Histogram {
         Histogram {
             counts: [0; BUCKETS],
             total: 0,
+            max: 0,
         }
     }
 
@@ -39,6 +41,7 @@ impl Histogram {
     pub fn record(&mut self, v: u64) {
         self.counts[Self::index(v)] += 1;
         self.total += 1;
+        self.max = self.max.max(v);
     }
 
     pub fn percentile(&self, p: u64) -> u64 {

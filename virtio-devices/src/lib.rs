@@ -5,9 +5,11 @@
 //! an IOMMU-checked view of guest memory.
 
 pub mod block;
+mod pause;
 mod ratelimit;
 pub mod transport;
 
+pub use pause::PauseGate;
 pub use ratelimit::LogLimiter;
 
 use std::collections::BTreeMap;
@@ -76,6 +78,9 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Stops processing; the transport resets its queue state.
     fn reset(&mut self);
+    /// Stops processing requests until `resume`, keeping all state.
+    fn pause(&mut self) {}
+    fn resume(&mut self) {}
     fn counters(&self) -> Counters {
         Counters::new()
     }

@@ -18,6 +18,10 @@ pub enum ConfigError {
     KernelMissing(PathBuf),
     #[error("Disk image {0} does not exist")]
     DiskMissing(PathBuf),
+    #[error("Invalid {field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("Invalid VM configuration: {0}")]
+    Json(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,16 +159,41 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size \"{s}\" is too large"))
 }
 
+fn check_memory_size(size: u64) -> Result<(), String> {
+    if size < (16 << 20) || !size.is_multiple_of(4096) {
+        return Err("size must be at least 16M and a multiple of 4K".into());
+    }
+    if size > (1 << 40) {
+        return Err("size must be at most 1T".into());
+    }
+    Ok(())
+}
+
+fn check_cpus(boot: u8, max: u8) -> Result<(), String> {
+    if boot == 0 {
+        return Err("boot must be at least 1".into());
+    }
+    if max < boot {
+        return Err("max must not be below boot".into());
+    }
+    Ok(())
+}
+
+fn check_disk_queues(num_queues: u16, queue_size: u16) -> Result<(), String> {
+    if num_queues == 0 || num_queues > 16 {
+        return Err("num_queues must be 1..16".into());
+    }
+    if !queue_size.is_power_of_two() || !(2..=32768).contains(&queue_size) {
+        return Err("queue_size must be a power of two, 2..32768".into());
+    }
+    Ok(())
+}
+
 impl MemoryConfig {
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
         let p = OptionParser::parse("memory", raw, &["size", "shared"])?;
         let size = p.size("size")?.unwrap_or(512 << 20);
-        if size < (16 << 20) || size % 4096 != 0 {
-            return Err(p.error("size must be at least 16M and a multiple of 4K"));
-        }
-        if size > (1 << 40) {
-            return Err(p.error("size must be at most 1T"));
-        }
+        check_memory_size(size).map_err(|r| p.error(&r))?;
         Ok(MemoryConfig {
             size,
             shared: p.toggle("shared", false)?,
@@ -177,12 +206,7 @@ impl CpusConfig {
         let p = OptionParser::parse("cpus", raw, &["boot", "max"])?;
         let boot: u8 = p.number("boot")?.unwrap_or(1);
         let max: u8 = p.number("max")?.unwrap_or(boot);
-        if boot == 0 {
-            return Err(p.error("boot must be at least 1"));
-        }
-        if max < boot {
-            return Err(p.error("max must not be below boot"));
-        }
+        check_cpus(boot, max).map_err(|r| p.error(&r))?;
         Ok(CpusConfig {
             boot_vcpus: boot,
             max_vcpus: max,
@@ -202,12 +226,7 @@ impl DiskConfig {
         let queue_size: u16 = p
             .number("queue_size")?
             .unwrap_or(virtio_devices::block::DEFAULT_QUEUE_SIZE);
-        if num_queues == 0 || num_queues > 16 {
-            return Err(p.error("num_queues must be 1..16"));
-        }
-        if !queue_size.is_power_of_two() || !(2..=32768).contains(&queue_size) {
-            return Err(p.error("queue_size must be a power of two, 2..32768"));
-        }
+        check_disk_queues(num_queues, queue_size).map_err(|r| p.error(&r))?;
         Ok(DiskConfig {
             path,
             readonly: p.toggle("readonly", false)?,
@@ -248,6 +267,324 @@ impl VmConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// The JSON form of a VM configuration: Cloud Hypervisor's `VmConfig` schema, for the fields
+/// this VMM provides. Fields of Cloud Hypervisor devices this VMM does not have are accepted
+/// only when absent, null, false or empty, so a configuration is never half-applied.
+mod json {
+    use super::*;
+    use serde::{Deserialize, Serialize};
+    use serde_json::Value;
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Payload {
+        pub kernel: Option<PathBuf>,
+        #[serde(default)]
+        pub cmdline: Option<String>,
+        #[serde(default, skip_serializing)]
+        pub firmware: Option<Value>,
+        #[serde(default, skip_serializing)]
+        pub initramfs: Option<Value>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Cpus {
+        pub boot_vcpus: u8,
+        #[serde(default)]
+        pub max_vcpus: Option<u8>,
+    }
+
+    fn default_memory_size() -> u64 {
+        512 << 20
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Memory {
+        #[serde(default = "default_memory_size")]
+        pub size: u64,
+        #[serde(default)]
+        pub shared: bool,
+        #[serde(default, skip_serializing)]
+        pub mergeable: Option<Value>,
+        #[serde(default, skip_serializing)]
+        pub hugepages: Option<Value>,
+        #[serde(default, skip_serializing)]
+        pub hotplug_size: Option<Value>,
+        #[serde(default, skip_serializing)]
+        pub zones: Option<Value>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Disk {
+        pub path: PathBuf,
+        #[serde(default)]
+        pub readonly: bool,
+        #[serde(default)]
+        pub id: Option<String>,
+        #[serde(default)]
+        pub num_queues: Option<u16>,
+        #[serde(default)]
+        pub queue_size: Option<u16>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Console {
+        pub mode: String,
+        #[serde(default)]
+        pub file: Option<PathBuf>,
+        #[serde(default, skip_serializing)]
+        pub iommu: Option<Value>,
+        #[serde(default, skip_serializing)]
+        pub socket: Option<Value>,
+    }
+
+    /// Unknown top-level keys land in `unsupported` and are checked by hand (serde cannot
+    /// combine `flatten` with `deny_unknown_fields`).
+    #[derive(Serialize, Deserialize)]
+    pub struct Config {
+        pub payload: Payload,
+        #[serde(default)]
+        pub cpus: Option<Cpus>,
+        #[serde(default)]
+        pub memory: Option<Memory>,
+        #[serde(default)]
+        pub disks: Option<Vec<Disk>>,
+        #[serde(default)]
+        pub serial: Option<Console>,
+        #[serde(default)]
+        pub console: Option<Console>,
+        /// Cloud Hypervisor always reports an entropy device; there is none to configure here.
+        #[serde(default, skip_serializing, rename = "rng")]
+        pub _rng: Option<Value>,
+        #[serde(flatten)]
+        pub unsupported: BTreeMap<String, Value>,
+    }
+
+    /// Cloud Hypervisor fields for devices and features this VMM does not provide.
+    pub const UNSUPPORTED: &[&str] = &[
+        "net",
+        "fs",
+        "pmem",
+        "devices",
+        "user_devices",
+        "vdpa",
+        "vsock",
+        "numa",
+        "iommu",
+        "watchdog",
+        "pvpanic",
+        "platform",
+        "tpm",
+        "balloon",
+        "sgx_epc",
+        "pci_segments",
+        "landlock_enable",
+        "landlock_rules",
+        "rate_limit_groups",
+        "debug_console",
+        "preserved_fds",
+        "igvm",
+        "host_data",
+    ];
+
+    pub fn is_empty(v: &Value) -> bool {
+        match v {
+            Value::Null | Value::Bool(false) => true,
+            Value::Array(a) => a.is_empty(),
+            Value::Object(o) => o.is_empty(),
+            _ => false,
+        }
+    }
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn console_from_json(
+    field: &str,
+    c: Option<json::Console>,
+    default: ConsoleMode,
+) -> Result<ConsoleMode, ConfigError> {
+    let Some(c) = c else { return Ok(default) };
+    for (k, v) in [("iommu", &c.iommu), ("socket", &c.socket)] {
+        if v.as_ref().is_some_and(|v| !json::is_empty(v)) {
+            return Err(invalid(&format!("{field}.{k}"), "not supported"));
+        }
+    }
+    match c.mode.as_str() {
+        "Off" => Ok(ConsoleMode::Off),
+        "Tty" => Ok(ConsoleMode::Tty),
+        "Null" => Ok(ConsoleMode::Null),
+        "File" => c
+            .file
+            .filter(|f| !f.as_os_str().is_empty())
+            .map(ConsoleMode::File)
+            .ok_or_else(|| invalid(&format!("{field}.file"), "required with mode File")),
+        m => Err(invalid(
+            &format!("{field}.mode"),
+            format!("\"{m}\" is not supported (Off, Tty, Null, File)"),
+        )),
+    }
+}
+
+fn console_to_json(m: &ConsoleMode) -> json::Console {
+    let (mode, file) = match m {
+        ConsoleMode::Off => ("Off", None),
+        ConsoleMode::Tty => ("Tty", None),
+        ConsoleMode::Null => ("Null", None),
+        ConsoleMode::File(p) => ("File", Some(p.clone())),
+    };
+    json::Console {
+        mode: mode.into(),
+        file,
+        iommu: None,
+        socket: None,
+    }
+}
+
+impl VmConfig {
+    /// Parses and checks a `vm.create` body.
+    pub fn from_json(body: &str) -> Result<Self, ConfigError> {
+        let c: json::Config =
+            serde_json::from_str(body).map_err(|e| ConfigError::Json(e.to_string()))?;
+        for (k, v) in &c.unsupported {
+            if !json::UNSUPPORTED.contains(&k.as_str()) {
+                return Err(ConfigError::Json(format!("unknown field `{k}`")));
+            }
+            if !json::is_empty(v) {
+                return Err(invalid(k, "not supported by this VMM"));
+            }
+        }
+        for (k, v) in [
+            ("payload.firmware", &c.payload.firmware),
+            ("payload.initramfs", &c.payload.initramfs),
+        ] {
+            if v.as_ref().is_some_and(|v| !json::is_empty(v)) {
+                return Err(invalid(k, "not supported (PVH kernels only)"));
+            }
+        }
+        let kernel = c
+            .payload
+            .kernel
+            .ok_or_else(|| invalid("payload.kernel", "required"))?;
+        let cpus = match c.cpus {
+            Some(cp) => {
+                let max = cp.max_vcpus.unwrap_or(cp.boot_vcpus);
+                check_cpus(cp.boot_vcpus, max).map_err(|r| invalid("cpus", r))?;
+                CpusConfig {
+                    boot_vcpus: cp.boot_vcpus,
+                    max_vcpus: max,
+                }
+            }
+            None => CpusConfig {
+                boot_vcpus: 1,
+                max_vcpus: 1,
+            },
+        };
+        let memory = match c.memory {
+            Some(m) => {
+                for (k, v) in [
+                    ("mergeable", &m.mergeable),
+                    ("hugepages", &m.hugepages),
+                    ("hotplug_size", &m.hotplug_size),
+                    ("zones", &m.zones),
+                ] {
+                    if v.as_ref().is_some_and(|v| !json::is_empty(v)) {
+                        return Err(invalid(&format!("memory.{k}"), "not supported"));
+                    }
+                }
+                check_memory_size(m.size).map_err(|r| invalid("memory.size", r))?;
+                MemoryConfig {
+                    size: m.size,
+                    shared: m.shared,
+                }
+            }
+            None => MemoryConfig {
+                size: 512 << 20,
+                shared: false,
+            },
+        };
+        let mut disks = Vec::new();
+        for (i, d) in c.disks.unwrap_or_default().into_iter().enumerate() {
+            let num_queues = d.num_queues.unwrap_or(1);
+            let queue_size = d
+                .queue_size
+                .unwrap_or(virtio_devices::block::DEFAULT_QUEUE_SIZE);
+            check_disk_queues(num_queues, queue_size)
+                .map_err(|r| invalid(&format!("disks[{i}]"), r))?;
+            disks.push(DiskConfig {
+                path: d.path,
+                readonly: d.readonly,
+                id: d.id,
+                num_queues,
+                queue_size,
+            });
+        }
+        let config = VmConfig {
+            payload: PayloadConfig {
+                kernel,
+                cmdline: c.payload.cmdline.unwrap_or_default(),
+            },
+            memory,
+            cpus,
+            disks,
+            serial: console_from_json("serial", c.serial, ConsoleMode::Null)?,
+            console: console_from_json("console", c.console, ConsoleMode::Off)?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The configuration in Cloud Hypervisor's JSON schema (as `vm.info` reports it).
+    pub fn to_json(&self) -> serde_json::Value {
+        let c = json::Config {
+            payload: json::Payload {
+                kernel: Some(self.payload.kernel.clone()),
+                cmdline: Some(self.payload.cmdline.clone()),
+                firmware: None,
+                initramfs: None,
+            },
+            cpus: Some(json::Cpus {
+                boot_vcpus: self.cpus.boot_vcpus,
+                max_vcpus: Some(self.cpus.max_vcpus),
+            }),
+            memory: Some(json::Memory {
+                size: self.memory.size,
+                shared: self.memory.shared,
+                mergeable: None,
+                hugepages: None,
+                hotplug_size: None,
+                zones: None,
+            }),
+            disks: Some(
+                self.disks
+                    .iter()
+                    .map(|d| json::Disk {
+                        path: d.path.clone(),
+                        readonly: d.readonly,
+                        id: d.id.clone(),
+                        num_queues: Some(d.num_queues),
+                        queue_size: Some(d.queue_size),
+                    })
+                    .collect(),
+            ),
+            serial: Some(console_to_json(&self.serial)),
+            console: Some(console_to_json(&self.console)),
+            _rng: None,
+            unsupported: BTreeMap::new(),
+        };
+        serde_json::to_value(c).expect("config serializes")
     }
 }
 
@@ -348,6 +685,74 @@ mod tests {
             reason(ConsoleMode::parse("serial", "pty").unwrap_err()).contains("expected key=value")
         );
         assert!(ConsoleMode::parse("serial", "file=").is_err());
+    }
+
+    fn kernel() -> String {
+        std::env::current_exe().unwrap().display().to_string()
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let body = format!(
+            r#"{{"payload":{{"kernel":"{}","cmdline":"a=b"}},"cpus":{{"boot_vcpus":2,"max_vcpus":2}},
+                "memory":{{"size":268435456,"shared":true}},"serial":{{"mode":"Tty"}},"console":{{"mode":"Off"}},
+                "rng":{{"src":"/dev/urandom"}},"net":null,"devices":[]}}"#,
+            kernel()
+        );
+        let c = VmConfig::from_json(&body).unwrap();
+        assert_eq!(c.cpus.boot_vcpus, 2);
+        assert_eq!(
+            c.memory,
+            MemoryConfig {
+                size: 256 << 20,
+                shared: true
+            }
+        );
+        assert_eq!(c.serial, ConsoleMode::Tty);
+        let again = VmConfig::from_json(&c.to_json().to_string()).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn json_errors() {
+        let k = kernel();
+        let bad = [
+            ("{", "Invalid VM configuration"),
+            (r#"{"payload":{}}"#, "payload.kernel"),
+            (
+                &format!(r#"{{"payload":{{"kernel":"{k}"}},"colour":1}}"#),
+                "unknown field `colour`",
+            ),
+            (
+                &format!(r#"{{"payload":{{"kernel":"{k}","bogus":1}}}}"#),
+                "unknown field `bogus`",
+            ),
+            (
+                &format!(r#"{{"payload":{{"kernel":"{k}"}},"net":[{{"tap":"t0"}}]}}"#),
+                "net: not supported",
+            ),
+            (
+                &format!(r#"{{"payload":{{"kernel":"{k}"}},"memory":{{"size":1024}}}}"#),
+                "at least 16M",
+            ),
+            (
+                &format!(r#"{{"payload":{{"kernel":"{k}"}},"cpus":{{"boot_vcpus":0}}}}"#),
+                "at least 1",
+            ),
+            (
+                &format!(r#"{{"payload":{{"kernel":"{k}"}},"serial":{{"mode":"Pty"}}}}"#),
+                "serial.mode",
+            ),
+            (
+                &format!(r#"{{"payload":{{"kernel":"{k}"}},"memory":{{"size":"big"}}}}"#),
+                "Invalid VM configuration",
+            ),
+            (r#"{"payload":{"kernel":"/nonexistent"}}"#, "does not exist"),
+        ];
+        for (body, want) in bad {
+            let e = VmConfig::from_json(body).unwrap_err().to_string();
+            assert!(e.contains(want), "{body}: {e}");
+        }
     }
 
     #[test]

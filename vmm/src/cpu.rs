@@ -1,6 +1,6 @@
 //! vCPUs: CPUID, MSRs, LAPIC and PVH entry state, and the run loop that dispatches exits.
 
-use crate::devices::ExitReason;
+use crate::devices::{ExitNotifier, ExitReason};
 use crate::layout;
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs,
@@ -10,8 +10,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use pci::Bus;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use thiserror::Error;
@@ -214,22 +213,52 @@ pub fn register_kick_signal() -> Result<(), CpuError> {
     register_signal_handler(SIGRTMIN(), handle_kick).map_err(CpuError::Signal)
 }
 
-/// The running vCPU threads and how to stop them.
-pub struct VcpuSet {
-    threads: Vec<JoinHandle<()>>,
-    stop: Arc<AtomicBool>,
+#[derive(Default)]
+struct PauseState {
+    paused: bool,
+    parked: usize,
 }
 
-pub struct VcpuContext {
-    pub pio: Arc<Bus>,
-    pub mmio: Arc<Bus>,
-    pub exit: Arc<Mutex<Sender<ExitReason>>>,
-    pub stop: Arc<AtomicBool>,
+/// Shared by the VMM and the vCPU threads: stop and pause requests.
+#[derive(Default)]
+struct Control {
+    stop: AtomicBool,
+    pause: Mutex<PauseState>,
+    cv: Condvar,
+}
+
+impl Control {
+    /// vCPU side, before each KVM_RUN: parks while paused. Returns false once stopped.
+    fn checkpoint(&self) -> bool {
+        let mut p = self.pause.lock().unwrap();
+        if p.paused && !self.stop.load(Ordering::Acquire) {
+            p.parked += 1;
+            self.cv.notify_all();
+            while p.paused && !self.stop.load(Ordering::Acquire) {
+                p = self.cv.wait(p).unwrap();
+            }
+            p.parked -= 1;
+        }
+        !self.stop.load(Ordering::Acquire)
+    }
+}
+
+/// The running vCPU threads and how to pause and stop them.
+pub struct VcpuSet {
+    threads: Vec<JoinHandle<()>>,
+    control: Arc<Control>,
+}
+
+struct VcpuContext {
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: ExitNotifier,
+    control: Arc<Control>,
 }
 
 fn run_vcpu(mut vcpu: VcpuFd, id: u8, ctx: VcpuContext) {
     let reason = loop {
-        if ctx.stop.load(Ordering::Acquire) {
+        if !ctx.control.checkpoint() {
             break None;
         }
         match vcpu.run() {
@@ -253,7 +282,7 @@ fn run_vcpu(mut vcpu: VcpuFd, id: u8, ctx: VcpuContext) {
                     data.fill(0xff);
                 }
             }
-            Ok(VcpuExit::Hlt) => {}
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => {}
             Ok(VcpuExit::Shutdown) => {
                 break Some(ExitReason::Crash(format!(
                     "vCPU {id}: triple fault (shutdown exit)"
@@ -281,7 +310,6 @@ fn run_vcpu(mut vcpu: VcpuFd, id: u8, ctx: VcpuContext) {
                     "vCPU {id}: KVM internal error (emulation failure) {regs}"
                 )));
             }
-            Ok(VcpuExit::Intr) => {}
             Ok(other) => {
                 break Some(ExitReason::Crash(format!(
                     "vCPU {id}: unexpected exit {other:?}"
@@ -295,7 +323,7 @@ fn run_vcpu(mut vcpu: VcpuFd, id: u8, ctx: VcpuContext) {
         if let ExitReason::Crash(msg) = &r {
             log::error!("{msg}");
         }
-        let _ = ctx.exit.lock().unwrap().send(r);
+        ctx.exit.notify(r);
     }
 }
 
@@ -304,17 +332,16 @@ impl VcpuSet {
         vcpus: Vec<(u8, VcpuFd)>,
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
-        exit: Sender<ExitReason>,
+        exit: ExitNotifier,
     ) -> Result<Self, CpuError> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let exit = Arc::new(Mutex::new(exit));
+        let control = Arc::new(Control::default());
         let mut threads = Vec::new();
         for (id, vcpu) in vcpus {
             let ctx = VcpuContext {
                 pio: pio.clone(),
                 mmio: mmio.clone(),
                 exit: exit.clone(),
-                stop: stop.clone(),
+                control: control.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
@@ -322,19 +349,45 @@ impl VcpuSet {
                 .map_err(CpuError::Thread)?;
             threads.push(t);
         }
-        Ok(VcpuSet { threads, stop })
+        Ok(VcpuSet { threads, control })
     }
 
-    /// Stops every vCPU thread: the flag is checked before each KVM_RUN and the signal
-    /// interrupts one in progress; it is re-sent until the thread is gone, closing the race
-    /// between the check and the ioctl.
-    pub fn stop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        for t in self.threads.drain(..) {
-            while !t.is_finished() {
+    fn kick(&self) {
+        for t in &self.threads {
+            if !t.is_finished() {
                 let _ = t.kill(SIGRTMIN());
-                std::thread::sleep(Duration::from_millis(1));
             }
+        }
+    }
+
+    /// Returns once every vCPU thread is parked (or has exited). The signal interrupts a
+    /// KVM_RUN in progress; it is repeated, closing the race with the check before the ioctl.
+    pub fn pause(&self) {
+        self.control.pause.lock().unwrap().paused = true;
+        loop {
+            let live = self.threads.iter().filter(|t| !t.is_finished()).count();
+            if self.control.pause.lock().unwrap().parked >= live {
+                return;
+            }
+            self.kick();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    pub fn resume(&self) {
+        self.control.pause.lock().unwrap().paused = false;
+        self.control.cv.notify_all();
+    }
+
+    /// Stops every vCPU thread and joins it.
+    pub fn stop(&mut self) {
+        self.control.stop.store(true, Ordering::Release);
+        self.resume();
+        while self.threads.iter().any(|t| !t.is_finished()) {
+            self.kick();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }

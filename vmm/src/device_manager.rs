@@ -2,7 +2,7 @@
 
 use crate::config::{ConsoleMode, VmConfig};
 use crate::devices::{
-    AcpiPmTimer, AcpiShutdown, DebugPort, ExitReason, LineWriter, SerialDevice, I8042,
+    AcpiPmTimer, AcpiShutdown, DebugPort, ExitNotifier, LineWriter, SerialDevice, I8042,
 };
 use crate::interrupt::{GsiRouter, KvmMsiGroup};
 use crate::layout;
@@ -13,7 +13,6 @@ use pci::{
 };
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use thiserror::Error;
@@ -117,7 +116,7 @@ impl DeviceManager {
         vm: Arc<VmFd>,
         config: &VmConfig,
         memory: Arc<GuestMemoryMmap>,
-        exit: Sender<ExitReason>,
+        exit: ExitNotifier,
         start: Instant,
     ) -> Result<Self, DeviceError> {
         let pio_bus = Arc::new(Bus::new());
@@ -239,6 +238,18 @@ impl DeviceManager {
             .iter()
             .map(|(id, d)| (id.clone(), d.lock().unwrap().counters()))
             .collect()
+    }
+
+    pub fn pause(&self) {
+        for (_, d) in &self.virtio {
+            d.lock().unwrap().pause();
+        }
+    }
+
+    pub fn resume(&self) {
+        for (_, d) in &self.virtio {
+            d.lock().unwrap().resume();
+        }
     }
 
     /// Stops every device worker.

@@ -20,6 +20,28 @@ pub enum ExitReason {
     Stopped,
 }
 
+/// Tells the VMM that the VM stopped; cheap to clone into every device and vCPU.
+#[derive(Clone)]
+pub struct ExitNotifier(Arc<dyn Fn(ExitReason) + Send + Sync>);
+
+impl ExitNotifier {
+    pub fn new(f: impl Fn(ExitReason) + Send + Sync + 'static) -> Self {
+        ExitNotifier(Arc::new(f))
+    }
+
+    pub fn notify(&self, reason: ExitReason) {
+        (self.0)(reason)
+    }
+
+    /// A notifier that forwards into a channel.
+    pub fn channel(tx: Sender<ExitReason>) -> Self {
+        let tx = Mutex::new(tx);
+        ExitNotifier::new(move |r| {
+            let _ = tx.lock().unwrap().send(r);
+        })
+    }
+}
+
 pub struct EventFdTrigger(EventFd);
 
 impl Trigger for EventFdTrigger {
@@ -83,17 +105,15 @@ impl<W: Write + Send> Write for LineWriter<W> {
 
 /// Cloud Hypervisor's sleep-control register at 0x600: S5 powers off, 1 resets.
 pub struct AcpiShutdown {
-    exit: Arc<Mutex<Sender<ExitReason>>>,
+    exit: ExitNotifier,
 }
 
 pub const SLEEP_S5_POWER_OFF: u8 = (5 << 2) | (1 << 5);
 pub const SLEEP_RESET: u8 = 1;
 
 impl AcpiShutdown {
-    pub fn new(exit: Sender<ExitReason>) -> Self {
-        AcpiShutdown {
-            exit: Arc::new(Mutex::new(exit)),
-        }
+    pub fn new(exit: ExitNotifier) -> Self {
+        AcpiShutdown { exit }
     }
 }
 
@@ -112,23 +132,21 @@ impl BusDevice for AcpiShutdown {
             _ => return,
         };
         log::info!("Guest requested {reason:?} through the sleep-control port");
-        let _ = self.exit.lock().unwrap().send(reason);
+        self.exit.notify(reason);
     }
 }
 
 /// i8042: only the CPU reset command (0xFE to the command port) does anything.
 pub struct I8042 {
-    exit: Arc<Mutex<Sender<ExitReason>>>,
+    exit: ExitNotifier,
 }
 
 impl I8042 {
     pub const BASE: u64 = 0x60;
     pub const LEN: u64 = 5;
 
-    pub fn new(exit: Sender<ExitReason>) -> Self {
-        I8042 {
-            exit: Arc::new(Mutex::new(exit)),
-        }
+    pub fn new(exit: ExitNotifier) -> Self {
+        I8042 { exit }
     }
 }
 
@@ -141,7 +159,7 @@ impl BusDevice for I8042 {
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         if offset == 4 && data.first() == Some(&0xfe) {
             log::info!("Guest requested a reset through the i8042");
-            let _ = self.exit.lock().unwrap().send(ExitReason::Reset);
+            self.exit.notify(ExitReason::Reset);
         }
     }
 }
@@ -223,7 +241,7 @@ mod tests {
     #[test]
     fn sleep_control_semantics() {
         let (tx, rx) = channel();
-        let mut d = AcpiShutdown::new(tx);
+        let mut d = AcpiShutdown::new(ExitNotifier::channel(tx));
         d.write(0x600, 0, &[0x12]);
         assert!(rx.try_recv().is_err(), "other values do nothing");
         d.write(0x600, 0, &[SLEEP_S5_POWER_OFF]);
@@ -248,7 +266,7 @@ mod tests {
     #[test]
     fn i8042_reset() {
         let (tx, rx) = channel();
-        let mut d = I8042::new(tx);
+        let mut d = I8042::new(ExitNotifier::channel(tx));
         d.write(0x60, 4, &[0xd1]);
         assert!(rx.try_recv().is_err());
         d.write(0x60, 4, &[0xfe]);

@@ -1,5 +1,6 @@
 //! The VIO virtual machine monitor: VM lifecycle, configuration, vCPUs, guest memory and devices.
 
+pub mod api;
 pub mod config;
 pub mod cpu;
 pub mod device_manager;
@@ -8,7 +9,9 @@ pub mod interrupt;
 pub mod layout;
 pub mod memory_manager;
 pub mod vm;
+pub mod vmm;
 
 pub use config::VmConfig;
 pub use devices::ExitReason;
-pub use vm::{run, Vm, VmError};
+pub use vm::{Vm, VmError};
+pub use vmm::{error_chain, Vmm, VmmExit};

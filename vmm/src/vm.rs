@@ -3,7 +3,7 @@
 use crate::config::VmConfig;
 use crate::cpu::{self, CpuError, VcpuSet};
 use crate::device_manager::{DeviceError, DeviceManager};
-use crate::devices::ExitReason;
+use crate::devices::ExitNotifier;
 use crate::layout;
 use crate::memory_manager::{MemoryError, MemoryManager};
 use kvm_ioctls::{Kvm, VmFd};
@@ -14,7 +14,6 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, Cmdline, KernelLoader};
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Instant;
 use thiserror::Error;
@@ -58,12 +57,11 @@ pub struct Vm {
     memory: MemoryManager,
     devices: DeviceManager,
     vcpus: Option<VcpuSet>,
-    exit_tx: Sender<ExitReason>,
-    exit_rx: Receiver<ExitReason>,
+    exit: ExitNotifier,
 }
 
 impl Vm {
-    pub fn new(config: &VmConfig, start: Instant) -> Result<Self, VmError> {
+    pub fn new(config: &VmConfig, start: Instant, exit: ExitNotifier) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let vm_fd = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
         vm_fd
@@ -77,14 +75,8 @@ impl Vm {
             .map_err(|e| VmError::SetupVm("irqchip", e))?;
         let memory = MemoryManager::new(config.memory.size, config.memory.shared)?;
         memory.register_with_kvm(&vm_fd)?;
-        let (exit_tx, exit_rx) = channel();
-        let devices = DeviceManager::new(
-            vm_fd.clone(),
-            config,
-            memory.memory(),
-            exit_tx.clone(),
-            start,
-        )?;
+        let devices =
+            DeviceManager::new(vm_fd.clone(), config, memory.memory(), exit.clone(), start)?;
         Ok(Vm {
             config: config.clone(),
             kvm,
@@ -92,8 +84,7 @@ impl Vm {
             memory,
             devices,
             vcpus: None,
-            exit_tx,
-            exit_rx,
+            exit,
         })
     }
 
@@ -184,7 +175,7 @@ impl Vm {
             vcpus,
             self.devices.pio_bus(),
             self.devices.mmio_bus(),
-            self.exit_tx.clone(),
+            self.exit.clone(),
         )?);
         log::info!(
             "VM booted: {} vCPU(s), {} MiB, entry {entry:#x}",
@@ -194,9 +185,19 @@ impl Vm {
         Ok(())
     }
 
-    /// Blocks until the guest powers off, resets or crashes.
-    pub fn wait(&self) -> ExitReason {
-        self.exit_rx.recv().unwrap_or(ExitReason::Stopped)
+    /// Stops the vCPUs, then the device workers; nothing runs until `resume`.
+    pub fn pause(&self) {
+        if let Some(v) = &self.vcpus {
+            v.pause();
+        }
+        self.devices.pause();
+    }
+
+    pub fn resume(&self) {
+        self.devices.resume();
+        if let Some(v) = &self.vcpus {
+            v.resume();
+        }
     }
 
     pub fn shutdown(&mut self) {
@@ -218,19 +219,5 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-/// Runs a VM until it powers off or crashes; a guest reset boots it again.
-pub fn run(config: &VmConfig, start: Instant) -> Result<ExitReason, VmError> {
-    loop {
-        let mut vm = Vm::new(config, start)?;
-        vm.boot()?;
-        let reason = vm.wait();
-        vm.shutdown();
-        match reason {
-            ExitReason::Reset => log::info!("Rebooting the VM"),
-            r => return Ok(r),
-        }
     }
 }

@@ -4,9 +4,9 @@ use super::disk::RawFile;
 use super::engine::{BlockCounters, BlockEngine};
 use super::*;
 use crate::{
-    read_config_bytes, ActivateError, ActiveQueue, Counters, GuestMemoryMmap, VirtioDevice,
-    VirtioInterrupt, VirtioInterruptType, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
-    VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK,
+    read_config_bytes, ActivateError, ActiveQueue, Counters, GuestMemoryMmap, PauseGate,
+    VirtioDevice, VirtioInterrupt, VirtioInterruptType, VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK,
 };
 use log::{error, warn};
 use std::os::unix::io::AsRawFd;
@@ -26,6 +26,7 @@ pub struct BlockConfig {
 
 struct Worker {
     kill: EventFd,
+    gate: Arc<PauseGate>,
     handle: JoinHandle<()>,
 }
 
@@ -94,6 +95,7 @@ impl Block {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_worker(
     disk: Arc<RawFile>,
     serial: Arc<[u8; VIRTIO_BLK_ID_BYTES]>,
@@ -102,17 +104,24 @@ fn run_worker(
     interrupt: Arc<dyn VirtioInterrupt>,
     mut queues: Vec<ActiveQueue>,
     kill: EventFd,
+    gate: Arc<PauseGate>,
 ) {
     let epoll = match Epoll::new() {
         Ok(e) => e,
         Err(e) => return error!("virtio-blk: epoll: {e}"),
     };
     let kill_token = queues.len() as u64;
+    let pause_token = kill_token + 1;
     let mut setup = epoll.ctl(
         ControlOperation::Add,
         kill.as_raw_fd(),
         EpollEvent::new(EventSet::IN, kill_token),
     );
+    setup = setup.and(epoll.ctl(
+        ControlOperation::Add,
+        gate.wake.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, pause_token),
+    ));
     for (i, q) in queues.iter().enumerate() {
         setup = setup.and(epoll.ctl(
             ControlOperation::Add,
@@ -128,7 +137,7 @@ fn run_worker(
         serial: &serial,
         counters: &counters,
     };
-    let mut events = vec![EpollEvent::default(); queues.len() + 1];
+    let mut events = vec![EpollEvent::default(); queues.len() + 2];
     loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -139,6 +148,10 @@ fn run_worker(
             let token = ev.data();
             if token == kill_token {
                 return;
+            }
+            if token == pause_token {
+                gate.park_if_paused();
+                continue;
             }
             let q = &mut queues[token as usize];
             let _ = q.kick.read();
@@ -185,6 +198,8 @@ impl VirtioDevice for Block {
         self.reset();
         let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
         let kill_worker = kill.try_clone().map_err(ActivateError::Worker)?;
+        let gate = Arc::new(PauseGate::new().map_err(ActivateError::Worker)?);
+        let gate_worker = gate.clone();
         let (disk, serial, counters) = (
             self.disk.clone(),
             self.serial.clone(),
@@ -192,16 +207,42 @@ impl VirtioDevice for Block {
         );
         let handle = std::thread::Builder::new()
             .name("virtio-blk".into())
-            .spawn(move || run_worker(disk, serial, counters, mem, interrupt, queues, kill_worker))
+            .spawn(move || {
+                run_worker(
+                    disk,
+                    serial,
+                    counters,
+                    mem,
+                    interrupt,
+                    queues,
+                    kill_worker,
+                    gate_worker,
+                )
+            })
             .map_err(ActivateError::Worker)?;
-        self.worker = Some(Worker { kill, handle });
+        self.worker = Some(Worker { kill, gate, handle });
         Ok(())
     }
 
     fn reset(&mut self) {
         if let Some(w) = self.worker.take() {
+            w.gate.resume();
             let _ = w.kill.write(1);
             let _ = w.handle.join();
+        }
+    }
+
+    fn pause(&mut self) {
+        if let Some(w) = &self.worker {
+            if !w.gate.pause(std::time::Duration::from_secs(5)) {
+                warn!("virtio-blk: worker did not pause");
+            }
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &self.worker {
+            w.gate.resume();
         }
     }
 

@@ -1,0 +1,216 @@
+//! The VMM's REST API: Cloud Hypervisor's endpoints under `/api/v1/`, served over HTTP/1.1 on
+//! a Unix socket by its own thread, and carried to the VMM thread as `ApiRequest`s.
+
+pub mod http;
+
+use crate::config::{ConfigError, VmConfig};
+use std::sync::mpsc::Sender;
+use thiserror::Error;
+
+pub const API_PREFIX: &str = "/api/v1/";
+
+#[derive(Debug)]
+pub enum ApiRequest {
+    VmmPing,
+    VmmShutdown,
+    VmCreate(Box<VmConfig>),
+    VmBoot,
+    VmShutdown,
+    VmDelete,
+    VmReboot,
+    VmPause,
+    VmResume,
+    VmInfo,
+    VmCounters,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("Unknown endpoint {0}")]
+    NotFound(String),
+    #[error("Method {method} not allowed on {path} (allowed: {allowed})")]
+    MethodNotAllowed {
+        method: String,
+        path: String,
+        allowed: &'static str,
+    },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("Request body exceeds {0} bytes")]
+    TooLarge(usize),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::BadRequest(_) => 400,
+            ApiError::NotFound(_) => 404,
+            ApiError::MethodNotAllowed { .. } => 405,
+            ApiError::Conflict(_) => 409,
+            ApiError::TooLarge(_) => 413,
+            ApiError::Internal(_) => 500,
+        }
+    }
+}
+
+impl From<ConfigError> for ApiError {
+    fn from(e: ConfigError) -> Self {
+        ApiError::BadRequest(e.to_string())
+    }
+}
+
+/// A reply: a JSON body (200) or none (204).
+pub type ApiResponse = Result<Option<serde_json::Value>, ApiError>;
+
+/// What the API thread sends to the VMM thread.
+pub struct ApiMessage {
+    pub request: ApiRequest,
+    pub reply: Sender<ApiResponse>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Put,
+}
+
+impl Method {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Put => "PUT",
+        }
+    }
+}
+
+/// Every served endpoint and its method; the OpenAPI description must list each.
+pub const ROUTES: &[(&str, Method)] = &[
+    ("vmm.ping", Method::Get),
+    ("vmm.shutdown", Method::Put),
+    ("vm.create", Method::Put),
+    ("vm.boot", Method::Put),
+    ("vm.shutdown", Method::Put),
+    ("vm.delete", Method::Put),
+    ("vm.reboot", Method::Put),
+    ("vm.pause", Method::Put),
+    ("vm.resume", Method::Put),
+    ("vm.info", Method::Get),
+    ("vm.counters", Method::Get),
+];
+
+/// Maps an HTTP request onto an `ApiRequest`.
+pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiError> {
+    let path = path.split('?').next().unwrap_or(path);
+    let name = path
+        .strip_prefix(API_PREFIX)
+        .ok_or_else(|| ApiError::NotFound(path.to_string()))?;
+    let &(_, want) = ROUTES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .ok_or_else(|| ApiError::NotFound(path.to_string()))?;
+    if method != want.as_str() {
+        return Err(ApiError::MethodNotAllowed {
+            method: method.to_string(),
+            path: path.to_string(),
+            allowed: want.as_str(),
+        });
+    }
+    Ok(match name {
+        "vmm.ping" => ApiRequest::VmmPing,
+        "vmm.shutdown" => ApiRequest::VmmShutdown,
+        "vm.create" => {
+            let body = std::str::from_utf8(body)
+                .map_err(|_| ApiError::BadRequest("Body is not UTF-8".into()))?;
+            if body.trim().is_empty() {
+                return Err(ApiError::BadRequest(
+                    "vm.create needs a VmConfig body".into(),
+                ));
+            }
+            ApiRequest::VmCreate(Box::new(VmConfig::from_json(body)?))
+        }
+        "vm.boot" => ApiRequest::VmBoot,
+        "vm.shutdown" => ApiRequest::VmShutdown,
+        "vm.delete" => ApiRequest::VmDelete,
+        "vm.reboot" => ApiRequest::VmReboot,
+        "vm.pause" => ApiRequest::VmPause,
+        "vm.resume" => ApiRequest::VmResume,
+        "vm.info" => ApiRequest::VmInfo,
+        "vm.counters" => ApiRequest::VmCounters,
+        _ => unreachable!("ROUTES and this match list the same endpoints"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing() {
+        assert!(matches!(
+            route("GET", "/api/v1/vmm.ping", b""),
+            Ok(ApiRequest::VmmPing)
+        ));
+        assert!(matches!(
+            route("PUT", "/api/v1/vm.pause", b""),
+            Ok(ApiRequest::VmPause)
+        ));
+        assert_eq!(
+            route("GET", "/api/v1/vm.nope", b"").unwrap_err().status(),
+            404
+        );
+        assert_eq!(route("GET", "/other", b"").unwrap_err().status(), 404);
+        assert_eq!(
+            route("PUT", "/api/v1/vm.info", b"").unwrap_err().status(),
+            405
+        );
+        assert_eq!(
+            route("DELETE", "/api/v1/vm.boot", b"")
+                .unwrap_err()
+                .status(),
+            405
+        );
+        assert_eq!(
+            route("PUT", "/api/v1/vm.create", b"{oops")
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert_eq!(
+            route("PUT", "/api/v1/vm.create", b"").unwrap_err().status(),
+            400
+        );
+        assert_eq!(
+            route("PUT", "/api/v1/vm.create", &[0xff, 0xfe])
+                .unwrap_err()
+                .status(),
+            400
+        );
+    }
+
+    /// Every served route is described in the OpenAPI document, with its method.
+    #[test]
+    fn openapi_lists_every_route() {
+        let doc = include_str!("openapi/vio-hypervisor.yaml");
+        for (name, method) in ROUTES {
+            let key = format!("  /{name}:");
+            let start = doc
+                .find(&key)
+                .unwrap_or_else(|| panic!("/{name} missing from the OpenAPI document"));
+            let section: String = doc[start + key.len()..]
+                .lines()
+                .skip(1)
+                .take_while(|l| l.starts_with("    ") || l.is_empty())
+                .collect::<Vec<_>>()
+                .join("\n");
+            let m = format!("    {}:", method.as_str().to_lowercase());
+            assert!(
+                section.lines().any(|l| l == m),
+                "/{name} lacks {m} in the OpenAPI document"
+            );
+        }
+    }
+}

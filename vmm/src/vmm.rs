@@ -1,0 +1,267 @@
+//! The VMM thread: owns the VM and its configuration, and serialises everything that changes
+//! them — API requests and the VM's own exits — through one event channel.
+
+use crate::api::{ApiError, ApiMessage, ApiRequest, ApiResponse};
+use crate::config::VmConfig;
+use crate::devices::{ExitNotifier, ExitReason};
+use crate::vm::Vm;
+use serde_json::json;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::time::Instant;
+
+/// Cloud Hypervisor's VM states, as `vm.info` reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmState {
+    Created,
+    Running,
+    Paused,
+    Shutdown,
+}
+
+impl VmState {
+    fn name(&self) -> &'static str {
+        match self {
+            VmState::Created => "Created",
+            VmState::Running => "Running",
+            VmState::Paused => "Paused",
+            VmState::Shutdown => "Shutdown",
+        }
+    }
+}
+
+pub enum VmmEvent {
+    Api(ApiMessage),
+    /// A VM exit, tagged with the generation of the VM it came from.
+    Exit(u64, ExitReason),
+}
+
+/// How the VMM process ends.
+#[derive(Debug, PartialEq, Eq)]
+pub enum VmmExit {
+    /// Guest power-off or `vmm.shutdown`.
+    Clean,
+    /// The guest crashed.
+    GuestCrash(String),
+}
+
+pub struct Vmm {
+    config: Option<VmConfig>,
+    vm: Option<Vm>,
+    state: VmState,
+    generation: u64,
+    start: Instant,
+    tx: Sender<VmmEvent>,
+    rx: Receiver<VmmEvent>,
+}
+
+fn conflict(msg: &str) -> ApiError {
+    ApiError::Conflict(msg.to_string())
+}
+
+impl Vmm {
+    pub fn new(start: Instant) -> Self {
+        let (tx, rx) = channel();
+        Vmm {
+            config: None,
+            vm: None,
+            state: VmState::Created,
+            generation: 0,
+            start,
+            tx,
+            rx,
+        }
+    }
+
+    /// Where the API server sends requests.
+    pub fn api_sender(&self) -> Sender<ApiMessage> {
+        let (api_tx, api_rx) = channel::<ApiMessage>();
+        let tx = self.tx.clone();
+        // Forwarding keeps the API server independent of the VMM's event type.
+        std::thread::Builder::new()
+            .name("api-forward".into())
+            .spawn(move || {
+                for m in api_rx {
+                    if tx.send(VmmEvent::Api(m)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("spawn the API forwarder");
+        api_tx
+    }
+
+    pub fn create(&mut self, config: VmConfig) -> Result<(), ApiError> {
+        if self.config.is_some() {
+            return Err(conflict("A VM is already created"));
+        }
+        self.config = Some(config);
+        self.state = VmState::Created;
+        Ok(())
+    }
+
+    pub fn boot(&mut self) -> Result<(), ApiError> {
+        let config = self
+            .config
+            .clone()
+            .ok_or_else(|| conflict("No VM is created"))?;
+        if matches!(self.state, VmState::Running | VmState::Paused) {
+            return Err(conflict("The VM is already booted"));
+        }
+        self.generation += 1;
+        let (tx, generation) = (std::sync::Mutex::new(self.tx.clone()), self.generation);
+        let exit = ExitNotifier::new(move |r| {
+            let _ = tx.lock().unwrap().send(VmmEvent::Exit(generation, r));
+        });
+        let mut vm =
+            Vm::new(&config, self.start, exit).map_err(|e| ApiError::Internal(error_chain(&e)))?;
+        vm.boot().map_err(|e| ApiError::Internal(error_chain(&e)))?;
+        self.vm = Some(vm);
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    fn stop_vm(&mut self) {
+        if let Some(mut vm) = self.vm.take() {
+            vm.shutdown();
+        }
+    }
+
+    fn handle(&mut self, req: ApiRequest) -> ApiResponse {
+        match req {
+            ApiRequest::VmmPing => Ok(Some(json!({
+                "build_version": env!("CARGO_PKG_VERSION"),
+                "version": env!("CARGO_PKG_VERSION"),
+                "pid": std::process::id(),
+                "features": ["kvm", "vio"],
+            }))),
+            ApiRequest::VmmShutdown => unreachable!("handled by the control loop"),
+            ApiRequest::VmCreate(c) => self.create(*c).map(|_| None),
+            ApiRequest::VmBoot => self.boot().map(|_| None),
+            ApiRequest::VmShutdown => {
+                if !matches!(self.state, VmState::Running | VmState::Paused)
+                    || self.config.is_none()
+                {
+                    return Err(conflict("The VM is not running"));
+                }
+                self.stop_vm();
+                self.state = VmState::Shutdown;
+                Ok(None)
+            }
+            ApiRequest::VmDelete => {
+                if self.config.is_none() {
+                    return Err(conflict("No VM is created"));
+                }
+                self.stop_vm();
+                self.config = None;
+                self.state = VmState::Created;
+                Ok(None)
+            }
+            ApiRequest::VmReboot => {
+                if !matches!(self.state, VmState::Running | VmState::Paused) {
+                    return Err(conflict("The VM is not running"));
+                }
+                self.stop_vm();
+                self.state = VmState::Shutdown;
+                self.boot().map(|_| None)
+            }
+            ApiRequest::VmPause => {
+                if self.state != VmState::Running {
+                    return Err(conflict("The VM is not running"));
+                }
+                self.vm.as_ref().expect("running VM").pause();
+                self.state = VmState::Paused;
+                Ok(None)
+            }
+            ApiRequest::VmResume => {
+                if self.state != VmState::Paused {
+                    return Err(conflict("The VM is not paused"));
+                }
+                self.vm.as_ref().expect("paused VM").resume();
+                self.state = VmState::Running;
+                Ok(None)
+            }
+            ApiRequest::VmInfo => {
+                let config = self
+                    .config
+                    .as_ref()
+                    .ok_or_else(|| conflict("No VM is created"))?;
+                Ok(Some(json!({
+                    "config": config.to_json(),
+                    "state": self.state.name(),
+                    "memory_actual_size": config.memory.size,
+                })))
+            }
+            ApiRequest::VmCounters => {
+                let vm = self
+                    .vm
+                    .as_ref()
+                    .ok_or_else(|| conflict("The VM is not booted"))?;
+                Ok(Some(
+                    serde_json::to_value(vm.counters())
+                        .map_err(|e| ApiError::Internal(e.to_string()))?,
+                ))
+            }
+        }
+    }
+
+    /// Serves events until the VMM should exit.
+    pub fn control_loop(mut self) -> VmmExit {
+        while let Ok(ev) = self.rx.recv() {
+            match ev {
+                VmmEvent::Api(ApiMessage {
+                    request: ApiRequest::VmmShutdown,
+                    reply,
+                }) => {
+                    self.stop_vm();
+                    let _ = reply.send(Ok(None));
+                    return VmmExit::Clean;
+                }
+                VmmEvent::Api(m) => {
+                    let res = self.handle(m.request);
+                    if let Err(e) = &res {
+                        log::info!("API request failed: {e}");
+                    }
+                    let _ = m.reply.send(res);
+                }
+                VmmEvent::Exit(generation, _)
+                    if generation != self.generation || self.vm.is_none() => {}
+                VmmEvent::Exit(_, ExitReason::Reset) => {
+                    log::info!("Rebooting the VM");
+                    self.stop_vm();
+                    self.state = VmState::Shutdown;
+                    if let Err(e) = self.boot() {
+                        log::error!("Reboot failed: {e}");
+                        return VmmExit::GuestCrash(format!("reboot failed: {e}"));
+                    }
+                }
+                // As in Cloud Hypervisor, a guest power-off ends the VMM.
+                VmmEvent::Exit(_, ExitReason::PowerOff)
+                | VmmEvent::Exit(_, ExitReason::Stopped) => {
+                    self.stop_vm();
+                    log::info!("VM powered off");
+                    return VmmExit::Clean;
+                }
+                VmmEvent::Exit(_, ExitReason::Crash(msg)) => {
+                    self.stop_vm();
+                    return VmmExit::GuestCrash(msg);
+                }
+            }
+        }
+        VmmExit::Clean
+    }
+}
+
+/// "message: source: source", each text once.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        src = s.source();
+    }
+    msg
+}
