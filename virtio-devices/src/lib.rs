@@ -70,9 +70,10 @@ pub trait VirtioDevice: Send {
     fn ack_features(&mut self, features: u64);
     fn read_config(&self, offset: u64, data: &mut [u8]);
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Starts serving `queues`. The device reaches guest memory through its own view of it
+    /// (plain for a VMM-emulated device, IOMMU-checked for vdpu) and validates the queues there.
     fn activate(
         &mut self,
-        mem: Arc<GuestMemoryMmap>,
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError>;

@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use thiserror::Error;
 use virtio_devices::block::{Block, BlockConfig, RawFile};
-use virtio_devices::transport::{IoEventRegistrar, VirtioPciDevice, VirtioPciLayout};
+use virtio_devices::transport::{
+    InterruptDelivery, IoEventRegistrar, VirtioPciDevice, VirtioPciLayout,
+};
 use virtio_devices::{Counters, GuestMemoryMmap, VirtioDevice};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -185,6 +187,7 @@ impl DeviceManager {
                     num_queues: disk.num_queues,
                     queue_size: disk.queue_size,
                 },
+                memory.clone(),
             );
             let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(block));
             let bar = bars64
@@ -195,10 +198,10 @@ impl DeviceManager {
             let pci_dev = VirtioPciDevice::new(
                 id.clone(),
                 device.clone(),
-                memory.clone(),
                 Arc::new(group),
                 ioevents.clone(),
                 bar,
+                InterruptDelivery::Emulated,
             )
             .map_err(DeviceError::VirtioPci)?;
             let pci_dev: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(pci_dev));

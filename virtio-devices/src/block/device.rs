@@ -12,6 +12,7 @@ use log::{error, warn};
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use virtio_queue::QueueT;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -38,6 +39,7 @@ pub struct Block {
     config: [u8; CONFIG_LEN],
     queue_sizes: Vec<u16>,
     counters: Arc<BlockCounters>,
+    memory: Arc<GuestMemoryMmap>,
     worker: Option<Worker>,
 }
 
@@ -80,7 +82,7 @@ pub fn block_serial(id: &str) -> [u8; VIRTIO_BLK_ID_BYTES] {
 }
 
 impl Block {
-    pub fn new(disk: RawFile, cfg: &BlockConfig) -> Self {
+    pub fn new(disk: RawFile, cfg: &BlockConfig, memory: Arc<GuestMemoryMmap>) -> Self {
         let capacity = disk.size() / SECTOR_SIZE;
         Block {
             avail_features: block_features(disk.readonly()),
@@ -90,6 +92,7 @@ impl Block {
             serial: Arc::new(block_serial(&cfg.id)),
             disk: Arc::new(disk),
             counters: Arc::new(BlockCounters::default()),
+            memory,
             worker: None,
         }
     }
@@ -191,11 +194,19 @@ impl VirtioDevice for Block {
 
     fn activate(
         &mut self,
-        mem: Arc<GuestMemoryMmap>,
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
+        for q in &queues {
+            if !q.queue.is_valid(self.memory.as_ref()) {
+                return Err(ActivateError::BadQueue(format!(
+                    "queue {} lies outside guest memory",
+                    q.index
+                )));
+            }
+        }
         self.reset();
+        let mem = self.memory.clone();
         let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
         let kill_worker = kill.try_clone().map_err(ActivateError::Worker)?;
         let gate = Arc::new(PauseGate::new().map_err(ActivateError::Worker)?);

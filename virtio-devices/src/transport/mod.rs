@@ -2,4 +2,4 @@
 
 mod pci_device;
 
-pub use pci_device::{IoEventRegistrar, VirtioPciDevice, VirtioPciLayout};
+pub use pci_device::{InterruptDelivery, IoEventRegistrar, VirtioPciDevice, VirtioPciLayout};

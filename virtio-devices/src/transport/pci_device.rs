@@ -51,8 +51,19 @@ pub trait IoEventRegistrar: Send + Sync {
     fn unregister(&self, fd: &EventFd, addr: u64) -> std::io::Result<()>;
 }
 
+/// Who applies MSI-X masking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterruptDelivery {
+    /// The transport emulates the MSI-X table and its masks (a VMM-emulated device).
+    Emulated,
+    /// The device signals each vector's eventfd; the client in front of it emulates the table
+    /// and its masks (a vfio-user device, as with real passthrough hardware).
+    Direct,
+}
+
 struct MsixVectors {
     msix: Arc<Mutex<MsixConfig>>,
+    direct: Option<Arc<dyn MsiInterruptGroup>>,
     config: AtomicU16,
     queues: Vec<AtomicU16>,
     isr: AtomicU8,
@@ -73,10 +84,16 @@ impl VirtioInterrupt for MsixVectors {
             }
         };
         // Without a vector the driver polls (INTx is not wired).
-        if vector != NO_VECTOR {
-            self.msix.lock().unwrap().trigger(vector);
+        if vector == NO_VECTOR {
+            return Ok(());
         }
-        Ok(())
+        match &self.direct {
+            Some(group) => group.trigger(vector),
+            None => {
+                self.msix.lock().unwrap().trigger(vector);
+                Ok(())
+            }
+        }
     }
 }
 
@@ -90,7 +107,6 @@ pub struct VirtioPciDevice {
     vectors: Arc<MsixVectors>,
     msix_cap_reg: usize,
     pci_cfg_cap: usize,
-    memory: Arc<GuestMemoryMmap>,
     ioevents: Arc<dyn IoEventRegistrar>,
     bar: u64,
     status: u8,
@@ -116,10 +132,10 @@ impl VirtioPciDevice {
     pub fn new(
         id: String,
         device: Arc<Mutex<dyn VirtioDevice>>,
-        memory: Arc<GuestMemoryMmap>,
         interrupts: Arc<dyn MsiInterruptGroup>,
         ioevents: Arc<dyn IoEventRegistrar>,
         bar: u64,
+        delivery: InterruptDelivery,
     ) -> Result<Self, String> {
         let (device_type, max_sizes) = {
             let d = device.lock().unwrap();
@@ -200,6 +216,7 @@ impl VirtioPciDevice {
             kicks.push(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?);
         }
         let vectors = Arc::new(MsixVectors {
+            direct: (delivery == InterruptDelivery::Direct).then(|| interrupts.clone()),
             msix: Arc::new(Mutex::new(MsixConfig::new(num_vectors, interrupts))),
             config: AtomicU16::new(NO_VECTOR),
             queues: (0..nq).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
@@ -215,7 +232,6 @@ impl VirtioPciDevice {
             vectors,
             msix_cap_reg: msix_off / 4,
             pci_cfg_cap,
-            memory,
             ioevents,
             bar,
             status: 0,
@@ -428,11 +444,6 @@ impl VirtioPciDevice {
                 continue;
             }
             q.set_event_idx(event_idx);
-            if !q.is_valid(self.memory.as_ref()) {
-                warn!("{}: queue {i} is not valid", self.id);
-                self.status |= DEVICE_NEEDS_RESET;
-                return;
-            }
             let kick = match self.kicks[i].try_clone() {
                 Ok(k) => k,
                 Err(e) => {
@@ -456,12 +467,7 @@ impl VirtioPciDevice {
             });
         }
         let interrupt: Arc<dyn VirtioInterrupt> = self.vectors.clone();
-        match self
-            .device
-            .lock()
-            .unwrap()
-            .activate(self.memory.clone(), interrupt, active)
-        {
+        match self.device.lock().unwrap().activate(interrupt, active) {
             Ok(()) => {
                 self.activated = true;
                 info!(
@@ -683,10 +689,13 @@ mod tests {
         }
         fn activate(
             &mut self,
-            _m: Arc<GuestMemoryMmap>,
             _i: Arc<dyn VirtioInterrupt>,
             q: Vec<ActiveQueue>,
         ) -> Result<(), ActivateError> {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+            if q.iter().any(|a| !a.queue.is_valid(&mem)) {
+                return Err(ActivateError::BadQueue("outside memory".into()));
+            }
             self.activated = q.iter().map(|a| (a.index, a.queue.size())).collect();
             Ok(())
         }
@@ -698,14 +707,13 @@ mod tests {
     fn device() -> (VirtioPciDevice, Arc<StdMutex<Fake>>, Arc<Events>) {
         let fake = Arc::new(StdMutex::new(Fake::default()));
         let events = Arc::new(Events::default());
-        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
         let dev = VirtioPciDevice::new(
             "t".into(),
             fake.clone(),
-            mem,
             Arc::new(NoInterrupts),
             events.clone(),
             BAR,
+            InterruptDelivery::Emulated,
         )
         .unwrap();
         (dev, fake, events)
