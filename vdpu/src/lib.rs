@@ -1,2 +1,7 @@
-//! vdpu: the software DPU. A separate process that serves virtio devices over vfio-user and
-//! reaches guest memory only through an IOMMU model (the vdpu issue builds it).
+//! vdpu: the software DPU. A separate process that serves a virtio device over vfio-user and
+//! reaches guest memory only through its IOMMU model (`iommu`).
+
+pub mod device;
+pub mod iommu;
+pub mod irq;
+pub mod server;

@@ -1,2 +1,4 @@
-//! Passthrough devices: the vfio-user client, kernel VFIO, and the DMA-mapping seam between
-//! guest memory and a device (the vdpu issue builds them).
+//! Passthrough devices: the vfio-user protocol (both ends), and the DMA-mapping seam between
+//! guest memory and a device.
+
+pub mod vfio_user;

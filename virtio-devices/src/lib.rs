@@ -5,10 +5,12 @@
 //! an IOMMU-checked view of guest memory.
 
 pub mod block;
+mod memory;
 mod pause;
 mod ratelimit;
 pub mod transport;
 
+pub use memory::MemoryView;
 pub use pause::PauseGate;
 pub use ratelimit::LogLimiter;
 

@@ -1,11 +1,11 @@
-//! The VMM-emulated virtio-blk device: one worker thread serving all its queues.
+//! virtio-blk served by one worker thread for all its queues, over any view of guest memory.
 
 use super::disk::RawFile;
 use super::engine::{BlockCounters, BlockEngine};
 use super::*;
 use crate::{
-    read_config_bytes, ActivateError, ActiveQueue, Counters, GuestMemoryMmap, PauseGate,
-    VirtioDevice, VirtioInterrupt, VirtioInterruptType, VIRTIO_F_RING_EVENT_IDX,
+    read_config_bytes, ActivateError, ActiveQueue, Counters, GuestMemoryMmap, MemoryView,
+    PauseGate, VirtioDevice, VirtioInterrupt, VirtioInterruptType, VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK,
 };
 use log::{error, warn};
@@ -31,7 +31,7 @@ struct Worker {
     handle: JoinHandle<()>,
 }
 
-pub struct Block {
+pub struct Block<V: MemoryView = GuestMemoryMmap> {
     disk: Arc<RawFile>,
     serial: Arc<[u8; VIRTIO_BLK_ID_BYTES]>,
     avail_features: u64,
@@ -39,7 +39,7 @@ pub struct Block {
     config: [u8; CONFIG_LEN],
     queue_sizes: Vec<u16>,
     counters: Arc<BlockCounters>,
-    memory: Arc<GuestMemoryMmap>,
+    memory: Arc<V>,
     worker: Option<Worker>,
 }
 
@@ -81,8 +81,8 @@ pub fn block_serial(id: &str) -> [u8; VIRTIO_BLK_ID_BYTES] {
     s
 }
 
-impl Block {
-    pub fn new(disk: RawFile, cfg: &BlockConfig, memory: Arc<GuestMemoryMmap>) -> Self {
+impl<V: MemoryView> Block<V> {
+    pub fn new(disk: RawFile, cfg: &BlockConfig, memory: Arc<V>) -> Self {
         let capacity = disk.size() / SECTOR_SIZE;
         Block {
             avail_features: block_features(disk.readonly()),
@@ -99,11 +99,11 @@ impl Block {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_worker(
+fn run_worker<V: MemoryView>(
     disk: Arc<RawFile>,
     serial: Arc<[u8; VIRTIO_BLK_ID_BYTES]>,
     counters: Arc<BlockCounters>,
-    mem: Arc<GuestMemoryMmap>,
+    mem: Arc<V>,
     interrupt: Arc<dyn VirtioInterrupt>,
     mut queues: Vec<ActiveQueue>,
     kill: EventFd,
@@ -158,7 +158,11 @@ fn run_worker(
             }
             let q = &mut queues[token as usize];
             let _ = q.kick.read();
-            match engine.process_queue(&mut q.queue, mem.as_ref()) {
+            // The view is held for the whole batch: a DMA unmap waits for it.
+            let view = mem.view();
+            let result = engine.process_queue(&mut q.queue, &*view);
+            drop(view);
+            match result {
                 Ok(true) => {
                     if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(q.index)) {
                         warn!("virtio-blk: interrupt: {e}");
@@ -171,7 +175,7 @@ fn run_worker(
     }
 }
 
-impl VirtioDevice for Block {
+impl<V: MemoryView> VirtioDevice for Block<V> {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
     }
@@ -198,7 +202,7 @@ impl VirtioDevice for Block {
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
         for q in &queues {
-            if !q.queue.is_valid(self.memory.as_ref()) {
+            if !q.queue.is_valid(&*self.memory.view()) {
                 return Err(ActivateError::BadQueue(format!(
                     "queue {} lies outside guest memory",
                     q.index
@@ -262,7 +266,7 @@ impl VirtioDevice for Block {
     }
 }
 
-impl Drop for Block {
+impl<V: MemoryView> Drop for Block<V> {
     fn drop(&mut self) {
         self.reset();
     }

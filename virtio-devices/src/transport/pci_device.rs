@@ -259,6 +259,20 @@ impl VirtioPciDevice {
         self.device.clone()
     }
 
+    /// Each queue's doorbell: its offset in BAR 0 and the eventfd that kicks the device.
+    pub fn queue_notifiers(&self) -> std::io::Result<Vec<(u64, EventFd)>> {
+        self.kicks
+            .iter()
+            .enumerate()
+            .map(|(i, k)| Ok((VirtioPciLayout::notify_addr(0, i as u16), k.try_clone()?)))
+            .collect()
+    }
+
+    /// A device-level reset, as the client of a passthrough device may ask for.
+    pub fn reset_device(&mut self) {
+        self.reset();
+    }
+
     fn register_ioevents(&self, bar: u64) -> std::io::Result<()> {
         for (i, k) in self.kicks.iter().enumerate() {
             self.ioevents

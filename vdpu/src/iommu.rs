@@ -1,0 +1,452 @@
+//! The device's IOMMU. Guest memory is reachable only through mappings the client made with
+//! VFIO_USER_DMA_MAP (an fd and offset, mmapped here), at 4 KiB granularity: a map or unmap may
+//! cover any page-aligned range, splitting earlier mappings. Every access the device makes is
+//! checked; one that touches an unmapped page, or writes a read-only one, is an I/O page fault
+//! the device cannot resolve: it is counted, its IOVA logged, and the access is not performed.
+
+use log::warn;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use thiserror::Error;
+use virtio_devices::{GuestMemoryMmap, LogLimiter, MemoryView};
+use vm_memory::bitmap::BS;
+use vm_memory::guest_memory::{GuestMemorySliceIterator, Result as MemResult};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemory, GuestMemoryError, GuestRegionMmap, Permissions,
+};
+
+pub const PAGE_SIZE: u64 = 4096;
+/// Mappings the IOMMU holds at most (the vfio-user default for max_dma_maps).
+pub const MAX_MAPPINGS: usize = 65535;
+
+static IOPF_LOG: LogLimiter = LogLimiter::new(10, 10_000);
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum IommuError {
+    #[error("Range {iova:#x}+{len:#x} is not page aligned")]
+    Unaligned { iova: u64, len: u64 },
+    #[error("Range {iova:#x}+{len:#x} overlaps an existing mapping")]
+    Exists { iova: u64, len: u64 },
+    #[error("Range {iova:#x}+{len:#x} is not mapped")]
+    NotMapped { iova: u64, len: u64 },
+    #[error("Too many mappings")]
+    TooMany,
+    #[error("Failed to map the client's memory: {0}")]
+    Mmap(String),
+}
+
+impl IommuError {
+    /// The errno a vfio-user reply carries for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            IommuError::Exists { .. } => libc::EEXIST,
+            IommuError::NotMapped { .. } => libc::ENOENT,
+            IommuError::TooMany => libc::ENOSPC,
+            IommuError::Mmap(_) => libc::ENOMEM,
+            IommuError::Unaligned { .. } => libc::EINVAL,
+        }
+    }
+}
+
+/// One contiguous mapped range: its own mmap of the client's fd.
+#[derive(Clone)]
+struct Run {
+    len: u64,
+    writable: bool,
+    file: Arc<File>,
+    file_offset: u64,
+    region: Arc<GuestRegionMmap>,
+}
+
+#[derive(Default)]
+pub struct IommuStats {
+    pub iopf: AtomicU64,
+    pub last_iopf_iova: AtomicU64,
+}
+
+/// An immutable picture of the mappings; the device works on one while the IOMMU may build the
+/// next.
+pub struct Snapshot {
+    runs: BTreeMap<u64, Run>,
+    memory: Option<GuestMemoryMmap>,
+    stats: Arc<IommuStats>,
+}
+
+pub struct Iommu {
+    current: RwLock<Arc<Snapshot>>,
+    /// Serialises map/unmap (each builds a new snapshot from the current one).
+    update: Mutex<()>,
+    stats: Arc<IommuStats>,
+}
+
+fn map_run(
+    file: &Arc<File>,
+    file_offset: u64,
+    iova: u64,
+    len: u64,
+    writable: bool,
+) -> Result<Run, IommuError> {
+    let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
+    let mapping = MmapRegionBuilder::new(len as usize)
+        .with_file_offset(FileOffset::from_arc(file.clone(), file_offset))
+        .with_mmap_prot(prot)
+        .with_mmap_flags(libc::MAP_SHARED)
+        .build()
+        .map_err(|e| IommuError::Mmap(e.to_string()))?;
+    let region = GuestRegionMmap::new(mapping, GuestAddress(iova))
+        .ok_or_else(|| IommuError::Mmap(format!("{iova:#x}+{len:#x} wraps around")))?;
+    Ok(Run {
+        len,
+        writable,
+        file: file.clone(),
+        file_offset,
+        region: Arc::new(region),
+    })
+}
+
+fn check_aligned(iova: u64, len: u64) -> Result<u64, IommuError> {
+    let end = iova
+        .checked_add(len)
+        .ok_or(IommuError::Unaligned { iova, len })?;
+    if len == 0 || !iova.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+        return Err(IommuError::Unaligned { iova, len });
+    }
+    Ok(end)
+}
+
+impl Iommu {
+    pub fn new() -> Self {
+        let stats = Arc::new(IommuStats::default());
+        Iommu {
+            current: RwLock::new(Arc::new(Snapshot {
+                runs: BTreeMap::new(),
+                memory: None,
+                stats: stats.clone(),
+            })),
+            update: Mutex::new(()),
+            stats,
+        }
+    }
+
+    pub fn stats(&self) -> &IommuStats {
+        &self.stats
+    }
+
+    fn publish(&self, runs: BTreeMap<u64, Run>) -> Result<(), IommuError> {
+        let memory = if runs.is_empty() {
+            None
+        } else {
+            Some(
+                GuestMemoryMmap::from_arc_regions(
+                    runs.values().map(|r| r.region.clone()).collect(),
+                )
+                .map_err(|e| IommuError::Mmap(e.to_string()))?,
+            )
+        };
+        let snap = Arc::new(Snapshot {
+            runs,
+            memory,
+            stats: self.stats.clone(),
+        });
+        // Taking the write lock waits for every device access in progress on the old view.
+        *self.current.write().unwrap() = snap;
+        Ok(())
+    }
+
+    /// Maps `len` bytes of `file` at `file_offset` to IOVA `iova`.
+    pub fn map(
+        &self,
+        file: Arc<File>,
+        file_offset: u64,
+        iova: u64,
+        len: u64,
+        writable: bool,
+    ) -> Result<(), IommuError> {
+        let end = check_aligned(iova, len)?;
+        if !file_offset.is_multiple_of(PAGE_SIZE) {
+            return Err(IommuError::Unaligned { iova, len });
+        }
+        let _g = self.update.lock().unwrap();
+        let mut runs = self.current.read().unwrap().runs.clone();
+        if runs.len() >= MAX_MAPPINGS {
+            return Err(IommuError::TooMany);
+        }
+        if let Some((&s, r)) = runs.range(..end).next_back() {
+            if s + r.len > iova {
+                return Err(IommuError::Exists { iova, len });
+            }
+        }
+        runs.insert(iova, map_run(&file, file_offset, iova, len, writable)?);
+        self.publish(runs)
+    }
+
+    /// Unmaps every mapped page of [iova, iova+len); returns once no device access can touch
+    /// them. Returns the bytes that were mapped.
+    pub fn unmap(&self, iova: u64, len: u64) -> Result<u64, IommuError> {
+        let end = check_aligned(iova, len)?;
+        let _g = self.update.lock().unwrap();
+        let old = self.current.read().unwrap().runs.clone();
+        let mut runs = BTreeMap::new();
+        let mut removed = 0;
+        for (s, r) in old {
+            let e = s + r.len;
+            if e <= iova || s >= end {
+                runs.insert(s, r);
+                continue;
+            }
+            removed += e.min(end) - s.max(iova);
+            // Keep the parts outside the range, each with an mmap of its own.
+            if s < iova {
+                runs.insert(s, map_run(&r.file, r.file_offset, s, iova - s, r.writable)?);
+            }
+            if e > end {
+                runs.insert(
+                    end,
+                    map_run(&r.file, r.file_offset + (end - s), end, e - end, r.writable)?,
+                );
+            }
+        }
+        if removed == 0 {
+            return Err(IommuError::NotMapped { iova, len });
+        }
+        self.publish(runs)?;
+        Ok(removed)
+    }
+
+    pub fn unmap_all(&self) {
+        let _g = self.update.lock().unwrap();
+        let _ = self.publish(BTreeMap::new());
+    }
+
+    pub fn mapped_bytes(&self) -> u64 {
+        self.current
+            .read()
+            .unwrap()
+            .runs
+            .values()
+            .map(|r| r.len)
+            .sum()
+    }
+}
+
+impl Default for Iommu {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub struct IommuGuard<'a>(RwLockReadGuard<'a, Arc<Snapshot>>);
+
+impl Deref for IommuGuard<'_> {
+    type Target = Snapshot;
+    fn deref(&self) -> &Snapshot {
+        &self.0
+    }
+}
+
+impl MemoryView for Iommu {
+    type Mem = Snapshot;
+    type Guard<'a> = IommuGuard<'a>;
+
+    fn view(&self) -> IommuGuard<'_> {
+        IommuGuard(self.current.read().unwrap())
+    }
+}
+
+impl Snapshot {
+    /// Whether every page of [addr, addr+count) is mapped with `access`.
+    fn allowed(&self, addr: u64, count: usize, access: Permissions) -> bool {
+        let Some(end) = addr.checked_add(count as u64) else {
+            return false;
+        };
+        let mut at = addr;
+        while at < end {
+            let Some((&s, r)) = self.runs.range(..=at).next_back() else {
+                return false;
+            };
+            if at >= s + r.len || (access.has_write() && !r.writable) {
+                return false;
+            }
+            at = s + r.len;
+        }
+        true
+    }
+
+    fn fault(&self, addr: u64, access: Permissions) {
+        self.stats.iopf.fetch_add(1, Ordering::Relaxed);
+        self.stats.last_iopf_iova.store(addr, Ordering::Relaxed);
+        if IOPF_LOG.hit() {
+            warn!(
+                "IOPF: device {} at IOVA {addr:#x} is not mapped; access refused",
+                if access.has_write() { "write" } else { "read" }
+            );
+        }
+    }
+
+    fn check(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        let ok = count == 0 || self.allowed(addr.0, count, access);
+        if !ok {
+            self.fault(addr.0, access);
+        }
+        ok
+    }
+}
+
+impl GuestMemory for Snapshot {
+    type PhysicalMemory = GuestMemoryMmap;
+    type Bitmap = ();
+
+    fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        self.check(addr, count, access)
+    }
+
+    fn get_slices<'a>(
+        &'a self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> MemResult<impl GuestMemorySliceIterator<'a, BS<'a, Self::Bitmap>>> {
+        if !self.check(addr, count, access) {
+            return Err(GuestMemoryError::InvalidGuestAddress(addr));
+        }
+        match &self.memory {
+            Some(m) => GuestMemory::get_slices(m, addr, count, access),
+            None => Err(GuestMemoryError::InvalidGuestAddress(addr)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use vm_memory::Bytes;
+
+    fn memfd(pages: u64) -> Arc<File> {
+        let mut f = tempfile();
+        for p in 0..pages {
+            f.write_all(&[p as u8; PAGE_SIZE as usize]).unwrap();
+        }
+        Arc::new(f)
+    }
+
+    fn tempfile() -> File {
+        let name = std::ffi::CString::new("iommu-test").unwrap();
+        // SAFETY: valid name; the fd is owned by the returned File.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fresh fd.
+        unsafe { std::os::unix::io::FromRawFd::from_raw_fd(fd) }
+    }
+
+    #[test]
+    fn map_access_and_fault() {
+        let iommu = Iommu::new();
+        let f = memfd(8);
+        iommu
+            .map(f.clone(), 0, 0x10000, 4 * PAGE_SIZE, true)
+            .unwrap();
+        let v = iommu.view();
+        assert_eq!(
+            v.read_obj::<u8>(GuestAddress(0x10000 + PAGE_SIZE)).unwrap(),
+            1
+        );
+        v.write_obj(0xaau8, GuestAddress(0x10000)).unwrap();
+        assert!(v
+            .read_obj::<u8>(GuestAddress(0x10000 + 4 * PAGE_SIZE))
+            .is_err());
+        assert_eq!(iommu.stats().iopf.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            iommu.stats().last_iopf_iova.load(Ordering::Relaxed),
+            0x10000 + 4 * PAGE_SIZE
+        );
+        // A range straddling the end of a mapping faults as a whole.
+        let mut buf = [0u8; 16];
+        assert!(v
+            .read_slice(&mut buf, GuestAddress(0x10000 + 4 * PAGE_SIZE - 8))
+            .is_err());
+        drop(v);
+        let mut b = [0u8; 1];
+        std::os::unix::fs::FileExt::read_at(f.as_ref(), &mut b, 0).unwrap();
+        assert_eq!(b[0], 0xaa, "writes land in the client's memory");
+    }
+
+    #[test]
+    fn partial_unmap_splits_and_read_only_mappings() {
+        let iommu = Iommu::new();
+        let f = memfd(8);
+        iommu.map(f.clone(), 0, 0, 8 * PAGE_SIZE, true).unwrap();
+        assert_eq!(iommu.unmap(3 * PAGE_SIZE, PAGE_SIZE), Ok(PAGE_SIZE));
+        let v = iommu.view();
+        assert_eq!(v.read_obj::<u8>(GuestAddress(2 * PAGE_SIZE)).unwrap(), 2);
+        assert!(v.read_obj::<u8>(GuestAddress(3 * PAGE_SIZE)).is_err());
+        assert_eq!(
+            v.read_obj::<u8>(GuestAddress(4 * PAGE_SIZE)).unwrap(),
+            4,
+            "the right part keeps its file offset"
+        );
+        drop(v);
+        assert_eq!(iommu.mapped_bytes(), 7 * PAGE_SIZE);
+        assert_eq!(
+            iommu.map(f.clone(), 0, 2 * PAGE_SIZE, 2 * PAGE_SIZE, true),
+            Err(IommuError::Exists {
+                iova: 2 * PAGE_SIZE,
+                len: 2 * PAGE_SIZE
+            })
+        );
+        iommu
+            .map(f.clone(), 3 * PAGE_SIZE, 3 * PAGE_SIZE, PAGE_SIZE, false)
+            .unwrap();
+        let v = iommu.view();
+        assert_eq!(v.read_obj::<u8>(GuestAddress(3 * PAGE_SIZE)).unwrap(), 3);
+        assert!(
+            v.write_obj(1u8, GuestAddress(3 * PAGE_SIZE)).is_err(),
+            "read-only mapping"
+        );
+        assert!(
+            v.read_slice(&mut [0u8; 3 * 4096], GuestAddress(2 * PAGE_SIZE))
+                .is_ok(),
+            "reads across runs"
+        );
+        drop(v);
+        assert_eq!(
+            iommu.unmap(16 * PAGE_SIZE, PAGE_SIZE),
+            Err(IommuError::NotMapped {
+                iova: 16 * PAGE_SIZE,
+                len: PAGE_SIZE
+            })
+        );
+        assert!(matches!(
+            iommu.map(f.clone(), 0, 100, PAGE_SIZE, true),
+            Err(IommuError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            iommu.map(f, 0, u64::MAX - 4095, PAGE_SIZE, true),
+            Err(IommuError::Unaligned { .. })
+        ));
+        iommu.unmap_all();
+        assert_eq!(iommu.mapped_bytes(), 0);
+        assert!(iommu.view().read_obj::<u8>(GuestAddress(0)).is_err());
+    }
+
+    #[test]
+    fn unmap_waits_for_accesses_in_progress() {
+        let iommu = Arc::new(Iommu::new());
+        iommu.map(memfd(1), 0, 0, PAGE_SIZE, true).unwrap();
+        let guard = iommu.view();
+        let i2 = iommu.clone();
+        let t = std::thread::spawn(move || i2.unmap(0, PAGE_SIZE));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            !t.is_finished(),
+            "unmap must wait for the access in progress"
+        );
+        assert_eq!(guard.read_obj::<u8>(GuestAddress(0)).unwrap(), 0);
+        drop(guard);
+        assert_eq!(t.join().unwrap(), Ok(PAGE_SIZE));
+    }
+}

@@ -1,0 +1,98 @@
+//! vdpu: serve a virtio-blk PCI function over vfio-user.
+
+use clap::{Arg, ArgAction, Command};
+use std::os::unix::net::UnixListener;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use vdpu::device::{build_blk, BlkConfig};
+
+static DUMP_COUNTERS: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigusr1(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    DUMP_COUNTERS.store(true, Ordering::Relaxed);
+}
+
+struct Logger;
+
+impl log::Log for Logger {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            eprintln!("vdpu: {}: {}", r.level(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn main() -> ExitCode {
+    let m = Command::new("vdpu")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("Software DPU: a virtio-blk PCI function over vfio-user, DMA through an IOMMU model")
+        .arg(
+            Arg::new("socket")
+                .long("socket")
+                .value_name("PATH")
+                .required(true)
+                .help("vfio-user socket to listen on"),
+        )
+        .arg(
+            Arg::new("blk")
+                .long("blk")
+                .value_name("path=FILE[,readonly=on,num_queues=N,queue_size=N,id=NAME]")
+                .required(true),
+        )
+        .arg(
+            Arg::new("v")
+                .short('v')
+                .action(ArgAction::Count)
+                .help("More log output"),
+        )
+        .get_matches();
+    log::set_max_level(match m.get_count("v") {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        _ => log::LevelFilter::Debug,
+    });
+    let _ = log::set_logger(&Logger);
+    let cfg = match BlkConfig::parse(m.get_one::<String>("blk").unwrap()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut dev = match build_blk(&cfg) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!(
+                "Error: {e}{}",
+                std::error::Error::source(&e)
+                    .map(|s| format!(": {s}"))
+                    .unwrap_or_default()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let path = std::path::PathBuf::from(m.get_one::<String>("socket").unwrap());
+    let _ = std::fs::remove_file(&path);
+    let listener = match UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("Error: Failed to listen on {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, on_sigusr1);
+    let counters = dev.counters_handle();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        if DUMP_COUNTERS.swap(false, Ordering::Relaxed) {
+            eprintln!("vdpu counters: {}", counters());
+        }
+    });
+    log::info!("Serving {} on {}", cfg.path.display(), path.display());
+    vdpu::server::run(listener, &mut dev);
+    ExitCode::SUCCESS
+}
