@@ -9,7 +9,7 @@ use std::time::Instant;
 use thiserror::Error;
 use vmm::config::{
     ConfigError, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, OptionParser, PayloadConfig,
-    VmConfig,
+    UserDeviceConfig, VmConfig,
 };
 use vmm::{error_chain, Vmm, VmmExit};
 
@@ -107,6 +107,13 @@ fn command() -> Command {
                 .default_value("off"),
         )
         .arg(
+            Arg::new("user-device")
+                .long("user-device")
+                .value_name("socket=<path>,id=<name>,io_fds=on|off")
+                .action(ArgAction::Append)
+                .help("Passthrough device served over vfio-user (repeatable)"),
+        )
+        .arg(
             Arg::new("api-socket")
                 .long("api-socket")
                 .value_name("path=<socket>|<socket>")
@@ -146,6 +153,12 @@ fn build_config(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
             .into_iter()
             .flatten()
             .map(|s| DiskConfig::parse(s))
+            .collect::<Result<_, _>>()?,
+        user_devices: m
+            .get_many::<String>("user-device")
+            .into_iter()
+            .flatten()
+            .map(|s| UserDeviceConfig::parse(s))
             .collect::<Result<_, _>>()?,
         serial: ConsoleMode::parse("serial", m.get_one::<String>("serial").unwrap())?,
         console: ConsoleMode::parse("console", m.get_one::<String>("console").unwrap())?,

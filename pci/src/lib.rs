@@ -13,3 +13,9 @@ pub use configuration::{
 };
 pub use msix::{MsiInterruptGroup, MsiMessage, MsixCap, MsixConfig, MSIX_ENTRY_SIZE};
 pub use root::{DeviceRelocation, PciBus, PciConfigIo, PciConfigMmio, PciDevice, PciRoot};
+
+/// Registers doorbell eventfds with the hypervisor so guest writes to them bypass the VMM.
+pub trait IoEventRegistrar: Send + Sync {
+    fn register(&self, fd: &vmm_sys_util::eventfd::EventFd, addr: u64) -> std::io::Result<()>;
+    fn unregister(&self, fd: &vmm_sys_util::eventfd::EventFd, addr: u64) -> std::io::Result<()>;
+}

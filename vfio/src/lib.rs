@@ -1,4 +1,7 @@
 //! Passthrough devices: the vfio-user protocol (both ends), and the DMA-mapping seam between
 //! guest memory and a device.
 
+pub mod dma;
 pub mod vfio_user;
+
+pub use dma::{DmaBacking, DmaError, DmaMapping};

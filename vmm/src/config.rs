@@ -18,6 +18,8 @@ pub enum ConfigError {
     KernelMissing(PathBuf),
     #[error("Disk image {0} does not exist")]
     DiskMissing(PathBuf),
+    #[error("--user-device requires --memory shared=on (the device maps guest RAM)")]
+    UserDeviceNeedsSharedMemory,
     #[error("Invalid {field}: {reason}")]
     Invalid { field: String, reason: String },
     #[error("Invalid VM configuration: {0}")]
@@ -51,6 +53,32 @@ pub struct DiskConfig {
     pub queue_size: u16,
 }
 
+/// A passthrough device served by another process over vfio-user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserDeviceConfig {
+    pub socket: PathBuf,
+    pub id: Option<String>,
+    /// Register the device's doorbell fds as KVM ioeventfds (off: doorbells go through the
+    /// VMM as region writes, as with a client that only speaks the base protocol).
+    pub io_fds: bool,
+}
+
+impl UserDeviceConfig {
+    pub fn parse(raw: &str) -> Result<Self, ConfigError> {
+        let p = OptionParser::parse("user-device", raw, &["socket", "id", "io_fds"])?;
+        let socket = PathBuf::from(
+            p.get("socket")
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| p.error("socket is required"))?,
+        );
+        Ok(UserDeviceConfig {
+            socket,
+            id: p.get("id").map(str::to_string),
+            io_fds: p.toggle("io_fds", true)?,
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConsoleMode {
     Off,
@@ -65,6 +93,7 @@ pub struct VmConfig {
     pub memory: MemoryConfig,
     pub cpus: CpusConfig,
     pub disks: Vec<DiskConfig>,
+    pub user_devices: Vec<UserDeviceConfig>,
     pub serial: ConsoleMode,
     pub console: ConsoleMode,
 }
@@ -266,6 +295,9 @@ impl VmConfig {
                 return Err(ConfigError::DiskMissing(d.path.clone()));
             }
         }
+        if !self.user_devices.is_empty() && !self.memory.shared {
+            return Err(ConfigError::UserDeviceNeedsSharedMemory);
+        }
         Ok(())
     }
 }
@@ -335,6 +367,18 @@ mod json {
 
     #[derive(Serialize, Deserialize)]
     #[serde(deny_unknown_fields)]
+    pub struct UserDevice {
+        pub socket: PathBuf,
+        #[serde(default)]
+        pub id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub io_fds: Option<bool>,
+        #[serde(default, skip_serializing)]
+        pub pci_segment: Option<Value>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
     pub struct Console {
         pub mode: String,
         #[serde(default)]
@@ -356,6 +400,8 @@ mod json {
         pub memory: Option<Memory>,
         #[serde(default)]
         pub disks: Option<Vec<Disk>>,
+        #[serde(default)]
+        pub user_devices: Option<Vec<UserDevice>>,
         #[serde(default)]
         pub serial: Option<Console>,
         #[serde(default)]
@@ -531,7 +577,22 @@ impl VmConfig {
                 queue_size,
             });
         }
+        let mut user_devices = Vec::new();
+        for (i, u) in c.user_devices.unwrap_or_default().into_iter().enumerate() {
+            if u.pci_segment.as_ref().is_some_and(|v| !json::is_empty(v)) {
+                return Err(invalid(
+                    &format!("user_devices[{i}].pci_segment"),
+                    "only segment 0 exists",
+                ));
+            }
+            user_devices.push(UserDeviceConfig {
+                socket: u.socket,
+                id: u.id,
+                io_fds: u.io_fds.unwrap_or(true),
+            });
+        }
         let config = VmConfig {
+            user_devices,
             payload: PayloadConfig {
                 kernel,
                 cmdline: c.payload.cmdline.unwrap_or_default(),
@@ -576,6 +637,17 @@ impl VmConfig {
                         id: d.id.clone(),
                         num_queues: Some(d.num_queues),
                         queue_size: Some(d.queue_size),
+                    })
+                    .collect(),
+            ),
+            user_devices: Some(
+                self.user_devices
+                    .iter()
+                    .map(|u| json::UserDevice {
+                        socket: u.socket.clone(),
+                        id: u.id.clone(),
+                        io_fds: (!u.io_fds).then_some(false),
+                        pci_segment: None,
                     })
                     .collect(),
             ),
@@ -665,6 +737,35 @@ mod tests {
         );
         assert!(reason(DiskConfig::parse("path=a,path=b").unwrap_err()).contains("given twice"));
         assert!(reason(DiskConfig::parse("path=a,colour=red").unwrap_err()).contains("unknown key"));
+    }
+
+    #[test]
+    fn user_devices() {
+        let u = UserDeviceConfig::parse("socket=/tmp/v.sock,id=dpu0").unwrap();
+        assert_eq!(
+            u,
+            UserDeviceConfig {
+                socket: "/tmp/v.sock".into(),
+                id: Some("dpu0".into()),
+                io_fds: true
+            }
+        );
+        assert!(
+            !UserDeviceConfig::parse("socket=/s,io_fds=off")
+                .unwrap()
+                .io_fds
+        );
+        assert!(reason(UserDeviceConfig::parse("id=x").unwrap_err()).contains("socket is required"));
+        assert!(
+            reason(UserDeviceConfig::parse("socket=/s,bus=1").unwrap_err()).contains("unknown key")
+        );
+        let mut cfg = VmConfig::from_json(&format!(r#"{{"payload":{{"kernel":"{}"}},"memory":{{"size":67108864,"shared":true}},"user_devices":[{{"socket":"/tmp/x.sock"}}]}}"#, kernel())).unwrap();
+        assert_eq!(cfg.user_devices.len(), 1);
+        cfg.memory.shared = false;
+        assert_eq!(
+            cfg.validate(),
+            Err(ConfigError::UserDeviceNeedsSharedMemory)
+        );
     }
 
     #[test]
@@ -771,6 +872,7 @@ mod tests {
                 max_vcpus: 1,
             },
             disks: vec![],
+            user_devices: vec![],
             serial: ConsoleMode::Tty,
             console: ConsoleMode::Off,
         };

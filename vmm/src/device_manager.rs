@@ -1,11 +1,13 @@
 //! Creates and wires the VM's devices: legacy ports, PCI segment 0 and virtio-pci disks.
 
-use crate::config::{ConsoleMode, VmConfig};
+use crate::config::{ConsoleMode, UserDeviceConfig, VmConfig};
 use crate::devices::{
     AcpiPmTimer, AcpiShutdown, DebugPort, ExitNotifier, LineWriter, SerialDevice, I8042,
 };
 use crate::interrupt::{GsiRouter, KvmMsiGroup};
 use crate::layout;
+use crate::memory_manager::MemoryManager;
+use crate::vmm::error_chain;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pci::{
     BarReprogram, Bus, BusDevice, DeviceRelocation, PciBus, PciConfigIo, PciConfigMmio, PciDevice,
@@ -16,11 +18,13 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use thiserror::Error;
+use vfio::vfio_user::{VfioUserClient, VfioUserPciDevice};
+use vfio::{DmaBacking, DmaMapping};
 use virtio_devices::block::{Block, BlockConfig, RawFile};
 use virtio_devices::transport::{
     InterruptDelivery, IoEventRegistrar, VirtioPciDevice, VirtioPciLayout,
 };
-use virtio_devices::{Counters, GuestMemoryMmap, VirtioDevice};
+use virtio_devices::VirtioDevice;
 use vmm_sys_util::eventfd::EventFd;
 
 #[derive(Debug, Error)]
@@ -39,6 +43,8 @@ pub enum DeviceError {
     VirtioPci(String),
     #[error("Bus conflict")]
     Bus(#[from] pci::BusError),
+    #[error("User device {0}: {1}")]
+    UserDevice(String, String),
     #[error("Failed to register an ioeventfd")]
     IoEvent(#[source] io::Error),
 }
@@ -110,6 +116,7 @@ pub struct DeviceManager {
     pio_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     virtio: Vec<(String, Arc<Mutex<dyn VirtioDevice>>)>,
+    user: Vec<Arc<Mutex<VfioUserPciDevice>>>,
     serial_irq: EventFd,
 }
 
@@ -117,10 +124,11 @@ impl DeviceManager {
     pub fn new(
         vm: Arc<VmFd>,
         config: &VmConfig,
-        memory: Arc<GuestMemoryMmap>,
+        ram: &MemoryManager,
         exit: ExitNotifier,
         start: Instant,
     ) -> Result<Self, DeviceError> {
+        let memory = ram.memory();
         let pio_bus = Arc::new(Bus::new());
         let mmio_bus = Arc::new(Bus::new());
 
@@ -220,12 +228,93 @@ impl DeviceManager {
             );
             virtio.push((id, device));
         }
+        let mut bars32 = AddressAllocator::new(
+            layout::MEM_32BIT_DEVICES_START,
+            layout::MEM_32BIT_DEVICES_SIZE,
+        );
+        let mut user = Vec::new();
+        for (i, u) in config.user_devices.iter().enumerate() {
+            let id = u.id.clone().unwrap_or_else(|| format!("_user{i}"));
+            let dev =
+                Self::add_user_device(&id, u, ram, &router, &ioevents, &mut bars32, &mut bars64)?;
+            let dev = Arc::new(Mutex::new(dev));
+            let bars: Vec<_> = {
+                let d = dev.lock().unwrap();
+                (0..6).filter_map(|b| d.bar(b)).collect()
+            };
+            let pci_dev: Arc<Mutex<dyn PciDevice>> = dev.clone();
+            let mut bus = pci_bus.lock().unwrap();
+            let slot = bus.next_device_number().ok_or(DeviceError::NoPciSlot)?;
+            bus.add_device(slot, pci_dev.clone())
+                .map_err(|_| DeviceError::NoPciSlot)?;
+            for b in bars {
+                mmio_bus.insert(
+                    Arc::new(Mutex::new(PciBarHandler(pci_dev.clone()))),
+                    b.addr,
+                    b.size,
+                )?;
+                log::info!("{id}: BAR{} {:#x}+{:#x}", b.index, b.addr, b.size);
+            }
+            log::info!(
+                "{id}: vfio-user device {} at 00:{slot:02x}.0",
+                u.socket.display()
+            );
+            user.push(dev);
+        }
         Ok(DeviceManager {
             pio_bus,
             mmio_bus,
             virtio,
+            user,
             serial_irq,
         })
+    }
+
+    fn add_user_device(
+        id: &str,
+        u: &UserDeviceConfig,
+        ram: &MemoryManager,
+        router: &Arc<GsiRouter>,
+        ioevents: &Arc<dyn IoEventRegistrar>,
+        bars32: &mut AddressAllocator,
+        bars64: &mut AddressAllocator,
+    ) -> Result<VfioUserPciDevice, DeviceError> {
+        let err = |e: String| DeviceError::UserDevice(id.to_string(), e);
+        let client =
+            Arc::new(VfioUserClient::connect(&u.socket).map_err(|e| err(error_chain(&e)))?);
+        // Plain passthrough: all of guest RAM is DMA-mapped, at IOVA = guest-physical address.
+        for r in ram.regions() {
+            let backing = DmaBacking {
+                file: ram.memfd(),
+                file_offset: r.file_offset,
+                host_addr: 0,
+            };
+            client
+                .map(r.guest_addr, r.size, &backing)
+                .map_err(|e| err(error_chain(&e)))?;
+        }
+        let vectors = client
+            .irq_info(vfio::vfio_user::protocol::PCI_MSIX_IRQ_INDEX)
+            .map_err(|e| err(error_chain(&e)))?
+            .count;
+        let group = KvmMsiGroup::new(router.clone(), vectors.clamp(1, 2048) as u16)
+            .map_err(DeviceError::Interrupts)?;
+        let mut alloc = |size: u64, is64: bool| {
+            if is64 {
+                bars64.allocate(size)
+            } else {
+                bars32.allocate(size)
+            }
+        };
+        VfioUserPciDevice::new(
+            id.to_string(),
+            client,
+            Arc::new(group),
+            ioevents.clone(),
+            &mut alloc,
+            u.io_fds,
+        )
+        .map_err(|e| err(error_chain(&e)))
     }
 
     pub fn pio_bus(&self) -> Arc<Bus> {
@@ -236,11 +325,27 @@ impl DeviceManager {
         self.mmio_bus.clone()
     }
 
-    pub fn counters(&self) -> BTreeMap<String, Counters> {
-        self.virtio
+    pub fn counters(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
+        let mut all: BTreeMap<String, BTreeMap<String, u64>> = self
+            .virtio
             .iter()
-            .map(|(id, d)| (id.clone(), d.lock().unwrap().counters()))
-            .collect()
+            .map(|(id, d)| {
+                (
+                    id.clone(),
+                    d.lock()
+                        .unwrap()
+                        .counters()
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect(),
+                )
+            })
+            .collect();
+        for d in &self.user {
+            let d = d.lock().unwrap();
+            all.insert(d.id().to_string(), d.counters());
+        }
+        all
     }
 
     pub fn pause(&self) {

@@ -63,19 +63,41 @@ impl GsiRouter {
         (start..start + n).collect()
     }
 
-    fn set_msi(&self, gsi: u32, msg: MsiMessage) -> io::Result<()> {
-        let mut e = kvm_irq_routing_entry {
-            gsi,
-            type_: KVM_IRQ_ROUTING_MSI,
-            ..Default::default()
-        };
-        e.u.msi.address_lo = msg.addr_lo;
-        e.u.msi.address_hi = msg.addr_hi;
-        e.u.msi.data = msg.data;
+    /// Routes `gsi` to `msg`, or (with `None`) drops what its irqfd signals.
+    fn set_msi(&self, gsi: u32, msg: Option<MsiMessage>) -> io::Result<()> {
         let mut g = self.msi.lock().unwrap();
-        g.0.insert(gsi, e);
+        match msg {
+            Some(msg) => {
+                let mut e = kvm_irq_routing_entry {
+                    gsi,
+                    type_: KVM_IRQ_ROUTING_MSI,
+                    ..Default::default()
+                };
+                e.u.msi.address_lo = msg.addr_lo;
+                e.u.msi.address_hi = msg.addr_hi;
+                e.u.msi.data = msg.data;
+                if g.0
+                    .get(&gsi)
+                    .is_some_and(|old| old.type_ == e.type_ && unsafe_msi_eq(old, &e))
+                {
+                    return Ok(());
+                }
+                g.0.insert(gsi, e);
+            }
+            None => {
+                if g.0.remove(&gsi).is_none() {
+                    return Ok(());
+                }
+            }
+        }
         self.commit(&g.0)
     }
+}
+
+fn unsafe_msi_eq(a: &kvm_irq_routing_entry, b: &kvm_irq_routing_entry) -> bool {
+    // SAFETY: both entries are of type KVM_IRQ_ROUTING_MSI, whose union member is `msi`.
+    let (x, y) = unsafe { (a.u.msi, b.u.msi) };
+    x.address_lo == y.address_lo && x.address_hi == y.address_hi && x.data == y.data
 }
 
 /// A device's MSI-X vectors: each a GSI with an MSI route and an irqfd.
@@ -106,14 +128,13 @@ impl KvmMsiGroup {
 }
 
 impl MsiInterruptGroup for KvmMsiGroup {
-    fn update(&self, index: u16, msg: MsiMessage, _masked: bool) -> io::Result<()> {
-        // Masking is enforced by MsixConfig (it never triggers a masked vector); the route
-        // stays so an unmask delivers to the right place at once.
+    fn update(&self, index: u16, msg: MsiMessage, masked: bool) -> io::Result<()> {
+        // A passthrough device writes the irqfd itself, so a masked vector must have no route.
         let gsi = *self
             .gsis
             .get(index as usize)
             .ok_or(io::ErrorKind::InvalidInput)?;
-        self.router.set_msi(gsi, msg)
+        self.router.set_msi(gsi, (!masked).then_some(msg))
     }
 
     fn trigger(&self, index: u16) -> io::Result<()> {

@@ -17,7 +17,6 @@ use std::fs::File;
 use std::sync::Arc;
 use std::time::Instant;
 use thiserror::Error;
-use virtio_devices::Counters;
 use vm_memory::GuestAddress;
 
 const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
@@ -75,8 +74,7 @@ impl Vm {
             .map_err(|e| VmError::SetupVm("irqchip", e))?;
         let memory = MemoryManager::new(config.memory.size, config.memory.shared)?;
         memory.register_with_kvm(&vm_fd)?;
-        let devices =
-            DeviceManager::new(vm_fd.clone(), config, memory.memory(), exit.clone(), start)?;
+        let devices = DeviceManager::new(vm_fd.clone(), config, &memory, exit.clone(), start)?;
         Ok(Vm {
             config: config.clone(),
             kvm,
@@ -207,7 +205,7 @@ impl Vm {
         self.devices.reset();
     }
 
-    pub fn counters(&self) -> BTreeMap<String, Counters> {
+    pub fn counters(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
         self.devices.counters()
     }
 

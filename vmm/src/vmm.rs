@@ -122,6 +122,12 @@ impl Vmm {
 
     fn stop_vm(&mut self) {
         if let Some(mut vm) = self.vm.take() {
+            for (id, c) in vm.counters() {
+                log::info!(
+                    "Device {id} counters: {}",
+                    serde_json::to_string(&c).unwrap_or_default()
+                );
+            }
             vm.shutdown();
         }
     }

@@ -1,3 +1,8 @@
 //! vfio-user (qemu's docs/interop/vfio-user.rst), protocol version 0.1.
 
+pub mod client;
+pub mod pci_device;
 pub mod protocol;
+
+pub use client::{ClientError, RegionIoFd, VfioUserClient};
+pub use pci_device::{VfioUserDeviceError, VfioUserPciDevice};

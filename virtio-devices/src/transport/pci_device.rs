@@ -45,11 +45,7 @@ impl VirtioPciLayout {
     }
 }
 
-/// Registers doorbell eventfds with the hypervisor so guest notifies bypass the VMM.
-pub trait IoEventRegistrar: Send + Sync {
-    fn register(&self, fd: &EventFd, addr: u64) -> std::io::Result<()>;
-    fn unregister(&self, fd: &EventFd, addr: u64) -> std::io::Result<()>;
-}
+pub use pci::IoEventRegistrar;
 
 /// Who applies MSI-X masking.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,0 +1,229 @@
+//! Passthrough through vdpu (vfio-user), end to end on KVM.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The vdpu binary built beside the test's own profile (scripts/test.sh builds the workspace).
+fn vdpu_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let p = dir.join("vdpu");
+    assert!(
+        p.is_file(),
+        "{} missing: build the workspace (cargo build --workspace)",
+        p.display()
+    );
+    p
+}
+
+struct Vdpu {
+    child: Child,
+    sock: PathBuf,
+}
+
+impl Vdpu {
+    fn start(name: &str, disk: &TmpDisk) -> Vdpu {
+        let sock = std::env::temp_dir().join(format!("vdpu-{}-{name}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&sock);
+        let child = Command::new(vdpu_bin())
+            .args(["--socket", sock.to_str().unwrap(), "--blk", &disk.arg()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "vdpu never listened");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Vdpu { child, sock }
+    }
+
+    fn arg(&self, extra: &str) -> String {
+        format!("socket={},id=dpu0{extra}", self.sock.display())
+    }
+}
+
+impl Drop for Vdpu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
+
+/// The counters the VMM logged for `id` when it stopped the VM.
+fn logged_counters(stderr: &str, id: &str) -> Value {
+    let key = format!("Device {id} counters: ");
+    let line = stderr
+        .lines()
+        .rev()
+        .find(|l| l.contains(&key))
+        .unwrap_or_else(|| panic!("no counters for {id}:\n{stderr}"));
+    serde_json::from_str(&line[line.find(&key).unwrap() + key.len()..]).unwrap()
+}
+
+fn passthrough_blk_verify(name: &str, qd: u32, indirect: u32, io_fds: bool) -> (Value, Value) {
+    let disk = TmpDisk::new(name, 64 << 20);
+    let vdpu = Vdpu::start(name, &disk);
+    let cmdline = format!(
+        "vio.workload=blk-verify vio.ops=20000 vio.qd={qd} vio.indirect={indirect} vio.seed=11"
+    );
+    let mut args = boot_args("size=512M,shared=on", &cmdline, &[]);
+    args.extend([
+        "--user-device".into(),
+        vdpu.arg(if io_fds { "" } else { ",io_fds=off" }),
+        "-v".into(),
+    ]);
+    let out = run(&args, TIMEOUT);
+    assert!(out.status.success(), "{}", out.describe());
+    let r = out.result();
+    assert_eq!(u(&r, "ops"), 20_000);
+    assert_eq!(u(&r, "mismatches"), 0, "{r}");
+    assert_eq!(u(&r, "io_errors"), 0, "{r}");
+    let c = logged_counters(&out.stderr, "dpu0");
+    assert_eq!(c["iopf"].as_u64(), Some(0), "{c}");
+    assert_eq!(c["failed"].as_u64(), Some(0));
+    assert_eq!(
+        c["read_ops"].as_u64().unwrap() + c["write_ops"].as_u64().unwrap(),
+        20_000,
+        "{c}"
+    );
+    (r, c)
+}
+
+#[test]
+fn vdpu_qd1_direct() {
+    if kvm_available("vdpu_qd1_direct") {
+        let (_, c) = passthrough_blk_verify("qd1d", 1, 0, true);
+        assert_eq!(
+            c["vmm_doorbells"].as_u64(),
+            Some(0),
+            "doorbells must bypass the VMM: {c}"
+        );
+    }
+}
+
+#[test]
+fn vdpu_qd1_indirect() {
+    if kvm_available("vdpu_qd1_indirect") {
+        let (_, c) = passthrough_blk_verify("qd1i", 1, 1, true);
+        assert_eq!(c["vmm_doorbells"].as_u64(), Some(0), "{c}");
+    }
+}
+
+#[test]
+fn vdpu_qd16_direct() {
+    if kvm_available("vdpu_qd16_direct") {
+        let (_, c) = passthrough_blk_verify("qd16d", 16, 0, true);
+        assert_eq!(c["vmm_doorbells"].as_u64(), Some(0), "{c}");
+    }
+}
+
+#[test]
+fn vdpu_qd16_indirect() {
+    if kvm_available("vdpu_qd16_indirect") {
+        let (_, c) = passthrough_blk_verify("qd16i", 16, 1, true);
+        assert_eq!(c["vmm_doorbells"].as_u64(), Some(0), "{c}");
+    }
+}
+
+/// A client that speaks only the base protocol (doorbells as region writes over the socket,
+/// as Cloud Hypervisor's --user-device does) is served too.
+#[test]
+fn vdpu_base_protocol_client() {
+    if kvm_available("vdpu_base_protocol_client") {
+        let (_, c) = passthrough_blk_verify("base", 4, 0, false);
+        assert!(
+            c["vmm_doorbells"].as_u64().unwrap() > 0,
+            "doorbells went through the VMM: {c}"
+        );
+    }
+}
+
+#[test]
+fn user_device_requires_shared_memory() {
+    let out = Command::new(VMM)
+        .args([
+            "--kernel",
+            VMM,
+            "--memory",
+            "size=64M",
+            "--user-device",
+            "socket=/nonexistent.sock",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("requires --memory shared=on"));
+}
+
+/// vdpu dies mid-run: the VMM logs it, marks the device failed and keeps serving; the guest
+/// sees its I/O stop, not a crash.
+#[test]
+fn vdpu_killed_mid_run() {
+    if !kvm_available("vdpu_killed_mid_run") {
+        return;
+    }
+    let disk = TmpDisk::new("kill", 64 << 20);
+    let mut vdpu = Vdpu::start("kill", &disk);
+    let api = std::env::temp_dir().join(format!("vio-kill-{}.sock", std::process::id()));
+    let mut args = boot_args(
+        "size=256M,shared=on",
+        "vio.workload=blk-verify vio.ops=100000000 vio.qd=8",
+        &[],
+    );
+    args.extend([
+        "--user-device".into(),
+        vdpu.arg(""),
+        "--api-socket".into(),
+        api.display().to_string(),
+    ]);
+    let mut vm = Vm::spawn(&args);
+    vm.wait_line("VIO-GUEST-PROGRESS", Duration::from_secs(60))
+        .expect("guest runs");
+    vdpu.child.kill().unwrap();
+    vdpu.child.wait().unwrap();
+    let ch = |a: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_ch-remote"))
+            .args(["--api-socket", api.to_str().unwrap(), a])
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ok, out) = ch("counters");
+        assert!(ok, "VMM stopped serving after the device died");
+        let c: Value = serde_json::from_str(&out).unwrap();
+        if c["dpu0"]["failed"].as_u64() == Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "device never marked failed: {c}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ch("ping").0);
+    let info: Value = serde_json::from_str(&ch("info").1).unwrap();
+    assert_eq!(info["state"], "Running", "the VM keeps running");
+    assert!(ch("shutdown-vmm").0);
+    let out = vm.finish(Duration::from_secs(30));
+    assert!(out.status.success(), "{}", out.describe());
+    assert!(
+        out.stderr.contains("went away") || out.stderr.contains("device failed"),
+        "{}",
+        out.describe()
+    );
+    assert!(!out.stderr.contains("panicked"), "{}", out.describe());
+    let _ = std::fs::remove_file(&api);
+}
