@@ -348,6 +348,20 @@ impl DeviceManager {
         all
     }
 
+    /// Revokes passthrough device `id`'s DMA access to [iova, iova+size).
+    pub fn dma_unmap(&self, id: &str, iova: u64, size: u64) -> Result<(), crate::api::ApiError> {
+        use crate::api::ApiError;
+        let dev = self
+            .user
+            .iter()
+            .find(|d| d.lock().unwrap().id() == id)
+            .ok_or_else(|| ApiError::BadRequest(format!("No passthrough device {id}")))?;
+        let client = dev.lock().unwrap().client().clone();
+        client
+            .unmap(iova, size)
+            .map_err(|e| ApiError::Internal(error_chain(&e)))
+    }
+
     pub fn pause(&self) {
         for (_, d) in &self.virtio {
             d.lock().unwrap().pause();

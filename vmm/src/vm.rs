@@ -209,6 +209,10 @@ impl Vm {
         self.devices.counters()
     }
 
+    pub fn dma_unmap(&self, id: &str, iova: u64, size: u64) -> Result<(), crate::api::ApiError> {
+        self.devices.dma_unmap(id, iova, size)
+    }
+
     pub fn memory_manager(&self) -> &MemoryManager {
         &self.memory
     }

@@ -197,6 +197,14 @@ impl Vmm {
                     "memory_actual_size": config.memory.size,
                 })))
             }
+            ApiRequest::VmDmaUnmap { id, iova, size } => {
+                let vm = self
+                    .vm
+                    .as_ref()
+                    .ok_or_else(|| conflict("The VM is not booted"))?;
+                vm.dma_unmap(&id, iova, size)?;
+                Ok(None)
+            }
             ApiRequest::VmCounters => {
                 let vm = self
                     .vm

@@ -22,6 +22,13 @@ pub enum ApiRequest {
     VmResume,
     VmInfo,
     VmCounters,
+    /// Revokes a passthrough device's DMA access to guest memory (a test hook: the device then
+    /// faults on those pages, which is what VIO prevents).
+    VmDmaUnmap {
+        id: String,
+        iova: u64,
+        size: u64,
+    },
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -100,6 +107,7 @@ pub const ROUTES: &[(&str, Method)] = &[
     ("vm.resume", Method::Put),
     ("vm.info", Method::Get),
     ("vm.counters", Method::Get),
+    ("vm.dma-unmap", Method::Put),
 ];
 
 /// Maps an HTTP request onto an `ApiRequest`.
@@ -140,6 +148,27 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiErr
         "vm.resume" => ApiRequest::VmResume,
         "vm.info" => ApiRequest::VmInfo,
         "vm.counters" => ApiRequest::VmCounters,
+        "vm.dma-unmap" => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Body {
+                id: String,
+                iova: u64,
+                size: u64,
+            }
+            let b: Body = serde_json::from_slice(body)
+                .map_err(|e| ApiError::BadRequest(format!("Invalid body: {e}")))?;
+            if b.size == 0 || b.iova % 4096 != 0 || b.size % 4096 != 0 {
+                return Err(ApiError::BadRequest(
+                    "iova and size must be non-zero multiples of 4096".into(),
+                ));
+            }
+            ApiRequest::VmDmaUnmap {
+                id: b.id,
+                iova: b.iova,
+                size: b.size,
+            }
+        }
         _ => unreachable!("ROUTES and this match list the same endpoints"),
     })
 }
