@@ -30,10 +30,19 @@ struct Vdpu {
 
 impl Vdpu {
     fn start(name: &str, disk: &TmpDisk) -> Vdpu {
+        Self::start_with(name, disk, "")
+    }
+
+    fn start_with(name: &str, disk: &TmpDisk, blk_extra: &str) -> Vdpu {
         let sock = std::env::temp_dir().join(format!("vdpu-{}-{name}.sock", std::process::id()));
         let _ = std::fs::remove_file(&sock);
         let child = Command::new(vdpu_bin())
-            .args(["--socket", sock.to_str().unwrap(), "--blk", &disk.arg()])
+            .args([
+                "--socket",
+                sock.to_str().unwrap(),
+                "--blk",
+                &format!("{}{blk_extra}", disk.arg()),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -280,4 +289,38 @@ fn dma_unmap_mid_run_causes_iopf() {
         "faults are in the unmapped range: {iova:#x}"
     );
     let _ = std::fs::remove_file(&api);
+}
+
+/// The service-time model: every request takes at least `latency_us`, and requests overlap.
+#[test]
+fn vdpu_latency_model() {
+    if !kvm_available("vdpu_latency_model") {
+        return;
+    }
+    let disk = TmpDisk::new("lat", 16 << 20);
+    let vdpu = Vdpu::start_with("lat", &disk, ",latency_us=2000");
+    let run_qd = |qd: u32| {
+        let mut args = boot_args(
+            "size=256M,shared=on",
+            &format!("vio.workload=blk-verify vio.ops=400 vio.qd={qd}"),
+            &[],
+        );
+        args.extend(["--user-device".into(), vdpu.arg("")]);
+        let out = run(&args, TIMEOUT);
+        assert!(out.status.success(), "{}", out.describe());
+        let r = out.result();
+        assert_eq!(u(&r, "mismatches"), 0);
+        r
+    };
+    let r1 = run_qd(1);
+    assert!(u(&r1, "lat_p50_ns") >= 2_000_000, "{r1}");
+    let r8 = run_qd(8);
+    assert!(u(&r8, "lat_p50_ns") >= 2_000_000, "{r8}");
+    // Eight in flight are served concurrently, not one after another.
+    assert!(
+        u(&r8, "iops") > 4 * u(&r1, "iops"),
+        "qd8 {} vs qd1 {}",
+        u(&r8, "iops"),
+        u(&r1, "iops")
+    );
 }

@@ -31,10 +31,12 @@ pub struct BlkConfig {
     pub num_queues: u16,
     pub queue_size: u16,
     pub id: String,
+    /// Service time per request (0: as fast as the backing file).
+    pub latency_us: u64,
 }
 
 impl BlkConfig {
-    /// `path=FILE[,readonly=on,num_queues=N,queue_size=N,id=NAME]`
+    /// `path=FILE[,readonly=on,num_queues=N,queue_size=N,id=NAME,latency_us=N]`
     pub fn parse(raw: &str) -> Result<Self, DeviceError> {
         let err = |m: &str| DeviceError::Parse(raw.to_string(), m.to_string());
         let mut c = BlkConfig {
@@ -43,6 +45,7 @@ impl BlkConfig {
             num_queues: 1,
             queue_size: DEFAULT_QUEUE_SIZE,
             id: "vdpu-blk".into(),
+            latency_us: 0,
         };
         let mut have_path = false;
         for item in raw.split(',') {
@@ -68,6 +71,12 @@ impl BlkConfig {
                     c.queue_size = v.parse().map_err(|_| err("queue_size must be a number"))?
                 }
                 "id" => c.id = v.to_string(),
+                "latency_us" => {
+                    c.latency_us = v.parse().map_err(|_| err("latency_us must be a number"))?;
+                    if c.latency_us > 10_000_000 {
+                        return Err(err("latency_us must be at most 10000000"));
+                    }
+                }
                 _ => return Err(err(&format!("unknown key \"{k}\""))),
             }
         }
@@ -106,6 +115,7 @@ pub fn build_blk(cfg: &BlkConfig) -> Result<Device, DeviceError> {
             id: cfg.id.clone(),
             num_queues: cfg.num_queues,
             queue_size: cfg.queue_size,
+            latency: (cfg.latency_us > 0).then(|| std::time::Duration::from_micros(cfg.latency_us)),
         },
         iommu.clone(),
     );
@@ -138,14 +148,20 @@ mod tests {
 
     #[test]
     fn blk_option_parsing() {
-        let c = BlkConfig::parse("path=/x.img,readonly=on,num_queues=2,queue_size=128").unwrap();
-        assert_eq!((c.readonly, c.num_queues, c.queue_size), (true, 2, 128));
+        let c =
+            BlkConfig::parse("path=/x.img,readonly=on,num_queues=2,queue_size=128,latency_us=50")
+                .unwrap();
+        assert_eq!(
+            (c.readonly, c.num_queues, c.queue_size, c.latency_us),
+            (true, 2, 128, 50)
+        );
         for (bad, want) in [
             ("readonly=on", "path is required"),
             ("path=/x,speed=9", "unknown key"),
             ("path=/x,queue_size=100", "power of two"),
             ("path=/x,num_queues=0", "1..16"),
             ("path=/x,readonly=maybe", "on or off"),
+            ("path=/x,latency_us=fast", "must be a number"),
             ("/x", "expected key=value"),
         ] {
             let e = BlkConfig::parse(bad).unwrap_err().to_string();

@@ -40,7 +40,9 @@ fn main() -> ExitCode {
         .arg(
             Arg::new("blk")
                 .long("blk")
-                .value_name("path=FILE[,readonly=on,num_queues=N,queue_size=N,id=NAME]")
+                .value_name(
+                    "path=FILE[,readonly=on,num_queues=N,queue_size=N,id=NAME,latency_us=N]",
+                )
                 .required(true),
         )
         .arg(

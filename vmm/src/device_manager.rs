@@ -194,6 +194,7 @@ impl DeviceManager {
                     id: id.clone(),
                     num_queues: disk.num_queues,
                     queue_size: disk.queue_size,
+                    latency: None,
                 },
                 memory.clone(),
             );

@@ -9,12 +9,15 @@ use crate::{
     VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK,
 };
 use log::{error, warn};
+use std::collections::VecDeque;
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use virtio_queue::QueueT;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 const CONFIG_LEN: usize = 60;
@@ -23,6 +26,8 @@ pub struct BlockConfig {
     pub id: String,
     pub num_queues: u16,
     pub queue_size: u16,
+    /// Service-time model: each request completes no earlier than this after the device saw it.
+    pub latency: Option<Duration>,
 }
 
 struct Worker {
@@ -40,6 +45,7 @@ pub struct Block<V: MemoryView = GuestMemoryMmap> {
     queue_sizes: Vec<u16>,
     counters: Arc<BlockCounters>,
     memory: Arc<V>,
+    latency: Option<Duration>,
     worker: Option<Worker>,
 }
 
@@ -93,6 +99,7 @@ impl<V: MemoryView> Block<V> {
             disk: Arc::new(disk),
             counters: Arc::new(BlockCounters::default()),
             memory,
+            latency: cfg.latency,
             worker: None,
         }
     }
@@ -108,6 +115,7 @@ fn run_worker<V: MemoryView>(
     mut queues: Vec<ActiveQueue>,
     kill: EventFd,
     gate: Arc<PauseGate>,
+    latency: Option<Duration>,
 ) {
     let epoll = match Epoll::new() {
         Ok(e) => e,
@@ -140,7 +148,22 @@ fn run_worker<V: MemoryView>(
         serial: &serial,
         counters: &counters,
     };
-    let mut events = vec![EpollEvent::default(); queues.len() + 2];
+    // The service-time model: completions wait in per-queue FIFOs until their deadline.
+    let timer_token = pause_token + 1;
+    let mut timer = match TimerFd::new() {
+        Ok(t) => t,
+        Err(e) => return error!("virtio-blk: timerfd: {e}"),
+    };
+    if let Err(e) = epoll.ctl(
+        ControlOperation::Add,
+        timer.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, timer_token),
+    ) {
+        return error!("virtio-blk: epoll setup: {e}");
+    }
+    let mut pending: Vec<VecDeque<(u16, u32, Instant)>> =
+        queues.iter().map(|_| VecDeque::new()).collect();
+    let mut events = vec![EpollEvent::default(); queues.len() + 3];
     loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -156,11 +179,50 @@ fn run_worker<V: MemoryView>(
                 gate.park_if_paused();
                 continue;
             }
-            let q = &mut queues[token as usize];
+            if token == timer_token {
+                let _ = timer.wait();
+                let now = Instant::now();
+                let view = mem.view();
+                for (q, due) in queues.iter_mut().zip(pending.iter_mut()) {
+                    let mut used = false;
+                    while due.front().is_some_and(|&(_, _, t)| t <= now) {
+                        let (head, len, _) = due.pop_front().unwrap();
+                        if let Err(e) = q.queue.add_used(&*view, head, len) {
+                            warn!("virtio-blk: queue {}: {e}", q.index);
+                        }
+                        used = true;
+                    }
+                    if used && q.queue.needs_notification(&*view).unwrap_or(true) {
+                        if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(q.index)) {
+                            warn!("virtio-blk: interrupt: {e}");
+                        }
+                    }
+                }
+                drop(view);
+                arm_timer(&mut timer, &pending, now);
+                continue;
+            }
+            let qi = token as usize;
+            let q = &mut queues[qi];
             let _ = q.kick.read();
             // The view is held for the whole batch: a DMA unmap waits for it.
             let view = mem.view();
-            let result = engine.process_queue(&mut q.queue, &*view);
+            let result = match latency {
+                None => engine.process_queue(&mut q.queue, &*view),
+                Some(lat) => {
+                    let seen = Instant::now();
+                    let due = &mut pending[qi];
+                    let was_idle = due.is_empty();
+                    let r = engine.drain_queue(&mut q.queue, &*view, |_, head, len| {
+                        due.push_back((head, len, seen + lat));
+                        Ok(())
+                    });
+                    if was_idle {
+                        arm_timer(&mut timer, &pending, seen);
+                    }
+                    r.map(|_| false)
+                }
+            };
             drop(view);
             match result {
                 Ok(true) => {
@@ -172,6 +234,26 @@ fn run_worker<V: MemoryView>(
                 Err(e) => warn!("virtio-blk: queue {}: {e}", q.index),
             }
         }
+    }
+}
+
+/// Arms `timer` for the earliest pending completion (or disarms it).
+fn arm_timer(timer: &mut TimerFd, pending: &[VecDeque<(u16, u32, Instant)>], now: Instant) {
+    let next = pending
+        .iter()
+        .filter_map(|p| p.front().map(|&(_, _, t)| t))
+        .min();
+    let r = match next {
+        // A zero duration would disarm the timer: fire as soon as possible instead.
+        Some(t) => timer.reset(
+            t.saturating_duration_since(now)
+                .max(Duration::from_nanos(1)),
+            None,
+        ),
+        None => timer.clear(),
+    };
+    if let Err(e) = r {
+        warn!("virtio-blk: timerfd: {e}");
     }
 }
 
@@ -215,6 +297,7 @@ impl<V: MemoryView> VirtioDevice for Block<V> {
         let kill_worker = kill.try_clone().map_err(ActivateError::Worker)?;
         let gate = Arc::new(PauseGate::new().map_err(ActivateError::Worker)?);
         let gate_worker = gate.clone();
+        let latency = self.latency;
         let (disk, serial, counters) = (
             self.disk.clone(),
             self.serial.clone(),
@@ -232,6 +315,7 @@ impl<V: MemoryView> VirtioDevice for Block<V> {
                     queues,
                     kill_worker,
                     gate_worker,
+                    latency,
                 )
             })
             .map_err(ActivateError::Worker)?;

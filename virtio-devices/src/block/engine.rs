@@ -351,15 +351,30 @@ impl BlockEngine<'_> {
     }
 
     /// Serves every available chain; returns true when the driver should be notified.
-    ///
-    /// Every iteration consumes an avail entry, so a hostile ring cannot make this spin: an
-    /// invalid head index is skipped, an avail index more than a queue ahead is an error.
     pub fn process_queue<M: GuestMemory>(
         &self,
         queue: &mut Queue,
         mem: &M,
     ) -> Result<bool, virtio_queue::Error> {
         let mut used_any = false;
+        self.drain_queue(queue, mem, |q, head, len| {
+            used_any = true;
+            q.add_used(mem, head, len)
+        })?;
+        Ok(used_any && queue.needs_notification(mem)?)
+    }
+
+    /// Executes every available chain and hands (head, used length) to `complete`, which may
+    /// publish it at once or later.
+    ///
+    /// Every iteration consumes an avail entry, so a hostile ring cannot make this spin: an
+    /// invalid head index is skipped, an avail index more than a queue ahead is an error.
+    pub fn drain_queue<M: GuestMemory>(
+        &self,
+        queue: &mut Queue,
+        mem: &M,
+        mut complete: impl FnMut(&mut Queue, u16, u32) -> Result<(), virtio_queue::Error>,
+    ) -> Result<(), virtio_queue::Error> {
         loop {
             queue.disable_notification(mem)?;
             loop {
@@ -377,8 +392,7 @@ impl BlockEngine<'_> {
                     Some(chain) => {
                         let head = chain.head_index();
                         let len = self.handle_chain(chain, mem);
-                        queue.add_used(mem, head, len)?;
-                        used_any = true;
+                        complete(queue, head, len)?;
                     }
                     // The avail entry itself could not be read.
                     None => {
@@ -391,7 +405,7 @@ impl BlockEngine<'_> {
                 break;
             }
         }
-        Ok(used_any && queue.needs_notification(mem)?)
+        Ok(())
     }
 }
 

@@ -158,7 +158,7 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiErr
             }
             let b: Body = serde_json::from_slice(body)
                 .map_err(|e| ApiError::BadRequest(format!("Invalid body: {e}")))?;
-            if b.size == 0 || b.iova % 4096 != 0 || b.size % 4096 != 0 {
+            if b.size == 0 || !b.iova.is_multiple_of(4096) || !b.size.is_multiple_of(4096) {
                 return Err(ApiError::BadRequest(
                     "iova and size must be non-zero multiples of 4096".into(),
                 ));
