@@ -129,6 +129,7 @@ pub fn build_blk(cfg: &BlkConfig) -> Result<Device, DeviceError> {
         0,
         InterruptDelivery::Direct,
     )
+    .and_then(|p| p.with_shadow_index(iommu.clone()))
     .map_err(DeviceError::Pci)?;
     let notifiers = pci
         .queue_notifiers()

@@ -11,6 +11,7 @@ use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use thiserror::Error;
+use virtio_devices::transport::ShadowIndex;
 use virtio_devices::{GuestMemoryMmap, LogLimiter, MemoryView};
 use vm_memory::bitmap::BS;
 use vm_memory::guest_memory::{GuestMemorySliceIterator, Result as MemResult};
@@ -73,6 +74,8 @@ pub struct IommuStats {
 pub struct Snapshot {
     runs: BTreeMap<u64, Run>,
     memory: Option<GuestMemoryMmap>,
+    /// VIO shadow indices: a 2-byte read at the first address is served from the second.
+    redirects: Vec<(u64, u64)>,
     stats: Arc<IommuStats>,
 }
 
@@ -125,6 +128,7 @@ impl Iommu {
             current: RwLock::new(Arc::new(Snapshot {
                 runs: BTreeMap::new(),
                 memory: None,
+                redirects: Vec::new(),
                 stats: stats.clone(),
             })),
             update: Mutex::new(()),
@@ -137,6 +141,15 @@ impl Iommu {
     }
 
     fn publish(&self, runs: BTreeMap<u64, Run>) -> Result<(), IommuError> {
+        let redirects = self.current.read().unwrap().redirects.clone();
+        self.publish_with(runs, redirects)
+    }
+
+    fn publish_with(
+        &self,
+        runs: BTreeMap<u64, Run>,
+        redirects: Vec<(u64, u64)>,
+    ) -> Result<(), IommuError> {
         let memory = if runs.is_empty() {
             None
         } else {
@@ -150,6 +163,7 @@ impl Iommu {
         let snap = Arc::new(Snapshot {
             runs,
             memory,
+            redirects,
             stats: self.stats.clone(),
         });
         // Taking the write lock waits for every device access in progress on the old view.
@@ -233,6 +247,23 @@ impl Iommu {
     }
 }
 
+impl ShadowIndex for Iommu {
+    fn redirect(&self, avail_idx_addr: u64, shadow: Option<u64>) {
+        let _g = self.update.lock().unwrap();
+        let (runs, mut redirects) = {
+            let cur = self.current.read().unwrap();
+            (cur.runs.clone(), cur.redirects.clone())
+        };
+        redirects.retain(|&(from, _)| from != avail_idx_addr);
+        if let Some(to) = shadow {
+            redirects.push((avail_idx_addr, to));
+        }
+        if let Err(e) = self.publish_with(runs, redirects) {
+            warn!("Shadow index: {e}");
+        }
+    }
+}
+
 impl Default for Iommu {
     fn default() -> Self {
         Self::new()
@@ -287,6 +318,16 @@ impl Snapshot {
         }
     }
 
+    /// Where an access really goes: the avail index of a shadowed queue is read elsewhere.
+    fn translate(&self, addr: GuestAddress, count: usize) -> GuestAddress {
+        if count == 2 {
+            if let Some(&(_, to)) = self.redirects.iter().find(|&&(from, _)| from == addr.0) {
+                return GuestAddress(to);
+            }
+        }
+        addr
+    }
+
     fn check(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
         let ok = count == 0 || self.allowed(addr.0, count, access);
         if !ok {
@@ -301,7 +342,7 @@ impl GuestMemory for Snapshot {
     type Bitmap = ();
 
     fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
-        self.check(addr, count, access)
+        self.check(self.translate(addr, count), count, access)
     }
 
     fn get_slices<'a>(
@@ -310,6 +351,7 @@ impl GuestMemory for Snapshot {
         count: usize,
         access: Permissions,
     ) -> MemResult<impl GuestMemorySliceIterator<'a, BS<'a, Self::Bitmap>>> {
+        let addr = self.translate(addr, count);
         if !self.check(addr, count, access) {
             return Err(GuestMemoryError::InvalidGuestAddress(addr));
         }
@@ -431,6 +473,48 @@ mod tests {
         iommu.unmap_all();
         assert_eq!(iommu.mapped_bytes(), 0);
         assert!(iommu.view().read_obj::<u8>(GuestAddress(0)).is_err());
+    }
+
+    #[test]
+    fn shadow_index_redirect() {
+        let iommu = Iommu::new();
+        iommu.map(memfd(2), 0, 0, 2 * PAGE_SIZE, true).unwrap();
+        let v = iommu.view();
+        v.write_obj(7u16, GuestAddress(0x102)).unwrap();
+        v.write_obj(3u16, GuestAddress(PAGE_SIZE)).unwrap();
+        drop(v);
+        iommu.redirect(0x102, Some(PAGE_SIZE));
+        let v = iommu.view();
+        assert_eq!(
+            v.read_obj::<u16>(GuestAddress(0x102)).unwrap(),
+            3,
+            "the index comes from the shadow"
+        );
+        assert_eq!(
+            v.read_obj::<u32>(GuestAddress(0x100)).unwrap() >> 16,
+            7,
+            "other accesses are not redirected"
+        );
+        drop(v);
+        iommu
+            .map(memfd(1), 0, 4 * PAGE_SIZE, PAGE_SIZE, true)
+            .unwrap();
+        assert_eq!(
+            iommu.view().read_obj::<u16>(GuestAddress(0x102)).unwrap(),
+            3,
+            "redirects survive DMA maps"
+        );
+        iommu.redirect(0x102, Some(8 * PAGE_SIZE));
+        assert!(
+            iommu.view().read_obj::<u16>(GuestAddress(0x102)).is_err(),
+            "an unmapped shadow is an IOPF"
+        );
+        iommu.redirect(0x102, None);
+        assert_eq!(
+            iommu.view().read_obj::<u16>(GuestAddress(0x102)).unwrap(),
+            7,
+            "switched back"
+        );
     }
 
     #[test]

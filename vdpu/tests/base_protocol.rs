@@ -108,13 +108,16 @@ impl Rig {
 }
 
 fn start() -> (PathBuf, PathBuf) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
     let dir = std::env::temp_dir();
-    let disk = dir.join(format!("vdpu-base-{}.img", std::process::id()));
+    let disk = dir.join(format!("vdpu-base-{}-{n}.img", std::process::id()));
     let mut f = File::create(&disk).unwrap();
     for s in 0..64u8 {
         f.write_all(&[s; 512]).unwrap();
     }
-    let sock = dir.join(format!("vdpu-base-{}.sock", std::process::id()));
+    let sock = dir.join(format!("vdpu-base-{}-{n}.sock", std::process::id()));
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).unwrap();
     let mut dev =
@@ -123,8 +126,8 @@ fn start() -> (PathBuf, PathBuf) {
     (sock, disk)
 }
 
-#[test]
-fn standard_client_serves_a_request_and_sees_iopf() {
+/// Connects, maps 1 MiB of client memory, wires MSI-X and brings queue 0 up.
+fn setup() -> (Rig, PathBuf, PathBuf) {
     let (sock, disk) = start();
     let mut client = Client::new(&sock).expect("version negotiation and region discovery");
     assert_eq!(client.region(7).map(|r| r.size), Some(256));
@@ -165,6 +168,13 @@ fn standard_client_serves_a_request_and_sees_iopf() {
     rig.w(0x1c, &1u16.to_le_bytes());
     rig.w(0x14, &[1 | 2 | 8 | 4]);
 
+    (rig, sock, disk)
+}
+
+#[test]
+fn standard_client_serves_a_request_and_sees_iopf() {
+    let (mut rig, sock, disk) = setup();
+    let mut id = [0u8; 4];
     rig.read_request(0, 5, 0x11000);
     rig.wait_used(1);
     assert_eq!(rig.get8(0x12000), 0, "status OK");
@@ -211,6 +221,56 @@ fn standard_client_serves_a_request_and_sees_iopf() {
     let mut again = Client::new(&sock).expect("reconnect");
     again.region_read(7, 0, &mut id).unwrap();
     assert_eq!(u32::from_le_bytes(id), 0x1042_1af4);
+    let _ = std::fs::remove_file(&disk);
+    let _ = std::fs::remove_file(&sock);
+}
+
+/// The VIO hardware extension: with a shadow index enabled, the device sees only what the
+/// shadow publishes, whatever the guest's avail->idx says; disabled, it reads the ring again.
+#[test]
+fn shadow_index_gates_the_device() {
+    let (mut rig, sock, disk) = setup();
+    // Find the capability (cfg_type 0x80) in config space.
+    let cfg = |rig: &mut Rig, off: u64| {
+        let mut b = [0u8; 4];
+        rig.client.region_read(7, off, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    };
+    let mut ptr = u64::from(cfg(&mut rig, 0x34) & 0xfc);
+    let mut found = None;
+    while ptr != 0 {
+        let head = cfg(&mut rig, ptr);
+        if head & 0xff == 0x09 && (head >> 24) & 0xff == 0x80 {
+            found = Some(cfg(&mut rig, ptr + 8));
+        }
+        ptr = u64::from((head >> 8) & 0xfc);
+    }
+    let base = u64::from(found.expect("VIO shadow-index capability"));
+    assert_eq!(rig.r32(base), 0x5348_4956, "magic");
+    assert_eq!(rig.r32(base + 8), 1, "one queue");
+    const SHADOW: u64 = 0x20000;
+    rig.put(SHADOW, 0u16);
+    rig.w(base + 0x10, &SHADOW.to_le_bytes());
+    rig.w(base + 0x18, &1u32.to_le_bytes());
+    assert_eq!(rig.r32(base + 0x18), 1);
+
+    rig.read_request(0, 7, 0x11000);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        rig.used_idx(),
+        0,
+        "the guest's index alone does not reach the device"
+    );
+    rig.put(SHADOW, 1u16);
+    rig.w(0x6000, &0u16.to_le_bytes());
+    rig.wait_used(1);
+    assert_eq!(rig.get8(0x12000), 0);
+
+    rig.w(base + 0x18, &0u32.to_le_bytes());
+    rig.read_request(1, 8, 0x11200);
+    rig.wait_used(2);
+    assert_eq!(rig.get8(0x12001), 0, "switched back to the ring's index");
+    drop(rig);
     let _ = std::fs::remove_file(&disk);
     let _ = std::fs::remove_file(&sock);
 }

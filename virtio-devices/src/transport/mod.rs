@@ -2,4 +2,7 @@
 
 mod pci_device;
 
-pub use pci_device::{InterruptDelivery, IoEventRegistrar, VirtioPciDevice, VirtioPciLayout};
+pub use pci_device::{
+    InterruptDelivery, IoEventRegistrar, ShadowIndex, VirtioPciDevice, VirtioPciLayout,
+    VIO_CAP_SHADOW_INDEX, VIO_SHADOW_MAGIC,
+};

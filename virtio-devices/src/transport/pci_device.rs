@@ -39,10 +39,38 @@ impl VirtioPciLayout {
     pub const MSIX_TABLE_LEN: u64 = 0x4_0000;
     pub const MSIX_PBA: u64 = 0x4_8000;
     pub const MSIX_PBA_LEN: u64 = 0x800;
+    /// The VIO shadow-index control block (present only on devices that offer it).
+    pub const VIO: u64 = 0x5_0000;
+    pub const VIO_LEN: u64 = 0x1000;
 
     pub fn notify_addr(bar: u64, queue: u16) -> u64 {
         bar + Self::NOTIFY + u64::from(queue) * u64::from(Self::NOTIFY_MULTIPLIER)
     }
+}
+
+/// The VIO hardware extension: a vendor-specific capability (virtio layout, `cfg_type`
+/// `VIO_CAP_SHADOW_INDEX`, which virtio drivers ignore) pointing at a control block in BAR 0.
+/// Per queue, a client may make the device read the available index from a 16-bit shadow at a
+/// given IOVA instead of the guest's `avail->idx`, and switch back.
+///
+/// Control block (little endian): `0x0` magic `VIO_SHADOW_MAGIC` (u32, RO), `0x4` version 1
+/// (u32, RO), `0x8` number of queues (u32, RO); queue *n* at `0x10 + 16n`: shadow IOVA (u64),
+/// enable (u32: 1 = read the index from the shadow, 0 = from the ring).
+pub const VIO_CAP_SHADOW_INDEX: u8 = 0x80;
+pub const VIO_SHADOW_MAGIC: u32 = 0x5348_4956; // "VIHS"
+
+/// Where a device reads its available indices from.
+pub trait ShadowIndex: Send + Sync {
+    /// Reads of the 16-bit index at `avail_idx_addr` come from `shadow` (or, with `None`,
+    /// from the ring again).
+    fn redirect(&self, avail_idx_addr: u64, shadow: Option<u64>);
+}
+
+#[derive(Clone, Copy, Default)]
+struct ShadowReg {
+    iova: u64,
+    /// The ring index address the redirect was installed for, while enabled.
+    active: Option<u64>,
 }
 
 pub use pci::IoEventRegistrar;
@@ -112,6 +140,7 @@ pub struct VirtioPciDevice {
     queue_select: u16,
     config_generation: u8,
     activated: bool,
+    shadow: Option<(Arc<dyn ShadowIndex>, Vec<ShadowReg>)>,
 }
 
 fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
@@ -237,6 +266,7 @@ impl VirtioPciDevice {
             queue_select: 0,
             config_generation: 0,
             activated: false,
+            shadow: None,
         };
         dev.register_ioevents(bar)
             .map_err(|e| format!("ioeventfd: {e}"))?;
@@ -245,6 +275,85 @@ impl VirtioPciDevice {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Offers the VIO shadow-index extension, backed by `host`.
+    pub fn with_shadow_index(mut self, host: Arc<dyn ShadowIndex>) -> Result<Self, String> {
+        let cap = virtio_cap(
+            VIO_CAP_SHADOW_INDEX,
+            VirtioPciLayout::VIO,
+            VirtioPciLayout::VIO_LEN,
+            &[],
+        );
+        self.config.add_capability(VIRTIO_PCI_CAP_ID, &cap, &[])?;
+        self.shadow = Some((host, vec![ShadowReg::default(); self.queues.len()]));
+        Ok(self)
+    }
+
+    fn shadow_access(&mut self, offset: u64, data: &mut [u8], write: Option<&[u8]>) {
+        let nq = self.queues.len();
+        let Some((host, regs)) = &mut self.shadow else {
+            return data.fill(0);
+        };
+        let read = |v: u64, data: &mut [u8], at: u64| {
+            let b = v.to_le_bytes();
+            for (i, d) in data.iter_mut().enumerate() {
+                *d = b.get(at as usize + i).copied().unwrap_or(0);
+            }
+        };
+        if offset < 0x10 {
+            if write.is_none() {
+                let header = u64::from(VIO_SHADOW_MAGIC) | 1 << 32;
+                match offset {
+                    0..=7 => read(header, data, offset),
+                    _ => read(nq as u64, data, offset - 8),
+                }
+            }
+            return;
+        }
+        let q = ((offset - 0x10) / 16) as usize;
+        let field = (offset - 0x10) % 16;
+        let Some(reg) = regs.get_mut(q) else {
+            return data.fill(0);
+        };
+        let Some(w) = write else {
+            match field {
+                0..=7 => read(reg.iova, data, field),
+                8..=11 => read(u64::from(reg.active.is_some()), data, field - 8),
+                _ => data.fill(0),
+            }
+            return;
+        };
+        let mut v = [0u8; 8];
+        v[..w.len()].copy_from_slice(w);
+        let v = u64::from_le_bytes(v);
+        match (field, w.len()) {
+            (0, 8) => reg.iova = v,
+            (0, 4) => reg.iova = (reg.iova & !0xffff_ffff) | v,
+            (4, 4) => reg.iova = (reg.iova & 0xffff_ffff) | v << 32,
+            (8, 4) | (8, 2) | (8, 1) => {
+                if let Some(old) = reg.active.take() {
+                    host.redirect(old, None);
+                }
+                if v & 1 == 1 {
+                    let at = self.queues[q].avail_ring() + 2;
+                    host.redirect(at, Some(reg.iova));
+                    reg.active = Some(at);
+                }
+            }
+            _ => debug!("{}: ignored VIO control write at {offset:#x}", self.id),
+        }
+    }
+
+    fn reset_shadow(&mut self) {
+        if let Some((host, regs)) = &mut self.shadow {
+            for r in regs.iter_mut() {
+                if let Some(old) = r.active.take() {
+                    host.redirect(old, None);
+                }
+                r.iova = 0;
+            }
+        }
     }
 
     pub fn bar(&self) -> u64 {
@@ -494,6 +603,7 @@ impl VirtioPciDevice {
 
     fn reset(&mut self) {
         self.device.lock().unwrap().reset();
+        self.reset_shadow();
         for q in &mut self.queues {
             q.reset();
         }
@@ -545,6 +655,8 @@ impl VirtioPciDevice {
                 Some(w) => m.write_table(offset - L::MSIX_TABLE, w),
                 None => m.read_table(offset - L::MSIX_TABLE, data),
             }
+        } else if within(L::VIO, L::VIO_LEN) {
+            self.shadow_access(offset - L::VIO, data, write);
         } else if within(L::MSIX_PBA, L::MSIX_PBA_LEN) {
             if write.is_none() {
                 self.vectors
