@@ -7,9 +7,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use vdpu::device::{build_blk, BlkConfig};
 
 static DUMP_COUNTERS: AtomicBool = AtomicBool::new(false);
+static EXIT: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_sigusr1(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     DUMP_COUNTERS.store(true, Ordering::Relaxed);
+}
+
+extern "C" fn on_exit_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    EXIT.store(true, Ordering::Relaxed);
 }
 
 struct Logger;
@@ -87,11 +92,18 @@ fn main() -> ExitCode {
         }
     };
     let _ = vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, on_sigusr1);
+    let _ = vmm_sys_util::signal::register_signal_handler(libc::SIGTERM, on_exit_signal);
+    let _ = vmm_sys_util::signal::register_signal_handler(libc::SIGINT, on_exit_signal);
     let counters = dev.counters_handle();
+    // Signal handlers only set flags; this thread does the printing (and the exit).
     std::thread::spawn(move || loop {
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        std::thread::sleep(std::time::Duration::from_millis(50));
         if DUMP_COUNTERS.swap(false, Ordering::Relaxed) {
             eprintln!("vdpu counters: {}", counters());
+        }
+        if EXIT.load(Ordering::Relaxed) {
+            eprintln!("vdpu counters: {}", counters());
+            std::process::exit(0);
         }
     });
     log::info!("Serving {} on {}", cfg.path.display(), path.display());

@@ -34,12 +34,15 @@ pub struct Device {
 impl Device {
     pub fn counters(&self) -> Counters {
         let mut c = self.virtio.lock().unwrap().counters();
-        c.insert("iopf", self.iommu.stats().iopf.load(Ordering::Relaxed));
         c.insert(
-            "last_iopf_iova",
+            "iopf".into(),
+            self.iommu.stats().iopf.load(Ordering::Relaxed),
+        );
+        c.insert(
+            "last_iopf_iova".into(),
             self.iommu.stats().last_iopf_iova.load(Ordering::Relaxed),
         );
-        c.insert("dma_mapped_bytes", self.iommu.mapped_bytes());
+        c.insert("dma_mapped_bytes".into(), self.iommu.mapped_bytes());
         c
     }
 
@@ -48,7 +51,7 @@ impl Device {
         let (virtio, iommu) = (self.virtio.clone(), self.iommu.clone());
         move || {
             let mut c = virtio.lock().unwrap().counters();
-            c.insert("iopf", iommu.stats().iopf.load(Ordering::Relaxed));
+            c.insert("iopf".into(), iommu.stats().iopf.load(Ordering::Relaxed));
             serde_json::to_string(&c).unwrap_or_default()
         }
     }

@@ -2,6 +2,7 @@
 //! guest memory and a device.
 
 pub mod dma;
+pub mod kernel;
 pub mod vfio_user;
 
 pub use dma::{DmaBacking, DmaError, DmaMapping};

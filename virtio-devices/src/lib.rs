@@ -63,7 +63,7 @@ pub struct ActiveQueue {
     pub kick: EventFd,
 }
 
-pub type Counters = BTreeMap<&'static str, u64>;
+pub type Counters = BTreeMap<String, u64>;
 
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;

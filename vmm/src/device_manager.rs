@@ -330,17 +330,7 @@ impl DeviceManager {
         let mut all: BTreeMap<String, BTreeMap<String, u64>> = self
             .virtio
             .iter()
-            .map(|(id, d)| {
-                (
-                    id.clone(),
-                    d.lock()
-                        .unwrap()
-                        .counters()
-                        .into_iter()
-                        .map(|(k, v)| (k.to_string(), v))
-                        .collect(),
-                )
-            })
+            .map(|(id, d)| (id.clone(), d.lock().unwrap().counters()))
             .collect();
         for d in &self.user {
             let d = d.lock().unwrap();

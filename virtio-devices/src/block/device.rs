@@ -11,6 +11,7 @@ use crate::{
 use log::{error, warn};
 use std::collections::VecDeque;
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -36,6 +37,13 @@ struct Worker {
     handle: JoinHandle<()>,
 }
 
+/// Per queue: doorbells seen and requests served.
+#[derive(Default)]
+struct QueueStats {
+    kicks: AtomicU64,
+    requests: AtomicU64,
+}
+
 pub struct Block<V: MemoryView = GuestMemoryMmap> {
     disk: Arc<RawFile>,
     serial: Arc<[u8; VIRTIO_BLK_ID_BYTES]>,
@@ -44,6 +52,7 @@ pub struct Block<V: MemoryView = GuestMemoryMmap> {
     config: [u8; CONFIG_LEN],
     queue_sizes: Vec<u16>,
     counters: Arc<BlockCounters>,
+    queue_stats: Arc<Vec<QueueStats>>,
     memory: Arc<V>,
     latency: Option<Duration>,
     worker: Option<Worker>,
@@ -98,6 +107,7 @@ impl<V: MemoryView> Block<V> {
             serial: Arc::new(block_serial(&cfg.id)),
             disk: Arc::new(disk),
             counters: Arc::new(BlockCounters::default()),
+            queue_stats: Arc::new((0..cfg.num_queues).map(|_| QueueStats::default()).collect()),
             memory,
             latency: cfg.latency,
             worker: None,
@@ -110,6 +120,7 @@ fn run_worker<V: MemoryView>(
     disk: Arc<RawFile>,
     serial: Arc<[u8; VIRTIO_BLK_ID_BYTES]>,
     counters: Arc<BlockCounters>,
+    queue_stats: Arc<Vec<QueueStats>>,
     mem: Arc<V>,
     interrupt: Arc<dyn VirtioInterrupt>,
     mut queues: Vec<ActiveQueue>,
@@ -205,6 +216,11 @@ fn run_worker<V: MemoryView>(
             let qi = token as usize;
             let q = &mut queues[qi];
             let _ = q.kick.read();
+            let stats = queue_stats.get(q.index as usize);
+            if let Some(st) = stats {
+                st.kicks.fetch_add(1, AtomicOrdering::Relaxed);
+            }
+            let before = counters.requests();
             // The view is held for the whole batch: a DMA unmap waits for it.
             let view = mem.view();
             let result = match latency {
@@ -224,6 +240,10 @@ fn run_worker<V: MemoryView>(
                 }
             };
             drop(view);
+            if let Some(st) = stats {
+                st.requests
+                    .fetch_add(counters.requests() - before, AtomicOrdering::Relaxed);
+            }
             match result {
                 Ok(true) => {
                     if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(q.index)) {
@@ -298,6 +318,7 @@ impl<V: MemoryView> VirtioDevice for Block<V> {
         let gate = Arc::new(PauseGate::new().map_err(ActivateError::Worker)?);
         let gate_worker = gate.clone();
         let latency = self.latency;
+        let queue_stats = self.queue_stats.clone();
         let (disk, serial, counters) = (
             self.disk.clone(),
             self.serial.clone(),
@@ -310,6 +331,7 @@ impl<V: MemoryView> VirtioDevice for Block<V> {
                     disk,
                     serial,
                     counters,
+                    queue_stats,
                     mem,
                     interrupt,
                     queues,
@@ -346,7 +368,18 @@ impl<V: MemoryView> VirtioDevice for Block<V> {
     }
 
     fn counters(&self) -> Counters {
-        self.counters.snapshot()
+        let mut c = self.counters.snapshot();
+        for (i, q) in self.queue_stats.iter().enumerate() {
+            c.insert(
+                format!("queue{i}_kicks"),
+                q.kicks.load(AtomicOrdering::Relaxed),
+            );
+            c.insert(
+                format!("queue{i}_requests"),
+                q.requests.load(AtomicOrdering::Relaxed),
+            );
+        }
+        c
     }
 }
 

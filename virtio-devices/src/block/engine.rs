@@ -188,9 +188,26 @@ pub struct BlockCounters {
     pub flush_ops: AtomicU64,
     pub io_errors: AtomicU64,
     pub bad_requests: AtomicU64,
+    /// GET_ID and unsupported types.
+    pub other_ops: AtomicU64,
 }
 
 impl BlockCounters {
+    /// Requests answered so far, whatever their outcome.
+    pub fn requests(&self) -> u64 {
+        [
+            &self.read_ops,
+            &self.write_ops,
+            &self.flush_ops,
+            &self.io_errors,
+            &self.bad_requests,
+            &self.other_ops,
+        ]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum()
+    }
+
     pub fn snapshot(&self) -> crate::Counters {
         let mut c = crate::Counters::new();
         for (k, v) in [
@@ -201,8 +218,9 @@ impl BlockCounters {
             ("flush_ops", &self.flush_ops),
             ("io_errors", &self.io_errors),
             ("bad_requests", &self.bad_requests),
+            ("other_ops", &self.other_ops),
         ] {
-            c.insert(k, v.load(Ordering::Relaxed));
+            c.insert(k.to_string(), v.load(Ordering::Relaxed));
         }
         c
     }
@@ -297,9 +315,13 @@ impl BlockEngine<'_> {
                         .map_err(|_| RequestError::BadBuffer(seg.addr))?;
                     written += seg.len;
                 }
+                self.counters.other_ops.fetch_add(1, Ordering::Relaxed);
                 Ok(written)
             }
-            RequestType::Unsupported(_) => Ok(0),
+            RequestType::Unsupported(_) => {
+                self.counters.other_ops.fetch_add(1, Ordering::Relaxed);
+                Ok(0)
+            }
         }
     }
 
