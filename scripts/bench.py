@@ -24,13 +24,14 @@ PROGRESS = re.compile(r"Guest boot progress: code 0x40 at ([0-9.]+) ms")
 
 def build():
     subprocess.run([os.path.join(ROOT, "scripts/build-guest.sh")], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cargo", "build", "--release", "--locked", "-q"], check=True, cwd=ROOT)
+    subprocess.run(["cargo", "build", "--workspace", "--release", "--locked", "-q"], check=True, cwd=ROOT)
 
 
-def boot(cmdline, disk=None, memory="size=512M"):
+def boot(cmdline, disk=None, memory="size=512M", extra=()):
     args = [VMM, "-v", "--kernel", GUEST, "--memory", memory, "--serial", "tty", "--cmdline", cmdline]
     if disk:
         args += ["--disk", f"path={disk}"]
+    args += list(extra)
     t0 = time.monotonic()
     p = subprocess.run(args, capture_output=True, text=True, timeout=600)
     wall = time.monotonic() - t0
@@ -71,13 +72,70 @@ def foundation(runs):
     return rows
 
 
+class Vdpu:
+    """A vdpu process serving `disk` for the duration of a `with` block."""
+
+    def __init__(self, disk, opts=""):
+        self.sock = os.path.join(os.path.dirname(disk), f"vdpu-{os.getpid()}.sock")
+        self.cmd = [os.path.join(ROOT, "target/release/vdpu"), "--socket", self.sock, "--blk", f"path={disk}{opts}"]
+
+    def __enter__(self):
+        self.p = subprocess.Popen(self.cmd, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(self.sock):
+            if time.monotonic() > deadline:
+                sys.exit("vdpu did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *a):
+        self.p.terminate()
+        self.p.wait()
+
+
+def vdpu_suite(runs):
+    rows = []
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
+        disk = os.path.join(d, "disk.img")
+        with open(disk, "wb") as f:
+            f.truncate(256 << 20)
+        configs = [
+            ("emulated virtio-blk (VMM thread)", lambda: None, lambda v: ["--memory", "size=512M,shared=on"], True),
+            ("vdpu passthrough (doorbell ioeventfd -> vdpu)", lambda: Vdpu(disk), lambda v: ["--user-device", f"socket={v.sock}"], False),
+            ("vdpu, base protocol (doorbell -> VMM -> socket)", lambda: Vdpu(disk), lambda v: ["--user-device", f"socket={v.sock},io_fds=off"], False),
+        ]
+        for qd in (1, 16):
+            cmd = f"vio.workload=blk-verify vio.ops=100000 vio.qd={qd} vio.seed=1"
+            for name, make, extra, emulated in configs:
+                rs = []
+                for _ in range(runs):
+                    dev = make()
+                    v = dev
+                    if dev:
+                        with dev as v:
+                            rs.append(boot(cmd, None, "size=512M,shared=on", extra(v)))
+                    else:
+                        rs.append(boot(cmd, disk, "size=512M,shared=on"))
+                for r in rs:
+                    assert r["result"]["mismatches"] == 0 and r["result"]["io_errors"] == 0, r["result"]
+                iops = med([r["result"]["iops"] for r in rs])
+                p50 = med([r["result"]["lat_p50_ns"] for r in rs]) / 1000
+                p99 = med([r["result"]["lat_p99_ns"] for r in rs]) / 1000
+                shown = rs[0]["cmd"].replace(d + "/", "$TMPFS/")
+                if not emulated:
+                    shown = shown.replace(d, "$TMPFS").replace(os.path.basename(v.sock), "vdpu.sock")
+                    shown = "(vdpu --socket $TMPFS/vdpu.sock --blk path=$TMPFS/disk.img) " + shown
+                rows.append((f"qd={qd}, {name}", f"{iops:,.0f} IOPS (p50 {p50:.1f} us, p99 {p99:.1f} us)", shown))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("suite", choices=["foundation"])
+    ap.add_argument("suite", choices=["foundation", "vdpu"])
     ap.add_argument("--runs", type=int, default=5)
     a = ap.parse_args()
     build()
-    rows = foundation(a.runs)
+    rows = foundation(a.runs) if a.suite == "foundation" else vdpu_suite(a.runs)
     print(f"Median of {a.runs} runs, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs\n")
     print("| what | result |\n|---|---|")
     for what, val, _ in rows:
