@@ -6,8 +6,10 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v python3 >/dev/null || need_apt+=(python3)
+# The userfaultfd crate generates its bindings with bindgen, which needs libclang.
+dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
 if ((${#need_apt[@]})); then
-    apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 for c in rustfmt clippy; do
     rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"

@@ -8,8 +8,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 use thiserror::Error;
 use vmm::config::{
-    ConfigError, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, OptionParser, PayloadConfig,
-    UserDeviceConfig, VmConfig,
+    parse_reclaim, ConfigError, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, OptionParser,
+    PayloadConfig, UserDeviceConfig, VmConfig,
 };
 use vmm::{error_chain, Vmm, VmmExit};
 
@@ -107,6 +107,12 @@ fn command() -> Command {
                 .default_value("off"),
         )
         .arg(
+            Arg::new("reclaim")
+                .long("reclaim")
+                .value_name("interval_ms=<ms>,idle_ms=<ms>,target_pct=<0..100>,store=<dir>,compress=lz4|none,store_max=<size>,fault_latency_us=<us>")
+                .help("Guest memory reclaim settings (with --memory reclaim=on)"),
+        )
+        .arg(
             Arg::new("user-device")
                 .long("user-device")
                 .value_name("socket=<path>,id=<name>,io_fds=on|off")
@@ -138,6 +144,7 @@ fn build_config(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
             Ok(MemoryConfig {
                 size: 512 << 20,
                 shared: false,
+                reclaim: false,
             }),
             |s| MemoryConfig::parse(s),
         )?,
@@ -154,6 +161,9 @@ fn build_config(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
             .flatten()
             .map(|s| DiskConfig::parse(s))
             .collect::<Result<_, _>>()?,
+        reclaim: m
+            .get_one::<String>("reclaim")
+            .map_or(Ok(Default::default()), |s| parse_reclaim(s))?,
         user_devices: m
             .get_many::<String>("user-device")
             .into_iter()

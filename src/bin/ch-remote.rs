@@ -29,6 +29,22 @@ fn command() -> Command {
         .subcommand(simple("delete", "Delete a VM"))
         .subcommand(simple("shutdown-vmm", "Shut the VMM down"))
         .subcommand(
+            Command::new("reclaim")
+                .about("Reclaim up to <size> of the coldest guest memory now")
+                .arg(
+                    Arg::new("size")
+                        .required(true)
+                        .value_name("size")
+                        .help("bytes, or with K/M/G"),
+                )
+                .arg(
+                    Arg::new("unsafe-unmap-dma")
+                        .long("unsafe-unmap-dma")
+                        .action(clap::ArgAction::SetTrue)
+                        .help("also reclaim DMA-mapped pages (the device will fault)"),
+                ),
+        )
+        .subcommand(
             Command::new("create")
                 .about("Create a VM from a JSON configuration")
                 .arg(
@@ -54,6 +70,18 @@ fn run(m: &ArgMatches) -> Result<String, String> {
         "boot" => ("PUT", "vm.boot", None),
         "delete" => ("PUT", "vm.delete", None),
         "shutdown-vmm" => ("PUT", "vmm.shutdown", None),
+        "reclaim" => {
+            let raw = sub.get_one::<String>("size").expect("required");
+            let bytes = vmm::config::parse_size(raw).map_err(|e| format!("Invalid size: {e}"))?;
+            let unsafe_dma = sub.get_flag("unsafe-unmap-dma");
+            (
+                "PUT",
+                "vm.reclaim",
+                Some(format!(
+                    "{{\"bytes\":{bytes},\"unsafe_unmap_dma\":{unsafe_dma}}}"
+                )),
+            )
+        }
         "create" => {
             let path = sub.get_one::<String>("path").expect("required");
             let body =

@@ -36,6 +36,8 @@ pub struct PayloadConfig {
 pub struct MemoryConfig {
     pub size: u64,
     pub shared: bool,
+    /// Guest memory reclaim (VIO); needs `shared`.
+    pub reclaim: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,6 +98,8 @@ pub struct VmConfig {
     pub user_devices: Vec<UserDeviceConfig>,
     pub serial: ConsoleMode,
     pub console: ConsoleMode,
+    /// Reclaim settings; used when `memory.reclaim` is on.
+    pub reclaim: crate::reclaim::ReclaimConfig,
 }
 
 /// `key=value,key=value` with a fixed set of keys.
@@ -220,14 +224,65 @@ fn check_disk_queues(num_queues: u16, queue_size: u16) -> Result<(), String> {
 
 impl MemoryConfig {
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse("memory", raw, &["size", "shared"])?;
+        let p = OptionParser::parse("memory", raw, &["size", "shared", "reclaim"])?;
         let size = p.size("size")?.unwrap_or(512 << 20);
         check_memory_size(size).map_err(|r| p.error(&r))?;
+        let shared = p.toggle("shared", false)?;
+        let reclaim = p.toggle("reclaim", false)?;
+        if reclaim && !shared {
+            return Err(
+                p.error("reclaim=on needs shared=on (reclaim frees pages of the shared memfd)")
+            );
+        }
         Ok(MemoryConfig {
             size,
-            shared: p.toggle("shared", false)?,
+            shared,
+            reclaim,
         })
     }
+}
+
+/// `--reclaim interval_ms=..,idle_ms=..,target_pct=..,store=DIR,compress=lz4|none,store_max=SIZE,fault_latency_us=N`
+pub fn parse_reclaim(raw: &str) -> Result<crate::reclaim::ReclaimConfig, ConfigError> {
+    let p = OptionParser::parse(
+        "reclaim",
+        raw,
+        &[
+            "interval_ms",
+            "idle_ms",
+            "target_pct",
+            "store",
+            "compress",
+            "store_max",
+            "fault_latency_us",
+        ],
+    )?;
+    let d = crate::reclaim::ReclaimConfig::default();
+    let target_pct: u8 = p.number("target_pct")?.unwrap_or(d.target_pct);
+    if target_pct > 100 {
+        return Err(p.error("target_pct must be 0..100"));
+    }
+    let compress = match p.get("compress") {
+        None | Some("lz4") => true,
+        Some("none") => false,
+        Some(v) => return Err(p.error(&format!("compress must be lz4 or none, got \"{v}\""))),
+    };
+    let store_dir = p.get("store").map(PathBuf::from).unwrap_or(d.store_dir);
+    if !store_dir.is_dir() {
+        return Err(p.error(&format!(
+            "store directory {} does not exist",
+            store_dir.display()
+        )));
+    }
+    Ok(crate::reclaim::ReclaimConfig {
+        interval_ms: p.number("interval_ms")?.unwrap_or(d.interval_ms),
+        idle_ms: p.number("idle_ms")?.unwrap_or(d.idle_ms),
+        target_pct,
+        store_dir,
+        compress,
+        store_max_bytes: p.size("store_max")?.unwrap_or(d.store_max_bytes),
+        fault_latency_us: p.number("fault_latency_us")?.unwrap_or(d.fault_latency_us),
+    })
 }
 
 impl CpusConfig {
@@ -341,6 +396,8 @@ mod json {
         pub size: u64,
         #[serde(default)]
         pub shared: bool,
+        #[serde(default)]
+        pub reclaim: bool,
         #[serde(default, skip_serializing)]
         pub mergeable: Option<Value>,
         #[serde(default, skip_serializing)]
@@ -551,14 +608,19 @@ impl VmConfig {
                     }
                 }
                 check_memory_size(m.size).map_err(|r| invalid("memory.size", r))?;
+                if m.reclaim && !m.shared {
+                    return Err(invalid("memory.reclaim", "needs memory.shared"));
+                }
                 MemoryConfig {
                     size: m.size,
                     shared: m.shared,
+                    reclaim: m.reclaim,
                 }
             }
             None => MemoryConfig {
                 size: 512 << 20,
                 shared: false,
+                reclaim: false,
             },
         };
         let mut disks = Vec::new();
@@ -592,6 +654,7 @@ impl VmConfig {
             });
         }
         let config = VmConfig {
+            reclaim: Default::default(),
             user_devices,
             payload: PayloadConfig {
                 kernel,
@@ -623,6 +686,7 @@ impl VmConfig {
             memory: Some(json::Memory {
                 size: self.memory.size,
                 shared: self.memory.shared,
+                reclaim: self.memory.reclaim,
                 mergeable: None,
                 hugepages: None,
                 hotplug_size: None,
@@ -685,8 +749,18 @@ mod tests {
             MemoryConfig::parse("size=1G,shared=on").unwrap(),
             MemoryConfig {
                 size: 1 << 30,
-                shared: true
+                shared: true,
+                reclaim: false
             }
+        );
+        assert!(
+            MemoryConfig::parse("size=1G,shared=on,reclaim=on")
+                .unwrap()
+                .reclaim
+        );
+        assert!(
+            reason(MemoryConfig::parse("size=1G,reclaim=on").unwrap_err())
+                .contains("needs shared=on")
         );
         assert!(!MemoryConfig::parse("size=64M").unwrap().shared);
         let e = reason(MemoryConfig::parse("size=12X").unwrap_err());
@@ -737,6 +811,27 @@ mod tests {
         );
         assert!(reason(DiskConfig::parse("path=a,path=b").unwrap_err()).contains("given twice"));
         assert!(reason(DiskConfig::parse("path=a,colour=red").unwrap_err()).contains("unknown key"));
+    }
+
+    #[test]
+    fn reclaim_options() {
+        let r = parse_reclaim("interval_ms=100,idle_ms=200,target_pct=60,compress=none,store_max=1G,fault_latency_us=5000").unwrap();
+        assert_eq!(
+            (r.interval_ms, r.idle_ms, r.target_pct, r.compress),
+            (100, 200, 60, false)
+        );
+        assert_eq!((r.store_max_bytes, r.fault_latency_us), (1 << 30, 5000));
+        for (bad, want) in [
+            ("target_pct=101", "0..100"),
+            ("compress=zip", "lz4 or none"),
+            ("store=/nonexistent/dir", "does not exist"),
+            ("interval=5", "unknown key"),
+        ] {
+            assert!(
+                reason(parse_reclaim(bad).unwrap_err()).contains(want),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
@@ -806,7 +901,8 @@ mod tests {
             c.memory,
             MemoryConfig {
                 size: 256 << 20,
-                shared: true
+                shared: true,
+                reclaim: false
             }
         );
         assert_eq!(c.serial, ConsoleMode::Tty);
@@ -866,6 +962,7 @@ mod tests {
             memory: MemoryConfig {
                 size: 64 << 20,
                 shared: false,
+                reclaim: false,
             },
             cpus: CpusConfig {
                 boot_vcpus: 1,
@@ -873,6 +970,7 @@ mod tests {
             },
             disks: vec![],
             user_devices: vec![],
+            reclaim: Default::default(),
             serial: ConsoleMode::Tty,
             console: ConsoleMode::Off,
         };

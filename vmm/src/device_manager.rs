@@ -7,6 +7,7 @@ use crate::devices::{
 use crate::interrupt::{GsiRouter, KvmMsiGroup};
 use crate::layout;
 use crate::memory_manager::MemoryManager;
+use crate::reclaim::DmaPin;
 use crate::vmm::error_chain;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pci::{
@@ -283,6 +284,19 @@ impl DeviceManager {
         let err = |e: String| DeviceError::UserDevice(id.to_string(), e);
         let client =
             Arc::new(VfioUserClient::connect(&u.socket).map_err(|e| err(error_chain(&e)))?);
+        if let Some(r) = ram.reclaimer() {
+            // Plain passthrough maps all of guest RAM, so all of it is pinned for reclaim.
+            let pages = ram
+                .regions()
+                .iter()
+                .map(|r| (r.file_offset / 4096, (r.file_offset + r.size) / 4096))
+                .collect();
+            r.add_pin(DmaPin {
+                id: id.to_string(),
+                mapping: client.clone(),
+                pages,
+            });
+        }
         // Plain passthrough: all of guest RAM is DMA-mapped, at IOVA = guest-physical address.
         for r in ram.regions() {
             let backing = DmaBacking {

@@ -8,6 +8,7 @@ pub mod devices;
 pub mod interrupt;
 pub mod layout;
 pub mod memory_manager;
+pub mod reclaim;
 pub mod vm;
 pub mod vmm;
 

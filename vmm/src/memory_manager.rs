@@ -2,6 +2,7 @@
 //! same pages) or private, and registered with KVM as memory slots.
 
 use crate::layout;
+use crate::reclaim::{HostRange, ReclaimConfig, Reclaimer};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use std::ffi::CString;
@@ -22,6 +23,8 @@ pub enum MemoryError {
     Truncate(#[source] io::Error),
     #[error("Failed to map guest RAM: {0}")]
     Mmap(String),
+    #[error("Failed to set up reclaim")]
+    Reclaim(#[from] crate::reclaim::ReclaimError),
     #[error("Failed to register guest RAM with KVM")]
     SetRegion(#[source] kvm_ioctls::Error),
 }
@@ -35,6 +38,7 @@ pub struct RamRegion {
 }
 
 pub struct MemoryManager {
+    reclaimer: Option<Arc<Reclaimer>>,
     memfd: Arc<File>,
     memory: Arc<GuestMemoryMmap>,
     regions: Vec<RamRegion>,
@@ -87,11 +91,33 @@ impl MemoryManager {
         let memory = GuestMemoryMmap::from_arc_regions(mapped)
             .map_err(|e| MemoryError::Mmap(e.to_string()))?;
         Ok(MemoryManager {
+            reclaimer: None,
             memfd,
             memory: Arc::new(memory),
             regions,
             shared,
         })
+    }
+
+    /// Starts reclaim over all of guest RAM (needs a shared mapping).
+    pub fn enable_reclaim(&mut self, cfg: ReclaimConfig) -> Result<(), MemoryError> {
+        let ranges = self
+            .memory
+            .iter()
+            .zip(self.regions.iter())
+            .map(|(m, r)| HostRange {
+                guest_addr: r.guest_addr,
+                size: r.size,
+                file_offset: r.file_offset,
+                host_addr: m.as_ptr() as u64,
+            })
+            .collect();
+        self.reclaimer = Some(Reclaimer::new(self.memfd.clone(), ranges, cfg)?);
+        Ok(())
+    }
+
+    pub fn reclaimer(&self) -> Option<&Arc<Reclaimer>> {
+        self.reclaimer.as_ref()
     }
 
     pub fn memory(&self) -> Arc<GuestMemoryMmap> {
@@ -128,6 +154,14 @@ impl MemoryManager {
             unsafe { vm.set_user_memory_region(mem_region) }.map_err(MemoryError::SetRegion)?;
         }
         Ok(())
+    }
+}
+
+impl Drop for MemoryManager {
+    fn drop(&mut self) {
+        if let Some(r) = &self.reclaimer {
+            r.stop();
+        }
     }
 }
 

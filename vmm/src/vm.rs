@@ -72,7 +72,10 @@ impl Vm {
         vm_fd
             .create_irq_chip()
             .map_err(|e| VmError::SetupVm("irqchip", e))?;
-        let memory = MemoryManager::new(config.memory.size, config.memory.shared)?;
+        let mut memory = MemoryManager::new(config.memory.size, config.memory.shared)?;
+        if config.memory.reclaim {
+            memory.enable_reclaim(config.reclaim.clone())?;
+        }
         memory.register_with_kvm(&vm_fd)?;
         let devices = DeviceManager::new(vm_fd.clone(), config, &memory, exit.clone(), start)?;
         Ok(Vm {
@@ -206,7 +209,21 @@ impl Vm {
     }
 
     pub fn counters(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
-        self.devices.counters()
+        let mut c = self.devices.counters();
+        if let Some(r) = self.memory.reclaimer() {
+            c.insert("memory".into(), r.counters());
+        }
+        c
+    }
+
+    pub fn reclaim(
+        &self,
+        bytes: u64,
+        unsafe_unmap_dma: bool,
+    ) -> Option<crate::reclaim::ReclaimReport> {
+        self.memory
+            .reclaimer()
+            .map(|r| r.reclaim(bytes, unsafe_unmap_dma))
     }
 
     pub fn dma_unmap(&self, id: &str, iova: u64, size: u64) -> Result<(), crate::api::ApiError> {

@@ -197,6 +197,21 @@ impl Vmm {
                     "memory_actual_size": config.memory.size,
                 })))
             }
+            ApiRequest::VmReclaim {
+                bytes,
+                unsafe_unmap_dma,
+            } => {
+                let vm = self
+                    .vm
+                    .as_ref()
+                    .ok_or_else(|| conflict("The VM is not booted"))?;
+                let report = vm.reclaim(bytes, unsafe_unmap_dma).ok_or_else(|| {
+                    conflict("Reclaim is not enabled (--memory ...,shared=on,reclaim=on)")
+                })?;
+                Ok(Some(
+                    serde_json::to_value(report).map_err(|e| ApiError::Internal(e.to_string()))?,
+                ))
+            }
             ApiRequest::VmDmaUnmap { id, iova, size } => {
                 let vm = self
                     .vm

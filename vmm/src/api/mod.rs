@@ -29,6 +29,11 @@ pub enum ApiRequest {
         iova: u64,
         size: u64,
     },
+    /// Reclaims up to `bytes` of the coldest reclaimable guest memory now.
+    VmReclaim {
+        bytes: u64,
+        unsafe_unmap_dma: bool,
+    },
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -108,6 +113,7 @@ pub const ROUTES: &[(&str, Method)] = &[
     ("vm.info", Method::Get),
     ("vm.counters", Method::Get),
     ("vm.dma-unmap", Method::Put),
+    ("vm.reclaim", Method::Put),
 ];
 
 /// Maps an HTTP request onto an `ApiRequest`.
@@ -148,6 +154,21 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiErr
         "vm.resume" => ApiRequest::VmResume,
         "vm.info" => ApiRequest::VmInfo,
         "vm.counters" => ApiRequest::VmCounters,
+        "vm.reclaim" => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Body {
+                bytes: u64,
+                #[serde(default)]
+                unsafe_unmap_dma: bool,
+            }
+            let b: Body = serde_json::from_slice(body)
+                .map_err(|e| ApiError::BadRequest(format!("Invalid body: {e}")))?;
+            ApiRequest::VmReclaim {
+                bytes: b.bytes,
+                unsafe_unmap_dma: b.unsafe_unmap_dma,
+            }
+        }
         "vm.dma-unmap" => {
             #[derive(serde::Deserialize)]
             #[serde(deny_unknown_fields)]

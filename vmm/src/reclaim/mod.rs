@@ -1,0 +1,630 @@
+//! Guest memory reclaim: cold pages leave RAM for a store, and any access faults them back.
+//!
+//! Guest RAM is one shared memfd. One userfaultfd covers all of it, registered for MISSING and
+//! MINOR faults:
+//! - **Reclaiming** page p: mark it busy, drop every mapping of it (MADV_DONTNEED on the
+//!   VMM's mapping, which KVM follows), copy it from the memfd (not through a mapping) into the
+//!   store, punch it out of the memfd (the host gets the memory back), mark it reclaimed. An
+//!   access in between raises a MINOR fault that waits for the busy mark to clear and is then
+//!   retried, which turns it into a MISSING fault.
+//! - **Restoring**: a MISSING fault on a reclaimed page copies it back from the store
+//!   (UFFDIO_COPY); on a page that was never written, it maps a zero page. The fault thread
+//!   never touches guest memory through the faulting mapping.
+//! - **Cold detection**: sampling drops the mappings of resident pages (the pages stay in the
+//!   memfd); the next access raises a MINOR fault, marks the page accessed, and maps it back
+//!   (UFFDIO_CONTINUE). Each sampling round ages the pages not accessed since the previous one;
+//!   a page is cold once it went a whole round untouched, and the oldest go first. (Right after
+//!   a round every page looks untouched, so "not accessed since sampling" alone is not enough.)
+//! - Pages DMA-mapped to a passthrough device are pinned: a device cannot fault. Reclaiming
+//!   them anyway (the unsafe switch) DMA-unmaps them first, and the device then takes I/O page
+//!   faults it cannot resolve.
+
+pub mod store;
+
+use log::{debug, warn};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use store::{Store, StoreError, PAGE_SIZE};
+use thiserror::Error;
+use userfaultfd::{Event, FaultKind, RegisterMode, Uffd, UffdBuilder};
+use vfio::DmaMapping;
+
+const RECLAIMED: u8 = 1;
+const BUSY: u8 = 2;
+const SAMPLED: u8 = 4;
+const ACCESSED: u8 = 8;
+const PAGE: u64 = PAGE_SIZE as u64;
+
+#[derive(Debug, Error)]
+pub enum ReclaimError {
+    #[error("Failed to create the userfaultfd")]
+    Uffd(#[source] userfaultfd::Error),
+    #[error("Failed to register guest RAM with the userfaultfd")]
+    Register(#[source] userfaultfd::Error),
+    #[error("Page store")]
+    Store(#[from] StoreError),
+    #[error("Failed to start the fault thread")]
+    Thread(#[source] std::io::Error),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReclaimConfig {
+    /// Policy period; 0 disables the background reclaimer (only `vm.reclaim` reclaims).
+    pub interval_ms: u64,
+    /// A page is cold when it was not accessed for this long.
+    pub idle_ms: u64,
+    /// The policy reclaims until this share of guest RAM is reclaimed.
+    pub target_pct: u8,
+    pub store_dir: PathBuf,
+    pub compress: bool,
+    pub store_max_bytes: u64,
+    /// Added to every restore (fault-latency experiments).
+    pub fault_latency_us: u64,
+}
+
+impl Default for ReclaimConfig {
+    fn default() -> Self {
+        ReclaimConfig {
+            interval_ms: 0,
+            idle_ms: 1000,
+            target_pct: 50,
+            store_dir: std::env::temp_dir(),
+            compress: true,
+            store_max_bytes: u64::MAX,
+            fault_latency_us: 0,
+        }
+    }
+}
+
+/// A range of guest RAM as this process maps it.
+#[derive(Clone, Copy, Debug)]
+pub struct HostRange {
+    pub guest_addr: u64,
+    pub size: u64,
+    pub file_offset: u64,
+    pub host_addr: u64,
+}
+
+#[derive(Default)]
+pub struct ReclaimStats {
+    pub reclaimed_pages: AtomicU64,
+    pub cpu_refaults: AtomicU64,
+    pub dma_faultins: AtomicU64,
+    pub minor_faults: AtomicU64,
+    pub zero_fills: AtomicU64,
+    pub reclaim_runs: AtomicU64,
+    pub sample_runs: AtomicU64,
+    pub restore_ns_total: AtomicU64,
+}
+
+/// A device that can reach guest memory by DMA, and so pins what it has mapped.
+pub struct DmaPin {
+    pub id: String,
+    pub mapping: Arc<dyn DmaMapping>,
+    /// Page indices [start, end) the device has mapped.
+    pub pages: Vec<(u64, u64)>,
+}
+
+/// What one reclaim call did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReclaimReport {
+    pub reclaimed_bytes: u64,
+    pub skipped_pinned_bytes: u64,
+    pub skipped_reason: Option<String>,
+    pub errors: u64,
+}
+
+pub struct Reclaimer {
+    memfd: Arc<File>,
+    ranges: Vec<HostRange>,
+    pages: Vec<AtomicU8>,
+    /// Sampling rounds a page has gone untouched: 0 = touched in the last round (or unknown).
+    ages: Vec<AtomicU8>,
+    store: Store,
+    uffd: Uffd,
+    pub stats: ReclaimStats,
+    pins: Mutex<Vec<DmaPin>>,
+    cfg: ReclaimConfig,
+    stop: AtomicBool,
+    last_sample: Mutex<Option<Instant>>,
+    /// Serialises reclaim and sampling passes.
+    pass: Mutex<()>,
+}
+
+impl Reclaimer {
+    pub fn new(
+        memfd: Arc<File>,
+        ranges: Vec<HostRange>,
+        cfg: ReclaimConfig,
+    ) -> Result<Arc<Self>, ReclaimError> {
+        let total = ranges
+            .iter()
+            .map(|r| r.file_offset + r.size)
+            .max()
+            .unwrap_or(0)
+            / PAGE;
+        // KVM touches guest memory from the kernel, so faults from kernel mode must reach us.
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .create()
+            .map_err(ReclaimError::Uffd)?;
+        for r in &ranges {
+            uffd.register_with_mode(
+                r.host_addr as *mut libc::c_void,
+                r.size as usize,
+                RegisterMode::MISSING | RegisterMode::MINOR,
+            )
+            .map_err(ReclaimError::Register)?;
+        }
+        let store = Store::create(&cfg.store_dir, cfg.compress, cfg.store_max_bytes)?;
+        let r = Arc::new(Reclaimer {
+            memfd,
+            ranges,
+            pages: (0..total).map(|_| AtomicU8::new(0)).collect(),
+            ages: (0..total).map(|_| AtomicU8::new(0)).collect(),
+            store,
+            uffd,
+            stats: ReclaimStats::default(),
+            pins: Mutex::new(Vec::new()),
+            cfg,
+            stop: AtomicBool::new(false),
+            last_sample: Mutex::new(None),
+            pass: Mutex::new(()),
+        });
+        let fr = r.clone();
+        std::thread::Builder::new()
+            .name("uffd".into())
+            .spawn(move || fr.fault_loop())
+            .map_err(ReclaimError::Thread)?;
+        if r.cfg.interval_ms > 0 {
+            let pr = r.clone();
+            std::thread::Builder::new()
+                .name("reclaim".into())
+                .spawn(move || pr.policy_loop())
+                .map_err(ReclaimError::Thread)?;
+        }
+        Ok(r)
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    pub fn add_pin(&self, pin: DmaPin) {
+        self.pins.lock().unwrap().push(pin);
+    }
+
+    fn host_addr(&self, page: u64) -> Option<u64> {
+        let off = page * PAGE;
+        self.ranges
+            .iter()
+            .find(|r| off >= r.file_offset && off < r.file_offset + r.size)
+            .map(|r| r.host_addr + off - r.file_offset)
+    }
+
+    fn guest_addr(&self, page: u64) -> Option<u64> {
+        let off = page * PAGE;
+        self.ranges
+            .iter()
+            .find(|r| off >= r.file_offset && off < r.file_offset + r.size)
+            .map(|r| r.guest_addr + off - r.file_offset)
+    }
+
+    fn page_of_host(&self, addr: u64) -> Option<u64> {
+        self.ranges
+            .iter()
+            .find(|r| addr >= r.host_addr && addr < r.host_addr + r.size)
+            .map(|r| (r.file_offset + (addr & !(PAGE - 1)) - r.host_addr) / PAGE)
+    }
+
+    fn state(&self, page: u64) -> u8 {
+        self.pages[page as usize].load(Ordering::Acquire)
+    }
+
+    /// Rounds untouched; a page touched since it was last sampled is not cold, whatever its age.
+    fn age(&self, page: u64) -> u8 {
+        if self.state(page) & (SAMPLED | ACCESSED) == SAMPLED {
+            self.ages[page as usize].load(Ordering::Relaxed)
+        } else {
+            0
+        }
+    }
+
+    fn wait_not_busy(&self, page: u64) {
+        while self.state(page) & BUSY != 0 {
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    }
+
+    fn fault_loop(&self) {
+        let mut buf = Box::new([0u8; PAGE_SIZE]);
+        while !self.stop.load(Ordering::Acquire) {
+            let mut pfd = libc::pollfd {
+                fd: self.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+                continue;
+            }
+            loop {
+                let ev = match self.uffd.read_event() {
+                    Ok(Some(e)) => e,
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn!("userfaultfd read: {e}");
+                        break;
+                    }
+                };
+                if let Event::Pagefault { kind, addr, .. } = ev {
+                    self.handle_fault(kind, addr as u64, &mut buf);
+                }
+            }
+        }
+    }
+
+    fn handle_fault(&self, kind: FaultKind, addr: u64, buf: &mut [u8; PAGE_SIZE]) {
+        let Some(page) = self.page_of_host(addr) else {
+            return warn!("userfaultfd: fault outside guest RAM at {addr:#x}");
+        };
+        let host = (addr & !(PAGE - 1)) as *mut libc::c_void;
+        self.wait_not_busy(page);
+        let slot = &self.pages[page as usize];
+        match kind {
+            FaultKind::Minor => {
+                self.stats.minor_faults.fetch_add(1, Ordering::Relaxed);
+                if slot.load(Ordering::Acquire) & RECLAIMED != 0 {
+                    // Reclaimed while this fault waited: retried, it becomes a MISSING fault.
+                    let _ = self.uffd.wake(host, PAGE_SIZE);
+                    return;
+                }
+                slot.fetch_or(ACCESSED, Ordering::AcqRel);
+                slot.fetch_and(!SAMPLED, Ordering::AcqRel);
+                if let Err(e) = self.uffd.r#continue(host, PAGE_SIZE, true) {
+                    debug!("UFFDIO_CONTINUE at {addr:#x}: {e}");
+                    let _ = self.uffd.wake(host, PAGE_SIZE);
+                }
+            }
+            _ => {
+                let t0 = Instant::now();
+                let restored = slot.load(Ordering::Acquire) & RECLAIMED != 0;
+                if restored {
+                    if self.cfg.fault_latency_us > 0 {
+                        std::thread::sleep(Duration::from_micros(self.cfg.fault_latency_us));
+                    }
+                    if let Err(e) = self.store.take(page, buf) {
+                        // Nothing sensible to give the guest: the page is lost. Say so loudly.
+                        log::error!("Restoring guest page {page}: {e}; mapping zeros");
+                        buf.fill(0);
+                    }
+                    // SAFETY: `buf` is a page of our own memory; `host` is the faulting page of the
+                    // registered guest RAM mapping, which UFFDIO_COPY fills atomically.
+                    let r = unsafe {
+                        self.uffd
+                            .copy(buf.as_ptr() as *const libc::c_void, host, PAGE_SIZE, true)
+                    };
+                    if let Err(e) = r {
+                        debug!("UFFDIO_COPY at {addr:#x}: {e}");
+                        let _ = self.uffd.wake(host, PAGE_SIZE);
+                    }
+                    slot.fetch_and(!(RECLAIMED | SAMPLED), Ordering::AcqRel);
+                    slot.fetch_or(ACCESSED, Ordering::AcqRel);
+                    self.stats.reclaimed_pages.fetch_sub(1, Ordering::Relaxed);
+                    self.stats.cpu_refaults.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .restore_ns_total
+                        .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                } else {
+                    // SAFETY: `host` is the faulting page of registered guest RAM.
+                    if let Err(e) = unsafe { self.uffd.zeropage(host, PAGE_SIZE, true) } {
+                        debug!("UFFDIO_ZEROPAGE at {addr:#x}: {e}");
+                        let _ = self.uffd.wake(host, PAGE_SIZE);
+                    }
+                    self.stats.zero_fills.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Allocated (resident) pages of the memfd, as [start, end) page ranges.
+    fn resident_ranges(&self) -> Vec<(u64, u64)> {
+        let fd = self.memfd.as_raw_fd();
+        let size = self.pages.len() as u64 * PAGE;
+        let mut out = Vec::new();
+        let mut off = 0i64;
+        while (off as u64) < size {
+            // SAFETY: lseek on our own memfd; no memory is involved.
+            let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+            if data < 0 {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            let end = if hole < 0 { size as i64 } else { hole };
+            out.push((data as u64 / PAGE, (end as u64).div_ceil(PAGE)));
+            off = end;
+        }
+        out
+    }
+
+    /// Bytes of guest RAM the host holds (the memfd's allocated blocks).
+    pub fn resident_bytes(&self) -> u64 {
+        // SAFETY: fstat on our own fd into a zeroed struct.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstat(self.memfd.as_raw_fd(), &mut st) } == 0 {
+            st.st_blocks as u64 * 512
+        } else {
+            0
+        }
+    }
+
+    fn pinned(&self, page: u64) -> Option<String> {
+        self.pins
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|p| p.pages.iter().any(|&(s, e)| page >= s && page < e))
+            .map(|p| p.id.clone())
+    }
+
+    /// Drops the mappings of every resident page so the next CPU access is observed. Pinned pages
+    /// are sampled too: a device's own mapping is untouched, and the unsafe path needs to know
+    /// which pinned pages are cold.
+    pub fn sample(&self) {
+        let _g = self.pass.lock().unwrap();
+        for (s, e) in self.resident_ranges() {
+            let mut run: Option<u64> = None;
+            for p in s..=e {
+                let ok = p < e && self.state(p) & (RECLAIMED | BUSY) == 0;
+                if ok {
+                    let slot = &self.pages[p as usize];
+                    // A page still sampled and untouched since the last round has aged a round.
+                    let age = &self.ages[p as usize];
+                    if slot.load(Ordering::Acquire) & (SAMPLED | ACCESSED) == SAMPLED {
+                        let a = age.load(Ordering::Relaxed);
+                        age.store(a.saturating_add(1), Ordering::Relaxed);
+                    } else {
+                        age.store(0, Ordering::Relaxed);
+                    }
+                    slot.fetch_and(!ACCESSED, Ordering::AcqRel);
+                    slot.fetch_or(SAMPLED, Ordering::AcqRel);
+                    run.get_or_insert(p);
+                } else if let Some(start) = run.take() {
+                    self.drop_mappings(start, p);
+                }
+            }
+        }
+        self.stats.sample_runs.fetch_add(1, Ordering::Relaxed);
+        *self.last_sample.lock().unwrap() = Some(Instant::now());
+    }
+
+    fn drop_mappings(&self, start: u64, end: u64) {
+        let Some(host) = self.host_addr(start) else {
+            return;
+        };
+        // SAFETY: [host, host + len) is registered guest RAM of this process. MADV_DONTNEED on a
+        // shared mapping drops the page-table entries only; the pages stay in the memfd.
+        let r = unsafe {
+            libc::madvise(
+                host as *mut libc::c_void,
+                ((end - start) * PAGE) as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if r != 0 {
+            warn!(
+                "madvise(DONTNEED) at page {start}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+
+    /// Reclaims up to `bytes` of the coldest reclaimable pages now.
+    pub fn reclaim(&self, bytes: u64, unsafe_unmap_dma: bool) -> ReclaimReport {
+        let _g = self.pass.lock().unwrap();
+        self.stats.reclaim_runs.fetch_add(1, Ordering::Relaxed);
+        let want = bytes.div_ceil(PAGE);
+        let mut report = ReclaimReport::default();
+        // Oldest first. Once sampling has aged pages, only cold ones (a whole round untouched)
+        // qualify: "up to N bytes of the coldest". Without sampling there is no such knowledge and
+        // any page may go, coldest first by address.
+        let informed = self.stats.sample_runs.load(Ordering::Relaxed) >= 2;
+        let mut by_age: Vec<Vec<u64>> = vec![Vec::new(); 256];
+        for (s, e) in self.resident_ranges() {
+            for p in s..e {
+                let a = self.age(p);
+                if a >= 1 || !informed {
+                    by_age[a as usize].push(p);
+                }
+            }
+        }
+        let mut done = 0;
+        for p in by_age.into_iter().rev().flatten() {
+            if done >= want {
+                break;
+            }
+            if self.state(p) & (RECLAIMED | BUSY) != 0 {
+                continue;
+            }
+            if let Some(id) = self.pinned(p) {
+                if !unsafe_unmap_dma {
+                    report.skipped_pinned_bytes += PAGE;
+                    report.skipped_reason = Some(format!(
+                        "DMA-mapped to passthrough device {id} (pinned: devices cannot fault)"
+                    ));
+                    continue;
+                }
+                self.unpin(p);
+            }
+            match self.reclaim_page(p) {
+                Ok(()) => done += 1,
+                Err(e) => {
+                    report.errors += 1;
+                    warn!("Reclaiming page {p}: {e}");
+                    if matches!(e, StoreError::Full(_)) {
+                        break;
+                    }
+                }
+            }
+        }
+        report.reclaimed_bytes = done * PAGE;
+        report
+    }
+
+    /// DMA-unmaps `page` from every device that had it (the unsafe path).
+    fn unpin(&self, page: u64) {
+        let Some(gpa) = self.guest_addr(page) else {
+            return;
+        };
+        for pin in self.pins.lock().unwrap().iter_mut() {
+            if let Err(e) = pin.mapping.unmap(gpa, PAGE) {
+                debug!("{}: {e}", pin.id);
+            }
+            let mut next = Vec::new();
+            for &(s, e) in &pin.pages {
+                if page >= s && page < e {
+                    if s < page {
+                        next.push((s, page));
+                    }
+                    if page + 1 < e {
+                        next.push((page + 1, e));
+                    }
+                } else {
+                    next.push((s, e));
+                }
+            }
+            pin.pages = next;
+        }
+    }
+
+    fn reclaim_page(&self, p: u64) -> Result<(), StoreError> {
+        let slot = &self.pages[p as usize];
+        if slot.fetch_or(BUSY, Ordering::AcqRel) & BUSY != 0 {
+            return Ok(());
+        }
+        self.drop_mappings(p, p + 1);
+        let mut buf = [0u8; PAGE_SIZE];
+        let r = self
+            .memfd
+            .read_exact_at(&mut buf, p * PAGE)
+            .map_err(StoreError::Io)
+            .and_then(|_| self.store.save(p, &buf));
+        if let Err(e) = r {
+            slot.fetch_and(!BUSY, Ordering::AcqRel);
+            return Err(e);
+        }
+        // SAFETY: punching a hole in our own memfd; nothing maps the page now (mappings were
+        // dropped and faults on it wait for BUSY to clear).
+        let rc = unsafe {
+            libc::fallocate(
+                self.memfd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                (p * PAGE) as i64,
+                PAGE as i64,
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            self.store.forget(p);
+            slot.fetch_and(!BUSY, Ordering::AcqRel);
+            return Err(StoreError::Io(e));
+        }
+        slot.fetch_or(RECLAIMED, Ordering::AcqRel);
+        slot.fetch_and(!(BUSY | SAMPLED | ACCESSED), Ordering::AcqRel);
+        self.ages[p as usize].store(0, Ordering::Relaxed);
+        self.stats.reclaimed_pages.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn policy_loop(&self) {
+        let total = self.pages.len() as u64 * PAGE;
+        while !self.stop.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(self.cfg.interval_ms));
+            let idle_enough = self
+                .last_sample
+                .lock()
+                .unwrap()
+                .is_some_and(|t| t.elapsed() >= Duration::from_millis(self.cfg.idle_ms));
+            if idle_enough {
+                let target = total * u64::from(self.cfg.target_pct) / 100;
+                let have = self.stats.reclaimed_pages.load(Ordering::Relaxed) * PAGE;
+                if have < target {
+                    // Only pages untouched since the last sample: the policy never takes hot pages.
+                    self.reclaim_cold(target - have);
+                }
+            }
+            if self
+                .last_sample
+                .lock()
+                .unwrap()
+                .is_none_or(|t| t.elapsed() >= Duration::from_millis(self.cfg.idle_ms))
+            {
+                self.sample();
+            }
+        }
+    }
+
+    fn reclaim_cold(&self, bytes: u64) {
+        let _g = self.pass.lock().unwrap();
+        self.stats.reclaim_runs.fetch_add(1, Ordering::Relaxed);
+        let mut left = bytes.div_ceil(PAGE);
+        for (s, e) in self.resident_ranges() {
+            for p in s..e {
+                if left == 0 {
+                    return;
+                }
+                let cold = self.age(p) >= 1 && self.state(p) & (RECLAIMED | BUSY) == 0;
+                if cold && self.pinned(p).is_none() && self.reclaim_page(p).is_ok() {
+                    left -= 1;
+                }
+            }
+        }
+    }
+
+    pub fn counters(&self) -> std::collections::BTreeMap<String, u64> {
+        let s = &self.stats;
+        let pinned: u64 = self
+            .pins
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p.pages.iter().map(|(a, b)| b - a))
+            .sum::<u64>()
+            * PAGE;
+        let refaults = s.cpu_refaults.load(Ordering::Relaxed);
+        [
+            ("resident_bytes", self.resident_bytes()),
+            (
+                "reclaimed_bytes",
+                s.reclaimed_pages.load(Ordering::Relaxed) * PAGE,
+            ),
+            ("store_bytes", self.store.used_bytes()),
+            ("cpu_refaults", refaults),
+            ("dma_faultins", s.dma_faultins.load(Ordering::Relaxed)),
+            ("pinned_bytes", pinned),
+            ("reclaim_runs", s.reclaim_runs.load(Ordering::Relaxed)),
+            ("sample_runs", s.sample_runs.load(Ordering::Relaxed)),
+            ("minor_faults", s.minor_faults.load(Ordering::Relaxed)),
+            ("zero_fills", s.zero_fills.load(Ordering::Relaxed)),
+            (
+                "restore_ns_avg",
+                s.restore_ns_total
+                    .load(Ordering::Relaxed)
+                    .checked_div(refaults)
+                    .unwrap_or(0),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+}
