@@ -100,6 +100,60 @@ pub struct ReclaimStats {
     pub reclaim_runs: AtomicU64,
     pub sample_runs: AtomicU64,
     pub restore_ns_total: AtomicU64,
+    /// Restore latencies, log-linear buckets (8 per power of two).
+    pub restore_hist: LatencyHistogram,
+}
+
+pub struct LatencyHistogram {
+    buckets: Vec<AtomicU64>,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram {
+            buckets: (0..64 * 8).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl LatencyHistogram {
+    fn index(ns: u64) -> usize {
+        if ns < 8 {
+            return ns as usize;
+        }
+        let msb = 63 - ns.leading_zeros() as usize;
+        msb * 8 + ((ns >> (msb - 3)) & 7) as usize
+    }
+
+    pub fn record(&self, ns: u64) {
+        self.buckets[Self::index(ns)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The lower bound of the bucket holding the `pct`th percentile.
+    pub fn percentile(&self, pct: u64) -> u64 {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return 0;
+        }
+        let rank = (total * pct).div_ceil(100).max(1);
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return if i < 8 {
+                    i as u64
+                } else {
+                    (8 + (i % 8) as u64) << (i / 8 - 3)
+                };
+            }
+        }
+        0
+    }
 }
 
 /// A device that can reach guest memory by DMA, and so pins what it has mapped.
@@ -319,9 +373,9 @@ impl Reclaimer {
                     slot.fetch_or(ACCESSED, Ordering::AcqRel);
                     self.stats.reclaimed_pages.fetch_sub(1, Ordering::Relaxed);
                     self.stats.cpu_refaults.fetch_add(1, Ordering::Relaxed);
-                    self.stats
-                        .restore_ns_total
-                        .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    let ns = t0.elapsed().as_nanos() as u64;
+                    self.stats.restore_ns_total.fetch_add(ns, Ordering::Relaxed);
+                    self.stats.restore_hist.record(ns);
                 } else {
                     // SAFETY: `host` is the faulting page of registered guest RAM.
                     if let Err(e) = unsafe { self.uffd.zeropage(host, PAGE_SIZE, true) } {
@@ -622,9 +676,182 @@ impl Reclaimer {
                     .checked_div(refaults)
                     .unwrap_or(0),
             ),
+            ("restore_ns_p50", s.restore_hist.percentile(50)),
+            ("restore_ns_p99", s.restore_hist.percentile(99)),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory_manager::MemoryManager;
+
+    #[test]
+    fn histogram_percentiles() {
+        let h = LatencyHistogram::default();
+        for v in 1..=1000u64 {
+            h.record(v * 1000);
+        }
+        let p50 = h.percentile(50);
+        assert!((440_000..=500_000).contains(&p50), "{p50}");
+        let p99 = h.percentile(99);
+        assert!((860_000..=990_000).contains(&p99), "{p99}");
+        assert_eq!(LatencyHistogram::default().percentile(50), 0);
+    }
+    use vm_memory::{Bytes, GuestAddress};
+
+    const MB: u64 = 1 << 20;
+
+    fn setup(cfg: ReclaimConfig) -> MemoryManager {
+        let mut mm = MemoryManager::new(32 * MB, true).unwrap();
+        mm.enable_reclaim(cfg).unwrap();
+        mm
+    }
+
+    fn fill(mm: &MemoryManager, pages: u64) {
+        let mem = mm.memory();
+        for p in 0..pages {
+            mem.write_obj(p * 7 + 1, GuestAddress(p * PAGE)).unwrap();
+            mem.write_obj(0xfeed_u64 + p, GuestAddress(p * PAGE + 2048))
+                .unwrap();
+        }
+    }
+
+    fn check(mm: &MemoryManager, pages: u64) {
+        let mem = mm.memory();
+        for p in 0..pages {
+            assert_eq!(
+                mem.read_obj::<u64>(GuestAddress(p * PAGE)).unwrap(),
+                p * 7 + 1,
+                "page {p}"
+            );
+            assert_eq!(
+                mem.read_obj::<u64>(GuestAddress(p * PAGE + 2048)).unwrap(),
+                0xfeed + p,
+                "page {p}"
+            );
+        }
+    }
+
+    #[test]
+    fn reclaim_frees_memory_and_faults_restore_it() {
+        let cfg = ReclaimConfig {
+            fault_latency_us: 200,
+            ..Default::default()
+        };
+        let mm = setup(cfg);
+        let r = mm.reclaimer().unwrap().clone();
+        fill(&mm, 2048);
+        let before = r.resident_bytes();
+        assert!(before >= 8 * MB, "{before}");
+        let rep = r.reclaim(6 * MB, false);
+        assert_eq!(rep.reclaimed_bytes, 6 * MB);
+        assert_eq!(rep.errors, 0);
+        let after = r.resident_bytes();
+        assert!(
+            before - after >= 6 * MB,
+            "the memfd gave back its blocks: {before} -> {after}"
+        );
+        assert!(r.store.used_bytes() > 0);
+        // Touching every page faults the reclaimed ones back, with their content.
+        check(&mm, 2048);
+        let c = r.counters();
+        assert_eq!(c["cpu_refaults"], 1536);
+        assert_eq!(c["reclaimed_bytes"], 0);
+        assert!(
+            c["restore_ns_p50"] >= 200_000,
+            "the injected fault latency shows: {c:?}"
+        );
+        assert_eq!(r.store.pages(), 0, "restored pages leave the store");
+    }
+
+    #[test]
+    fn sampling_finds_cold_pages_and_keeps_hot_ones() {
+        let mm = setup(ReclaimConfig::default());
+        let r = mm.reclaimer().unwrap().clone();
+        fill(&mm, 64);
+        let mem = mm.memory();
+        r.sample();
+        r.sample();
+        // Pages 0..8 are touched between rounds; the others are not.
+        for round in 0..2 {
+            for p in 0..8 {
+                let _ = mem.read_obj::<u64>(GuestAddress(p * PAGE)).unwrap();
+            }
+            r.sample();
+            assert!(
+                r.counters()["minor_faults"] >= 8 * (round + 1),
+                "touches are observed"
+            );
+        }
+        for p in 0..8 {
+            let _ = mem.read_obj::<u64>(GuestAddress(p * PAGE)).unwrap();
+        }
+        assert!((0..8).all(|p| r.age(p) == 0), "touched pages are hot");
+        assert!((8..64).all(|p| r.age(p) >= 2), "untouched pages aged");
+        // Asking for more than the cold pages takes only cold ones.
+        let rep = r.reclaim(128 * PAGE, false);
+        assert_eq!(rep.reclaimed_bytes, 56 * PAGE);
+        assert!((0..8).all(|p| r.state(p) & RECLAIMED == 0));
+        check(&mm, 64);
+    }
+
+    struct Recorder(Mutex<Vec<(u64, u64)>>);
+    impl DmaMapping for Recorder {
+        fn map(&self, _: u64, _: u64, _: &vfio::DmaBacking) -> Result<(), vfio::DmaError> {
+            Ok(())
+        }
+        fn unmap(&self, iova: u64, size: u64) -> Result<(), vfio::DmaError> {
+            self.0.lock().unwrap().push((iova, size));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn pinned_pages_are_skipped_unless_unsafe() {
+        let mm = setup(ReclaimConfig::default());
+        let r = mm.reclaimer().unwrap().clone();
+        fill(&mm, 16);
+        let dev = Arc::new(Recorder(Mutex::new(Vec::new())));
+        r.add_pin(DmaPin {
+            id: "dev0".into(),
+            mapping: dev.clone(),
+            pages: vec![(0, 8)],
+        });
+        let rep = r.reclaim(16 * PAGE, false);
+        assert_eq!(rep.reclaimed_bytes, 8 * PAGE);
+        assert_eq!(rep.skipped_pinned_bytes, 8 * PAGE);
+        assert!(rep.skipped_reason.unwrap().contains("dev0"));
+        assert_eq!(r.counters()["pinned_bytes"], 8 * PAGE);
+        check(&mm, 16);
+        let rep = r.reclaim(2 * PAGE, true);
+        assert_eq!(rep.reclaimed_bytes, 2 * PAGE);
+        assert_eq!(
+            dev.0.lock().unwrap().len(),
+            2,
+            "each page was DMA-unmapped first"
+        );
+        assert_eq!(r.counters()["pinned_bytes"], 6 * PAGE);
+        check(&mm, 16);
+    }
+
+    #[test]
+    fn a_full_store_reclaims_what_fits_and_loses_nothing() {
+        let cfg = ReclaimConfig {
+            compress: false,
+            store_max_bytes: 4 * PAGE,
+            ..Default::default()
+        };
+        let mm = setup(cfg);
+        let r = mm.reclaimer().unwrap().clone();
+        fill(&mm, 16);
+        let rep = r.reclaim(16 * PAGE, false);
+        assert_eq!(rep.reclaimed_bytes, 4 * PAGE);
+        assert_eq!(rep.errors, 1, "stops at the first full-store error");
+        check(&mm, 16);
     }
 }
