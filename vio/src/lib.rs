@@ -1,2 +1,7 @@
-//! The VIO core: snoop engine, shadow available index, lockpage and the elastic controller.
-//! Free of KVM so it is testable on plain memory (the IOPA-Snoop issue builds it).
+//! The VIO core: IOPA-Snoop's chain walker (which pages will the device DMA to?), and later the
+//! shadow index, lockpage and the elastic controller. Free of KVM: everything works on
+//! vm-memory's `GuestMemory`, so it is testable on plain memory.
+
+pub mod walker;
+
+pub use walker::{ChainWalker, QueueLayout, WalkLimits, WalkReport};
