@@ -52,6 +52,8 @@ pub struct WalkReport {
     pub bad_chains: u32,
     /// Guest page frame numbers the device will touch (sorted, unique).
     pub pages: BTreeSet<u64>,
+    /// Per walked chain (good or bad): its head index and the pages it touches.
+    pub per_chain: Vec<(u16, BTreeSet<u64>)>,
     /// Why the last bad chain was bad, for logging.
     pub last_error: Option<&'static str>,
     /// The walk stopped early at the per-call budget; entries from this avail index on were not
@@ -156,8 +158,16 @@ impl ChainWalker {
                     continue;
                 }
             };
-            let before = (r.descriptors, r.pages.clone());
-            match self.walk_chain(mem, q, head, &mut r, &mut budget) {
+            let descriptors = r.descriptors;
+            let mut chain_pages = BTreeSet::new();
+            match self.walk_chain(
+                mem,
+                q,
+                head,
+                &mut r.descriptors,
+                &mut chain_pages,
+                &mut budget,
+            ) {
                 Ok(()) => {}
                 Err(Stop::Bad(e)) => {
                     r.bad_chains += 1;
@@ -167,11 +177,13 @@ impl ChainWalker {
                     // Not bad, just not finished: the caller publishes up to here and walks the
                     // rest next time.
                     r.chains -= 1;
-                    (r.descriptors, r.pages) = before;
+                    r.descriptors = descriptors;
                     r.stopped_at = Some(pos);
                     break;
                 }
             }
+            r.pages.extend(chain_pages.iter().copied());
+            r.per_chain.push((head, chain_pages));
         }
         r
     }
@@ -181,7 +193,8 @@ impl ChainWalker {
         mem: &M,
         q: &QueueLayout,
         head: u16,
-        r: &mut WalkReport,
+        descriptors: &mut u32,
+        pages: &mut BTreeSet<u64>,
         budget: &mut u32,
     ) -> Result<(), Stop> {
         if head >= q.size {
@@ -199,16 +212,16 @@ impl ChainWalker {
             }
             steps += 1;
             *budget -= 1;
-            r.descriptors += 1;
+            *descriptors += 1;
             let d = read_desc(mem, q.desc_table, u64::from(i))
                 .ok_or(Stop::Bad("descriptor table outside guest memory"))?;
             if u32::from(d.flags) & VRING_DESC_F_INDIRECT != 0 {
-                self.walk_indirect(mem, d, r, budget)?;
+                self.walk_indirect(mem, d, descriptors, pages, budget)?;
             } else {
                 if d.len > self.limits.max_desc_len {
                     return Err("descriptor too long".into());
                 }
-                add_range(mem, &mut r.pages, d.addr, u64::from(d.len))?;
+                add_range(mem, pages, d.addr, u64::from(d.len))?;
             }
             next = if u32::from(d.flags) & VRING_DESC_F_NEXT != 0 {
                 if d.next >= q.size {
@@ -226,7 +239,8 @@ impl ChainWalker {
         &self,
         mem: &M,
         t: Desc,
-        r: &mut WalkReport,
+        descriptors: &mut u32,
+        pages: &mut BTreeSet<u64>,
         budget: &mut u32,
     ) -> Result<(), Stop> {
         if !u64::from(t.len).is_multiple_of(DESC_SIZE) || t.len == 0 {
@@ -237,7 +251,7 @@ impl ChainWalker {
             return Err("indirect table too large".into());
         }
         // The device reads the table itself.
-        add_range(mem, &mut r.pages, t.addr, u64::from(t.len))?;
+        add_range(mem, pages, t.addr, u64::from(t.len))?;
         let mut next = Some(0u64);
         let mut steps = 0u64;
         while let Some(i) = next {
@@ -249,7 +263,7 @@ impl ChainWalker {
             }
             steps += 1;
             *budget -= 1;
-            r.descriptors += 1;
+            *descriptors += 1;
             let d = read_desc(mem, t.addr, i)
                 .ok_or(Stop::Bad("indirect table outside guest memory"))?;
             if u32::from(d.flags) & VRING_DESC_F_INDIRECT != 0 {
@@ -258,7 +272,7 @@ impl ChainWalker {
             if d.len > self.limits.max_desc_len {
                 return Err("descriptor too long".into());
             }
-            add_range(mem, &mut r.pages, d.addr, u64::from(d.len))?;
+            add_range(mem, pages, d.addr, u64::from(d.len))?;
             next = if u32::from(d.flags) & VRING_DESC_F_NEXT != 0 {
                 if u64::from(d.next) >= n {
                     return Err("indirect next index out of range".into());
