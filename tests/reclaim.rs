@@ -4,34 +4,14 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 
 fn api_sock(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("vio-reclaim-{}-{name}.sock", std::process::id()))
-}
-
-fn http(sock: &Path, method: &str, endpoint: &str, body: &str) -> (u16, String) {
-    let Ok(mut s) = UnixStream::connect(sock) else {
-        return (0, String::new());
-    };
-    let _ = write!(s, "{method} /api/v1/{endpoint} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        out.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
-    )
 }
 
 /// The allocated bytes of the VMM's guest-RAM memfd, measured from outside the process.
@@ -47,16 +27,6 @@ fn memfd_allocated(pid: u32) -> Option<u64> {
         }
     }
     None
-}
-
-fn logged(stderr: &str, id: &str) -> Value {
-    let key = format!("Device {id} counters: ");
-    let line = stderr
-        .lines()
-        .rev()
-        .find(|l| l.contains(&key))
-        .unwrap_or_else(|| panic!("no {id} counters:\n{stderr}"));
-    serde_json::from_str(&line[line.find(&key).unwrap() + key.len()..]).unwrap()
 }
 
 /// mem-verify over 75% of RAM while the policy reclaimer runs and vm.reclaim is called every
@@ -89,7 +59,7 @@ fn mem_verify_under_reclaim() {
     let start = Instant::now();
     let mut calls = 0;
     while start.elapsed() < TIMEOUT {
-        let (status, body) = http(&sock, "PUT", "vm.reclaim", r#"{"bytes": 67108864}"#);
+        let (status, body) = api(&sock, "PUT", "vm.reclaim", r#"{"bytes": 67108864}"#);
         if status == 0 {
             break; // the VMM exited
         }
@@ -111,7 +81,7 @@ fn mem_verify_under_reclaim() {
     assert_eq!(u(&r, "mismatches"), 0, "{r}");
     assert_eq!(u(&r, "ops"), 2 * 384 * 256);
     assert!(calls > 10, "vm.reclaim was called {calls} times");
-    let m = logged(&out.stderr, "memory");
+    let m = logged_counters(&out.stderr, "memory");
     assert!(m["cpu_refaults"].as_u64().unwrap() > 0, "{m}");
     // The guest keeps 384 MiB of data alive (every page verified); the host held at least 60%
     // of guest RAM less than that while the guest idled.
@@ -152,7 +122,7 @@ fn blk_verify_emulated_under_reclaim() {
         .expect("guest boots");
     let mut reclaimed = 0u64;
     loop {
-        let (status, body) = http(&sock, "PUT", "vm.reclaim", r#"{"bytes": 268435456}"#);
+        let (status, body) = api(&sock, "PUT", "vm.reclaim", r#"{"bytes": 268435456}"#);
         if status == 0 {
             break;
         }
@@ -168,7 +138,7 @@ fn blk_verify_emulated_under_reclaim() {
     assert_eq!(u(&r, "mismatches"), 0, "{r}");
     assert_eq!(u(&r, "io_errors"), 0, "{r}");
     assert!(reclaimed > 64 << 20, "reclaimed only {reclaimed}");
-    let m = logged(&out.stderr, "memory");
+    let m = logged_counters(&out.stderr, "memory");
     assert!(m["cpu_refaults"].as_u64().unwrap() > 0, "{m}");
     let _ = std::fs::remove_file(&sock);
 }
@@ -194,11 +164,11 @@ fn reclaim_requires_shared_memory_and_enablement() {
     let mut vm = Vm::spawn(&args);
     vm.wait_line("VIO-GUEST-BOOT", Duration::from_secs(30))
         .unwrap();
-    let (status, body) = http(&sock, "PUT", "vm.reclaim", r#"{"bytes": 4096}"#);
+    let (status, body) = api(&sock, "PUT", "vm.reclaim", r#"{"bytes": 4096}"#);
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("not enabled"), "{body}");
-    assert_eq!(http(&sock, "PUT", "vm.reclaim", r#"{"byte": 1}"#).0, 400);
-    assert_eq!(http(&sock, "PUT", "vmm.shutdown", "").0, 204);
+    assert_eq!(api(&sock, "PUT", "vm.reclaim", r#"{"byte": 1}"#).0, 400);
+    assert_eq!(api(&sock, "PUT", "vmm.shutdown", "").0, 204);
     let _ = vm.finish(TIMEOUT);
     let _ = std::fs::remove_file(&sock);
 }

@@ -69,17 +69,6 @@ impl Drop for Vdpu {
     }
 }
 
-/// The counters the VMM logged for `id` when it stopped the VM.
-fn logged_counters(stderr: &str, id: &str) -> Value {
-    let key = format!("Device {id} counters: ");
-    let line = stderr
-        .lines()
-        .rev()
-        .find(|l| l.contains(&key))
-        .unwrap_or_else(|| panic!("no counters for {id}:\n{stderr}"));
-    serde_json::from_str(&line[line.find(&key).unwrap() + key.len()..]).unwrap()
-}
-
 fn passthrough_blk_verify(name: &str, qd: u32, indirect: u32, io_fds: bool) -> (Value, Value) {
     let disk = TmpDisk::new(name, 64 << 20);
     let vdpu = Vdpu::start(name, &disk);
@@ -245,29 +234,29 @@ fn dma_unmap_mid_run_causes_iopf() {
     if !kvm_available("dma_unmap_mid_run_causes_iopf") {
         return;
     }
-    use std::io::{Read, Write};
     let disk = TmpDisk::new("iopf", 64 << 20);
     let vdpu = Vdpu::start("iopf", &disk);
-    let api = std::env::temp_dir().join(format!("vio-iopf-{}.sock", std::process::id()));
+    let api_sock = std::env::temp_dir().join(format!("vio-iopf-{}.sock", std::process::id()));
     let cmdline = "vio.workload=blk-verify vio.ops=600000 vio.qd=16 vio.pool_pages=2048 vio.seed=4";
     let mut args = boot_args("size=512M,shared=on", cmdline, &[]);
     args.extend([
         "--user-device".into(),
         vdpu.arg(""),
         "--api-socket".into(),
-        api.display().to_string(),
+        api_sock.display().to_string(),
         "-v".into(),
     ]);
     let mut vm = Vm::spawn(&args);
     vm.wait_line("VIO-GUEST-INFO", Duration::from_secs(60))
         .expect("guest drives the device");
     // Data buffers are spread over all of RAM; the rings sit low. Revoke the upper half.
-    let body = r#"{"id":"dpu0","iova":268435456,"size":268435456}"#;
-    let mut s = std::os::unix::net::UnixStream::connect(&api).unwrap();
-    write!(s, "PUT /api/v1/vm.dma-unmap HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    assert!(resp.starts_with("HTTP/1.1 204"), "{resp}");
+    let (status, resp) = api(
+        &api_sock,
+        "PUT",
+        "vm.dma-unmap",
+        r#"{"id":"dpu0","iova":268435456,"size":268435456}"#,
+    );
+    assert_eq!(status, 204, "{resp}");
     let out = vm.finish(TIMEOUT);
     assert!(out.status.success(), "{}", out.describe());
     let r = out.result();
@@ -288,7 +277,7 @@ fn dma_unmap_mid_run_causes_iopf() {
         (256 << 20..512 << 20).contains(&iova),
         "faults are in the unmapped range: {iova:#x}"
     );
-    let _ = std::fs::remove_file(&api);
+    let _ = std::fs::remove_file(&api_sock);
 }
 
 /// The service-time model: every request takes at least `latency_us`, and requests overlap.
@@ -333,23 +322,9 @@ fn reclaim_under_passthrough() {
     if !kvm_available("reclaim_under_passthrough") {
         return;
     }
-    use std::io::{Read, Write};
-    let http = |sock: &Path, endpoint: &str, body: &str| -> (u16, String) {
-        let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
-        write!(s, "PUT /api/v1/{endpoint} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        (
-            out.split(' ')
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0),
-            out.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
-        )
-    };
     let disk = TmpDisk::new("reclaim-pt", 64 << 20);
     let vdpu = Vdpu::start("reclaim-pt", &disk);
-    let api = std::env::temp_dir().join(format!("vio-rpt-{}.sock", std::process::id()));
+    let api_path = std::env::temp_dir().join(format!("vio-rpt-{}.sock", std::process::id()));
     let cmdline = "vio.workload=blk-verify vio.ops=400000 vio.qd=16 vio.pool_pages=4096 vio.seed=2";
     let mut args = boot_args("size=512M,shared=on,reclaim=on", cmdline, &[]);
     // Sampling only (target 0): the policy finds cold pages but reclaims nothing itself.
@@ -361,14 +336,14 @@ fn reclaim_under_passthrough() {
         "--user-device".into(),
         vdpu.arg(""),
         "--api-socket".into(),
-        api.display().to_string(),
+        api_path.display().to_string(),
         "-v".into(),
     ]);
     let mut vm = Vm::spawn(&args);
     vm.wait_line("VIO-GUEST-INFO", Duration::from_secs(60))
         .expect("guest drives the device");
     std::thread::sleep(Duration::from_millis(700));
-    let (status, body) = http(&api, "vm.reclaim", r#"{"bytes": 268435456}"#);
+    let (status, body) = api(&api_path, "PUT", "vm.reclaim", r#"{"bytes": 268435456}"#);
     assert_eq!(status, 200, "{body}");
     let rep: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(rep["reclaimed_bytes"].as_u64(), Some(0), "{rep}");
@@ -381,8 +356,9 @@ fn reclaim_under_passthrough() {
         "{rep}"
     );
     // Few enough that only cold pages go (idle data buffers, not the vrings the guest keeps hot).
-    let (status, body) = http(
-        &api,
+    let (status, body) = api(
+        &api_path,
+        "PUT",
         "vm.reclaim",
         r#"{"bytes": 1048576, "unsafe_unmap_dma": true}"#,
     );
@@ -398,5 +374,5 @@ fn reclaim_under_passthrough() {
     assert!(c["iopf"].as_u64().unwrap() > 0, "{c}");
     let m = logged_counters(&out.stderr, "memory");
     assert!(m["pinned_bytes"].as_u64().unwrap() > 0, "{m}");
-    let _ = std::fs::remove_file(&api);
+    let _ = std::fs::remove_file(&api_path);
 }

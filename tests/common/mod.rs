@@ -241,3 +241,34 @@ pub fn u(v: &Value, key: &str) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("{key} missing in {v}"))
 }
+
+/// One HTTP request to the VMM's API socket: (status, body); status 0 if the socket is gone.
+pub fn api(sock: &Path, method: &str, endpoint: &str, body: &str) -> (u16, String) {
+    use std::io::Write;
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(sock) else {
+        return (0, String::new());
+    };
+    let _ = write!(s, "{method} /api/v1/{endpoint} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        out.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
+    )
+}
+
+/// The counters the VMM logged (with -v) for device `id` when it stopped the VM.
+pub fn logged_counters(stderr: &str, id: &str) -> Value {
+    let key = format!("Device {id} counters: ");
+    let line = stderr
+        .lines()
+        .rev()
+        .find(|l| l.contains(&key))
+        .unwrap_or_else(|| panic!("no counters for {id}:\n{stderr}"));
+    serde_json::from_str(&line[line.find(&key).unwrap() + key.len()..]).unwrap()
+}
