@@ -501,9 +501,9 @@ impl Reclaimer {
                 }
             }
         }
-        let mut done = 0;
+        let mut chosen = Vec::new();
         for p in by_age.into_iter().rev().flatten() {
-            if done >= want {
+            if chosen.len() as u64 >= want {
                 break;
             }
             if self.state(p) & (RECLAIMED | BUSY) != 0 {
@@ -519,19 +519,42 @@ impl Reclaimer {
                 }
                 self.unpin(p);
             }
-            match self.reclaim_page(p) {
-                Ok(()) => done += 1,
-                Err(e) => {
-                    report.errors += 1;
-                    warn!("Reclaiming page {p}: {e}");
-                    if matches!(e, StoreError::Full(_)) {
-                        break;
-                    }
+            chosen.push(p);
+        }
+        let (done, errors) = self.reclaim_pages(chosen);
+        report.reclaimed_bytes = done * PAGE;
+        report.errors = errors;
+        report
+    }
+
+    /// Reclaims `pages` in contiguous runs (one madvise, one pread and one hole punch per
+    /// run). Returns (pages reclaimed, errors).
+    fn reclaim_pages(&self, mut pages: Vec<u64>) -> (u64, u64) {
+        const MAX_RUN: u64 = 64;
+        pages.sort_unstable();
+        let (mut done, mut errors) = (0, 0);
+        let mut i = 0;
+        while i < pages.len() {
+            let start = pages[i];
+            let mut n = 1;
+            while i + (n as usize) < pages.len()
+                && pages[i + n as usize] == start + n
+                && n < MAX_RUN
+            {
+                n += 1;
+            }
+            i += n as usize;
+            let (saved, err) = self.reclaim_run(start, n);
+            done += saved;
+            if let Some(e) = err {
+                errors += 1;
+                warn!("Reclaiming pages {start}..{}: {e}", start + n);
+                if matches!(e, StoreError::Full(_)) {
+                    break;
                 }
             }
         }
-        report.reclaimed_bytes = done * PAGE;
-        report
+        (done, errors)
     }
 
     /// DMA-unmaps `page` from every device that had it (the unsafe path).
@@ -560,43 +583,74 @@ impl Reclaimer {
         }
     }
 
-    fn reclaim_page(&self, p: u64) -> Result<(), StoreError> {
-        let slot = &self.pages[p as usize];
-        if slot.fetch_or(BUSY, Ordering::AcqRel) & BUSY != 0 {
-            return Ok(());
+    /// Reclaims the run [start, start+n): pages another pass holds end it early; a store failure
+    /// part-way keeps the rest resident. Returns the pages reclaimed and the error, if any.
+    fn reclaim_run(&self, start: u64, n: u64) -> (u64, Option<StoreError>) {
+        let mut len = 0;
+        while len < n
+            && self.pages[(start + len) as usize].fetch_or(BUSY, Ordering::AcqRel) & BUSY == 0
+        {
+            len += 1;
         }
-        self.drop_mappings(p, p + 1);
-        let mut buf = [0u8; PAGE_SIZE];
-        let r = self
-            .memfd
-            .read_exact_at(&mut buf, p * PAGE)
-            .map_err(StoreError::Io)
-            .and_then(|_| self.store.save(p, &buf));
-        if let Err(e) = r {
-            slot.fetch_and(!BUSY, Ordering::AcqRel);
-            return Err(e);
+        let release = |from: u64| {
+            for p in from..len {
+                self.pages[(start + p) as usize].fetch_and(!BUSY, Ordering::AcqRel);
+            }
+        };
+        if len == 0 {
+            return (0, None);
         }
-        // SAFETY: punching a hole in our own memfd; nothing maps the page now (mappings were
-        // dropped and faults on it wait for BUSY to clear).
+        self.drop_mappings(start, start + len);
+        let mut buf = vec![0u8; (len * PAGE) as usize];
+        if let Err(e) = self.memfd.read_exact_at(&mut buf, start * PAGE) {
+            release(0);
+            return (0, Some(StoreError::Io(e)));
+        }
+        let mut saved = 0;
+        let mut err = None;
+        for (k, chunk) in buf.chunks_exact(PAGE_SIZE).enumerate() {
+            match self.store.save(
+                start + k as u64,
+                chunk.try_into().expect("page-sized chunk"),
+            ) {
+                Ok(()) => saved += 1,
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+        }
+        if saved == 0 {
+            release(0);
+            return (0, err);
+        }
+        // SAFETY: punching a hole in our own memfd; nothing maps these pages now (mappings were
+        // dropped and faults on them wait for BUSY to clear).
         let rc = unsafe {
             libc::fallocate(
                 self.memfd.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                (p * PAGE) as i64,
-                PAGE as i64,
+                (start * PAGE) as i64,
+                (saved * PAGE) as i64,
             )
         };
         if rc != 0 {
             let e = std::io::Error::last_os_error();
-            self.store.forget(p);
-            slot.fetch_and(!BUSY, Ordering::AcqRel);
-            return Err(StoreError::Io(e));
+            (start..start + saved).for_each(|p| self.store.forget(p));
+            release(0);
+            return (0, Some(StoreError::Io(e)));
         }
-        slot.fetch_or(RECLAIMED, Ordering::AcqRel);
-        slot.fetch_and(!(BUSY | SAMPLED | ACCESSED), Ordering::AcqRel);
-        self.ages[p as usize].store(0, Ordering::Relaxed);
-        self.stats.reclaimed_pages.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        for p in start..start + saved {
+            let slot = &self.pages[p as usize];
+            slot.fetch_or(RECLAIMED, Ordering::AcqRel);
+            slot.fetch_and(!(BUSY | SAMPLED | ACCESSED), Ordering::AcqRel);
+            self.ages[p as usize].store(0, Ordering::Relaxed);
+        }
+        release(saved);
+        self.stats
+            .reclaimed_pages
+            .fetch_add(saved, Ordering::Relaxed);
+        (saved, err)
     }
 
     fn policy_loop(&self) {
@@ -630,18 +684,19 @@ impl Reclaimer {
     fn reclaim_cold(&self, bytes: u64) {
         let _g = self.pass.lock().unwrap();
         self.stats.reclaim_runs.fetch_add(1, Ordering::Relaxed);
-        let mut left = bytes.div_ceil(PAGE);
-        for (s, e) in self.resident_ranges() {
-            for p in s..e {
-                if left == 0 {
-                    return;
-                }
-                let cold = self.age(p) >= 1 && self.state(p) & (RECLAIMED | BUSY) == 0;
-                if cold && self.pinned(p).is_none() && self.reclaim_page(p).is_ok() {
-                    left -= 1;
-                }
-            }
-        }
+        let want = bytes.div_ceil(PAGE) as usize;
+        let cold: Vec<u64> = self
+            .resident_ranges()
+            .into_iter()
+            .flat_map(|(s, e)| s..e)
+            .filter(|&p| {
+                self.age(p) >= 1
+                    && self.state(p) & (RECLAIMED | BUSY) == 0
+                    && self.pinned(p).is_none()
+            })
+            .take(want)
+            .collect();
+        self.reclaim_pages(cold);
     }
 
     pub fn counters(&self) -> std::collections::BTreeMap<String, u64> {
