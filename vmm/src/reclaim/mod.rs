@@ -376,7 +376,7 @@ impl Reclaimer {
                     let ns = t0.elapsed().as_nanos() as u64;
                     self.stats.restore_ns_total.fetch_add(ns, Ordering::Relaxed);
                     self.stats.restore_hist.record(ns);
-                } else {
+                } else if !self.zero_fill_block(page) {
                     // SAFETY: `host` is the faulting page of registered guest RAM.
                     if let Err(e) = unsafe { self.uffd.zeropage(host, PAGE_SIZE, true) } {
                         debug!("UFFDIO_ZEROPAGE at {addr:#x}: {e}");
@@ -385,6 +385,43 @@ impl Reclaimer {
                     self.stats.zero_fills.fetch_add(1, Ordering::Relaxed);
                 }
             }
+        }
+    }
+
+    /// A guest's first touches of never-used RAM come in streams: zero-fill the aligned 64 KiB
+    /// block around `page` at once. Only when no page of it is reclaimed or busy, and only while
+    /// holding the reclaim-pass lock so no reclaim can punch a page of the block meanwhile (a
+    /// page zero-filled after its content went to the store would be lost). The kernel refuses
+    /// (EEXIST) if any page of the block is present; the caller then fills just its page.
+    fn zero_fill_block(&self, page: u64) -> bool {
+        const BLOCK: u64 = 16;
+        let Ok(_g) = self.pass.try_lock() else {
+            return false;
+        };
+        let start = page & !(BLOCK - 1);
+        let end = start + BLOCK;
+        if end as usize > self.pages.len()
+            || (start..end).any(|p| self.state(p) & (RECLAIMED | BUSY) != 0)
+        {
+            return false;
+        }
+        let (Some(h0), Some(h1)) = (self.host_addr(start), self.host_addr(end - 1)) else {
+            return false;
+        };
+        if h1 != h0 + (BLOCK - 1) * PAGE {
+            return false; // crosses a range boundary
+        }
+        // SAFETY: [h0, h0 + 64 KiB) is registered guest RAM holding no reclaimed or busy page;
+        // UFFDIO_ZEROPAGE maps zero pages only where nothing is present.
+        match unsafe {
+            self.uffd
+                .zeropage(h0 as *mut libc::c_void, (BLOCK * PAGE) as usize, true)
+        } {
+            Ok(_) => {
+                self.stats.zero_fills.fetch_add(BLOCK, Ordering::Relaxed);
+                true
+            }
+            Err(_) => false,
         }
     }
 
