@@ -90,11 +90,6 @@ impl Ram {
         }
         None
     }
-
-    /// A contiguous free range of `bytes` (the first that fits), taken from the arena.
-    pub fn take_contiguous(&mut self, bytes: u64) -> Option<u64> {
-        self.alloc(bytes)
-    }
 }
 
 pub fn align_up(v: u64, a: u64) -> u64 {

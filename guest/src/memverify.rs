@@ -19,7 +19,7 @@ pub fn run(
     let seed = info.param_u64("vio.seed", 1)?;
     let bytes = mem_mb << 20;
     let base = ram
-        .take_contiguous(bytes)
+        .alloc(bytes)
         .ok_or("vio.mem_mb does not fit in guest RAM")?;
     let pages = bytes / PAGE;
     let start = rdtsc();

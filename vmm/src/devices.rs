@@ -167,15 +167,11 @@ impl BusDevice for I8042 {
 /// POST codes on port 0x80, logged with the time since the VMM started.
 pub struct DebugPort {
     start: Instant,
-    codes: Arc<Mutex<Vec<(u8, u64)>>>,
 }
 
 impl DebugPort {
     pub fn new(start: Instant) -> Self {
-        DebugPort {
-            start,
-            codes: Arc::new(Mutex::new(Vec::new())),
-        }
+        DebugPort { start }
     }
 }
 
@@ -192,10 +188,6 @@ impl BusDevice for DebugPort {
             us / 1000,
             us % 1000
         );
-        let mut codes = self.codes.lock().unwrap();
-        if codes.len() < 256 {
-            codes.push((code, us));
-        }
     }
 }
 
