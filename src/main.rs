@@ -9,7 +9,7 @@ use std::time::Instant;
 use thiserror::Error;
 use vmm::config::{
     parse_reclaim, ConfigError, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, OptionParser,
-    PayloadConfig, UserDeviceConfig, VmConfig,
+    PayloadConfig, UserDeviceConfig, VioConfig, VmConfig,
 };
 use vmm::{error_chain, Vmm, VmmExit};
 
@@ -120,6 +120,13 @@ fn command() -> Command {
                 .help("Passthrough device served over vfio-user (repeatable)"),
         )
         .arg(
+            Arg::new("vio")
+                .long("vio")
+                .value_name("socket=<path>,id=<name>,mode=snoop,poll_us=<us>")
+                .action(ArgAction::Append)
+                .help("vfio-user device passed through under VIO: memory stays reclaimable (repeatable)"),
+        )
+        .arg(
             Arg::new("api-socket")
                 .long("api-socket")
                 .value_name("path=<socket>|<socket>")
@@ -169,6 +176,12 @@ fn build_config(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
             .into_iter()
             .flatten()
             .map(|s| UserDeviceConfig::parse(s))
+            .chain(
+                m.get_many::<String>("vio")
+                    .into_iter()
+                    .flatten()
+                    .map(|s| VioConfig::parse_device(s)),
+            )
             .collect::<Result<_, _>>()?,
         serial: ConsoleMode::parse("serial", m.get_one::<String>("serial").unwrap())?,
         console: ConsoleMode::parse("console", m.get_one::<String>("console").unwrap())?,

@@ -19,6 +19,8 @@ const F_BLK_SIZE: u64 = 1 << 6;
 const F_FLUSH: u64 = 1 << 9;
 const MAGIC: u64 = 0x5649_4f42_4c4b_3031; // "VIOBLK01"
 const NONE: u32 = u32::MAX;
+/// Data descriptors per request at most (`vio.segs`): long chains, as seg_max allows.
+const MAX_SEGS: u64 = 64;
 
 struct Params {
     ops: u64,
@@ -30,6 +32,8 @@ struct Params {
     event_idx: bool,
     seed: u64,
     write_pct: u64,
+    stall_s: u64,
+    segs: u64,
 }
 
 impl Params {
@@ -44,7 +48,12 @@ impl Params {
             event_idx: info.param_u64("vio.event_idx", 0)? != 0,
             seed: info.param_u64("vio.seed", 1)?,
             write_pct: info.param_u64("vio.write_pct", 50)?,
+            stall_s: info.param_u64("vio.stall_s", 30)?,
+            segs: info.param_u64("vio.segs", 1)?,
         };
+        if p.segs == 0 || p.segs > MAX_SEGS || !p.bs.is_multiple_of(p.segs) {
+            return Err("vio.segs must be 1..64 and divide vio.bs");
+        }
         if p.bs < 512 || p.bs > PAGE || !p.bs.is_multiple_of(512) {
             return Err("vio.bs must be a multiple of 512 up to 4096");
         }
@@ -129,10 +138,22 @@ struct Disk {
     dev: VirtioPci,
     vq: Virtqueue,
     indirect: bool,
+    /// The data buffer goes in this many descriptors.
+    segs: u16,
 }
 
 impl Disk {
-    /// Lays the request out as Linux does: header, data, status, each its own descriptor.
+    /// Descriptors one request takes in the ring.
+    fn per_slot(&self) -> u16 {
+        if self.indirect {
+            1
+        } else {
+            self.segs + 2
+        }
+    }
+
+    /// Lays the request out as Linux does: header, data (in `segs` pieces), status, each its
+    /// own descriptor.
     fn post(&mut self, slot: u16, ctrl: u64, kind: u32, sector: u64, data: u64, len: u32) {
         // SAFETY: ctrl is this slot's control page.
         unsafe {
@@ -142,18 +163,16 @@ impl Disk {
             core::ptr::write_volatile((ctrl + 16) as *mut u8, 0xff);
         }
         let data_flags = if kind == T_OUT { 0 } else { DESC_F_WRITE };
-        let mut segs = [
-            (ctrl, 16u32, 0u16),
-            (data, len, data_flags),
-            (ctrl + 16, 1, DESC_F_WRITE),
-        ];
-        let segs: &mut [(u64, u32, u16)] = if len == 0 {
-            segs[1] = segs[2];
-            &mut segs[..2]
-        } else {
-            &mut segs[..]
-        };
-        let n = segs.len();
+        let mut segs = [(0u64, 0u32, 0u16); MAX_SEGS as usize + 2];
+        segs[0] = (ctrl, 16, 0);
+        let pieces = if len == 0 { 0 } else { u32::from(self.segs) };
+        for i in 0..pieces {
+            let l = len / pieces;
+            segs[1 + i as usize] = (data + u64::from(i * l), l, data_flags);
+        }
+        let n = pieces as usize + 2;
+        segs[n - 1] = (ctrl + 16, 1, DESC_F_WRITE);
+        let segs = &segs[..n];
         if self.indirect {
             let table = ctrl + 64;
             for (i, &(a, l, f)) in segs.iter().enumerate() {
@@ -164,7 +183,7 @@ impl Disk {
                 .set_desc(slot, table, 16 * n as u32, DESC_F_INDIRECT, 0);
             self.vq.push(slot);
         } else {
-            let head = slot * 3;
+            let head = slot * self.per_slot();
             for (i, &(a, l, f)) in segs.iter().enumerate() {
                 let next = if i + 1 < n { DESC_F_NEXT } else { 0 };
                 self.vq
@@ -175,11 +194,7 @@ impl Disk {
     }
 
     fn slot_of(&self, id: u32) -> u32 {
-        if self.indirect {
-            id
-        } else {
-            id / 3
-        }
+        id / u32::from(self.per_slot())
     }
 
     /// One synchronous request (setup and teardown), on slot 0.
@@ -231,12 +246,16 @@ pub fn run(
     }
     let capacity =
         mmio_read32(dev.device_cfg) as u64 | (mmio_read32(dev.device_cfg + 4) as u64) << 32;
+    // virtio-blk config: capacity (u64), size_max (u32), seg_max (u32).
+    if features & F_SEG_MAX != 0 && p.segs > mmio_read32(dev.device_cfg + 12) as u64 {
+        return Err("vio.segs exceeds the device's seg_max");
+    }
     let blocks = capacity * 512 / p.bs;
     if blocks < 2 * p.qd {
         return Err("disk too small for vio.qd");
     }
     let vq = dev.setup_queue(0, 256, ram)?;
-    let per_req = if p.indirect { 1 } else { 3 };
+    let per_req = if p.indirect { 1 } else { p.segs + 2 };
     if p.qd * per_req > vq.size as u64 {
         return Err("vio.qd does not fit in the queue");
     }
@@ -245,6 +264,7 @@ pub fn run(
         dev,
         vq,
         indirect: p.indirect,
+        segs: p.segs as u16,
     };
 
     let ctrl_base = ram.alloc(p.qd * PAGE).ok_or("out of memory")?;
@@ -390,8 +410,8 @@ pub fn run(
         let now = rdtsc();
         if progressed || nfree == p.qd {
             idle_since = now;
-        } else if clock.ns(now - idle_since) > 30_000_000_000 {
-            return Err("requests stalled for 30 s");
+        } else if clock.ns(now - idle_since) > p.stall_s.saturating_mul(1_000_000_000) {
+            return Err("requests stalled (vio.stall_s)");
         }
         if clock.ns(now - last_progress) >= 1_000_000_000 {
             last_progress = now;

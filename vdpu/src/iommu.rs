@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use thiserror::Error;
 use virtio_devices::transport::ShadowIndex;
 use virtio_devices::{GuestMemoryMmap, LogLimiter, MemoryView};
@@ -17,7 +17,8 @@ use vm_memory::bitmap::BS;
 use vm_memory::guest_memory::{GuestMemorySliceIterator, Result as MemResult};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemory, GuestMemoryError, GuestRegionMmap, Permissions,
+    FileOffset, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress, Permissions, VolatileSlice,
 };
 
 pub const PAGE_SIZE: u64 = 4096;
@@ -69,20 +70,17 @@ pub struct IommuStats {
     pub last_iopf_iova: AtomicU64,
 }
 
-/// An immutable picture of the mappings; the device works on one while the IOMMU may build the
-/// next.
+/// The mappings. The device works on a read guard of it; map and unmap change it in place
+/// under the write lock, which also makes them wait for device accesses in progress.
 pub struct Snapshot {
     runs: BTreeMap<u64, Run>,
-    memory: Option<GuestMemoryMmap>,
-    /// VIO shadow indices: a 2-byte read at the first address is served from the second.
+    /// VIO shadow indices: a 2-byte access at the first address goes to the second.
     redirects: Vec<(u64, u64)>,
     stats: Arc<IommuStats>,
 }
 
 pub struct Iommu {
-    current: RwLock<Arc<Snapshot>>,
-    /// Serialises map/unmap (each builds a new snapshot from the current one).
-    update: Mutex<()>,
+    current: RwLock<Snapshot>,
     stats: Arc<IommuStats>,
 }
 
@@ -125,50 +123,17 @@ impl Iommu {
     pub fn new() -> Self {
         let stats = Arc::new(IommuStats::default());
         Iommu {
-            current: RwLock::new(Arc::new(Snapshot {
+            current: RwLock::new(Snapshot {
                 runs: BTreeMap::new(),
-                memory: None,
                 redirects: Vec::new(),
                 stats: stats.clone(),
-            })),
-            update: Mutex::new(()),
+            }),
             stats,
         }
     }
 
     pub fn stats(&self) -> &IommuStats {
         &self.stats
-    }
-
-    fn publish(&self, runs: BTreeMap<u64, Run>) -> Result<(), IommuError> {
-        let redirects = self.current.read().unwrap().redirects.clone();
-        self.publish_with(runs, redirects)
-    }
-
-    fn publish_with(
-        &self,
-        runs: BTreeMap<u64, Run>,
-        redirects: Vec<(u64, u64)>,
-    ) -> Result<(), IommuError> {
-        let memory = if runs.is_empty() {
-            None
-        } else {
-            Some(
-                GuestMemoryMmap::from_arc_regions(
-                    runs.values().map(|r| r.region.clone()).collect(),
-                )
-                .map_err(|e| IommuError::Mmap(e.to_string()))?,
-            )
-        };
-        let snap = Arc::new(Snapshot {
-            runs,
-            memory,
-            redirects,
-            stats: self.stats.clone(),
-        });
-        // Taking the write lock waits for every device access in progress on the old view.
-        *self.current.write().unwrap() = snap;
-        Ok(())
     }
 
     /// Maps `len` bytes of `file` at `file_offset` to IOVA `iova`.
@@ -184,56 +149,56 @@ impl Iommu {
         if !file_offset.is_multiple_of(PAGE_SIZE) {
             return Err(IommuError::Unaligned { iova, len });
         }
-        let _g = self.update.lock().unwrap();
-        let mut runs = self.current.read().unwrap().runs.clone();
-        if runs.len() >= MAX_MAPPINGS {
+        // The mmap is made before taking the lock, so the device waits only for the insert.
+        let run = map_run(&file, file_offset, iova, len, writable)?;
+        let mut cur = self.current.write().unwrap();
+        if cur.runs.len() >= MAX_MAPPINGS {
             return Err(IommuError::TooMany);
         }
-        if let Some((&s, r)) = runs.range(..end).next_back() {
+        if let Some((&s, r)) = cur.runs.range(..end).next_back() {
             if s + r.len > iova {
                 return Err(IommuError::Exists { iova, len });
             }
         }
-        runs.insert(iova, map_run(&file, file_offset, iova, len, writable)?);
-        self.publish(runs)
+        cur.runs.insert(iova, run);
+        Ok(())
     }
 
     /// Unmaps every mapped page of [iova, iova+len); returns once no device access can touch
     /// them. Returns the bytes that were mapped.
     pub fn unmap(&self, iova: u64, len: u64) -> Result<u64, IommuError> {
         let end = check_aligned(iova, len)?;
-        let _g = self.update.lock().unwrap();
-        let old = self.current.read().unwrap().runs.clone();
-        let mut runs = BTreeMap::new();
-        let mut removed = 0;
-        for (s, r) in old {
-            let e = s + r.len;
-            if e <= iova || s >= end {
-                runs.insert(s, r);
-                continue;
+        let mut cur = self.current.write().unwrap();
+        // Runs overlapping the range: the one starting before it, and those starting inside.
+        let mut hit: Vec<u64> = cur.runs.range(iova..end).map(|(&s, _)| s).collect();
+        if let Some((&s, r)) = cur.runs.range(..iova).next_back() {
+            if s + r.len > iova {
+                hit.push(s);
             }
+        }
+        if hit.is_empty() {
+            return Err(IommuError::NotMapped { iova, len });
+        }
+        let mut removed = 0;
+        for s in hit {
+            let r = cur.runs.remove(&s).expect("listed above");
+            let e = s + r.len;
             removed += e.min(end) - s.max(iova);
             // Keep the parts outside the range, each with an mmap of its own.
             if s < iova {
-                runs.insert(s, map_run(&r.file, r.file_offset, s, iova - s, r.writable)?);
+                let part = map_run(&r.file, r.file_offset, s, iova - s, r.writable)?;
+                cur.runs.insert(s, part);
             }
             if e > end {
-                runs.insert(
-                    end,
-                    map_run(&r.file, r.file_offset + (end - s), end, e - end, r.writable)?,
-                );
+                let part = map_run(&r.file, r.file_offset + (end - s), end, e - end, r.writable)?;
+                cur.runs.insert(end, part);
             }
         }
-        if removed == 0 {
-            return Err(IommuError::NotMapped { iova, len });
-        }
-        self.publish(runs)?;
         Ok(removed)
     }
 
     pub fn unmap_all(&self) {
-        let _g = self.update.lock().unwrap();
-        let _ = self.publish(BTreeMap::new());
+        self.current.write().unwrap().runs.clear();
     }
 
     pub fn mapped_bytes(&self) -> u64 {
@@ -249,17 +214,10 @@ impl Iommu {
 
 impl ShadowIndex for Iommu {
     fn redirect(&self, avail_idx_addr: u64, shadow: Option<u64>) {
-        let _g = self.update.lock().unwrap();
-        let (runs, mut redirects) = {
-            let cur = self.current.read().unwrap();
-            (cur.runs.clone(), cur.redirects.clone())
-        };
-        redirects.retain(|&(from, _)| from != avail_idx_addr);
+        let mut cur = self.current.write().unwrap();
+        cur.redirects.retain(|&(from, _)| from != avail_idx_addr);
         if let Some(to) = shadow {
-            redirects.push((avail_idx_addr, to));
-        }
-        if let Err(e) = self.publish_with(runs, redirects) {
-            warn!("Shadow index: {e}");
+            cur.redirects.push((avail_idx_addr, to));
         }
     }
 }
@@ -270,7 +228,7 @@ impl Default for Iommu {
     }
 }
 
-pub struct IommuGuard<'a>(RwLockReadGuard<'a, Arc<Snapshot>>);
+pub struct IommuGuard<'a>(RwLockReadGuard<'a, Snapshot>);
 
 impl Deref for IommuGuard<'_> {
     type Target = Snapshot;
@@ -337,6 +295,46 @@ impl Snapshot {
     }
 }
 
+/// The pieces of a checked access, run by run.
+pub struct Slices<'a> {
+    snap: &'a Snapshot,
+    addr: u64,
+    left: usize,
+}
+
+impl<'a> Iterator for Slices<'a> {
+    type Item = MemResult<VolatileSlice<'a, BS<'a, ()>>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        let at = self.addr;
+        let found = self
+            .snap
+            .runs
+            .range(..=at)
+            .next_back()
+            .filter(|(&s, r)| at < s + r.len);
+        let Some((&s, r)) = found else {
+            self.left = 0;
+            return Some(Err(GuestMemoryError::InvalidGuestAddress(GuestAddress(at))));
+        };
+        let n = self.left.min((s + r.len - at) as usize);
+        self.addr += n as u64;
+        self.left -= n;
+        let slice = r.region.get_slice(MemoryRegionAddress(at - s), n);
+        if slice.is_err() {
+            self.left = 0;
+        }
+        Some(slice.map_err(Into::into))
+    }
+}
+
+impl std::iter::FusedIterator for Slices<'_> {}
+
+impl<'a> GuestMemorySliceIterator<'a, BS<'a, ()>> for Slices<'a> {}
+
 impl GuestMemory for Snapshot {
     type PhysicalMemory = GuestMemoryMmap;
     type Bitmap = ();
@@ -355,10 +353,11 @@ impl GuestMemory for Snapshot {
         if !self.check(addr, count, access) {
             return Err(GuestMemoryError::InvalidGuestAddress(addr));
         }
-        match &self.memory {
-            Some(m) => GuestMemory::get_slices(m, addr, count, access),
-            None => Err(GuestMemoryError::InvalidGuestAddress(addr)),
-        }
+        Ok(Slices {
+            snap: self,
+            addr: addr.0,
+            left: count,
+        })
     }
 }
 

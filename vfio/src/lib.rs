@@ -4,5 +4,6 @@
 pub mod dma;
 pub mod kernel;
 pub mod vfio_user;
+pub mod vio_device;
 
 pub use dma::{DmaBacking, DmaError, DmaMapping};

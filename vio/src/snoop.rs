@@ -7,15 +7,23 @@
 //! while we worked are not left behind. Completed requests (`reap_used`, driven by the used ring)
 //! release their pages to the normal reclaim policy.
 //!
-//! No lost wakeups. With VIRTIO_F_EVENT_IDX the device writes `avail_event` from its own
-//! progress, which is at most the shadow index. While the device is busy it can lag the shadow,
-//! and the guest may then legitimately skip a doorbell for entries the VMM has not published: a
-//! device re-checking only the shadow would sleep on them. The race exists only while requests
-//! are in flight (an idle device has written `avail_event` = the published index, so the guest's
-//! next entry crosses it and kicks). Hence: the VMM re-reads `avail->idx` after every publish,
-//! and `needs_poll()` is true while anything is in flight, for the VMM to re-check on a short
-//! timer until the device drains. Every available entry is therefore published within one poll
-//! period of being made available.
+//! No lost wakeups. The guest skips doorbells the device said it does not need: with
+//! VIRTIO_F_EVENT_IDX while its new index does not cross `avail_event`, without it while
+//! `used->flags` has VRING_USED_F_NO_NOTIFY. A device computes those from its own progress,
+//! which lags the shadow index, and re-checks only the shadow before sleeping; so if the guest
+//! believed the device, an entry made available while the device was busy (or merely between
+//! two wake-ups: virtio-queue devices disarm and re-arm on every wake) would never be
+//! published. The VMM therefore owns notification suppression (the device writes its own to the
+//! shadow page, see the VIO extension) and states it against the *published* index:
+//! - without EVENT_IDX, `used->flags` stays 0: the guest rings for every batch;
+//! - with EVENT_IDX, `avail_event` = the published index, written after every publish and
+//!   before `avail->idx` is re-read (sequentially consistent). An entry the re-read misses was
+//!   made available after it, so the guest compares against the new `avail_event`, crosses it,
+//!   and rings.
+//!
+//! Either way every available entry is published by the doorbell it causes or by the re-read
+//! that follows a publish. Polling while requests are in flight only reaps completions early
+//! (to release their pins); no entry depends on it.
 
 use crate::walker::{ChainWalker, QueueLayout, WalkLimits};
 use std::collections::{BTreeMap, BTreeSet};
@@ -52,7 +60,10 @@ pub struct SnoopQueue {
     last_used: u16,
     /// Pages of published, not yet completed chains, by head index.
     inflight: BTreeMap<u16, BTreeSet<u64>>,
+    event_idx: bool,
     pub stats: SnoopStats,
+    /// Why the last bad chain or failed acquire failed, for the caller's rate-limited log.
+    pub last_error: Option<String>,
 }
 
 /// Publish rounds per doorbell: each consumes at least one new entry, so this only caps how
@@ -68,6 +79,8 @@ impl SnoopQueue {
             published: start_idx,
             last_used: start_idx,
             inflight: BTreeMap::new(),
+            event_idx: false,
+            last_error: None,
             stats: SnoopStats {
                 shadow_idx: start_idx,
                 ..Default::default()
@@ -83,9 +96,53 @@ impl SnoopQueue {
         v
     }
 
-    /// Handles a doorbell (or a poll). Returns the shadow index now published.
+    /// The guest negotiated VIRTIO_F_EVENT_IDX (decides how the device asks for doorbells).
+    pub fn with_event_idx(mut self, on: bool) -> Self {
+        self.event_idx = on;
+        self
+    }
+
+    /// Tells the guest when to ring, against the published index (see the module docs). Called
+    /// once the device writes its own suppression elsewhere, and after every publish.
+    pub fn state_suppression<M: GuestMemory>(&self, mem: &M) {
+        let used = self.layout.used_ring;
+        // A failed write leaves the guest's ring as it was: the guest then rings or not by
+        // stale data, and the in-flight poll still publishes its entries.
+        let _ = if self.event_idx {
+            let at = used + 4 + 8 * u64::from(self.layout.size);
+            mem.write_obj(self.published, GuestAddress(at))
+        } else {
+            mem.write_obj(0u16, GuestAddress(used))
+        };
+        fence(Ordering::SeqCst);
+    }
+
+    /// One pass for the VMM: reap completions, publish new entries on a doorbell or a poll.
+    /// Returns whether requests are still in flight (worth polling for their completions).
+    pub fn service<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        host: &dyn SnoopHost,
+        kicked: bool,
+        polling: bool,
+    ) -> bool {
+        self.reap_used(mem, host);
+        if kicked {
+            self.on_kick(mem, host);
+        } else if polling {
+            self.poll(mem, host);
+        }
+        !self.inflight.is_empty()
+    }
+
+    /// Handles a doorbell. Returns the shadow index now published.
     pub fn on_kick<M: GuestMemory>(&mut self, mem: &M, host: &dyn SnoopHost) -> u16 {
         self.stats.kicks += 1;
+        self.poll(mem, host)
+    }
+
+    /// Publishes whatever the guest made available since the last call, doorbell or not.
+    pub fn poll<M: GuestMemory>(&mut self, mem: &M, host: &dyn SnoopHost) -> u16 {
         for _ in 0..MAX_ROUNDS {
             let Some(avail) = self.guest_avail(mem) else {
                 break;
@@ -93,10 +150,17 @@ impl SnoopQueue {
             if avail == self.published {
                 break;
             }
+            // A head the guest reuses was completed first, and the guest saw that completion
+            // before making the head available again, so it is in the used ring now: reap it,
+            // or its (later) reaping would release the new request's pages.
+            self.reap_used(mem, host);
             let r = self.walker.walk(mem, &self.layout, self.published, avail);
             self.stats.chains += u64::from(r.chains);
             self.stats.descriptors += u64::from(r.descriptors);
             self.stats.bad_chains += u64::from(r.bad_chains);
+            if let Some(e) = r.last_error {
+                self.last_error = Some(e.to_string());
+            }
             let new = match r.stopped_at {
                 Some(at) => at,
                 // A garbage index (more than a queue ahead) publishes nothing: the device would
@@ -111,7 +175,10 @@ impl SnoopQueue {
                         Ok(true) => self.stats.faultins += 1,
                         Ok(false) => {}
                         // The device will fail this request through its IOPF path.
-                        Err(_) => self.stats.acquire_errors += 1,
+                        Err(e) => {
+                            self.stats.acquire_errors += 1;
+                            self.last_error = Some(e);
+                        }
                     }
                 }
                 if let Some(old) = self.inflight.insert(head, pages) {
@@ -124,6 +191,9 @@ impl SnoopQueue {
             host.publish(new);
             self.published = new;
             self.stats.shadow_idx = new;
+            if self.event_idx {
+                self.state_suppression(mem);
+            }
             host.kick();
         }
         self.published
@@ -153,9 +223,10 @@ impl SnoopQueue {
         usize::from(n)
     }
 
-    /// Whether the VMM should re-check this queue soon (see the module docs).
-    pub fn needs_poll(&self) -> bool {
-        !self.inflight.is_empty()
+
+    /// Requests published and not yet seen completed.
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
     }
 
     pub fn published(&self) -> u16 {
@@ -271,7 +342,7 @@ mod tests {
             "every page pinned before the device sees the index"
         );
         assert_eq!(q.stats.faultins, 2);
-        assert!(q.needs_poll());
+        assert_eq!(q.inflight(), 2);
         complete(&m, 1, 1);
         assert_eq!(q.reap_used(&m, &h), 1);
         assert_eq!(
@@ -281,7 +352,7 @@ mod tests {
         complete(&m, 2, 0);
         q.reap_used(&m, &h);
         assert!(h.pins.borrow().is_empty());
-        assert!(!q.needs_poll());
+        assert!(!q.service(&m, &h, false, true), "idle and armed: no polling");
         // Nothing new: no publish, no device kick.
         let kicks = *h.kicks.borrow();
         q.on_kick(&m, &h);
@@ -325,10 +396,113 @@ mod tests {
         post(&m, 1, 1);
         set_avail(&m, 2);
         assert!(
-            q.needs_poll(),
+            q.service(&m, &h, false, false),
             "something is in flight, so the VMM keeps polling"
         );
-        assert_eq!(q.on_kick(&m, &h), 2);
+        assert!(q.service(&m, &h, false, true));
+        assert_eq!(q.published(), 2, "the poll published it");
+    }
+
+    /// The guest's doorbell rule (virtio 2.7.10.2 / vring_need_event) against what the VMM
+    /// states: whatever the device does, an entry the VMM has not published makes the guest
+    /// ring, or is picked up by the re-read that follows a publish.
+    #[test]
+    fn the_guest_rings_for_every_unpublished_entry() {
+        fn guest_rings(m: &Mem, event_idx: bool, old: u16, new: u16) -> bool {
+            if event_idx {
+                let ev: u16 = m
+                    .read_obj(GuestAddress(Q.used_ring + 4 + 8 * u64::from(Q.size)))
+                    .unwrap();
+                new.wrapping_sub(ev).wrapping_sub(1) < new.wrapping_sub(old)
+            } else {
+                m.read_obj::<u16>(GuestAddress(Q.used_ring)).unwrap() & 1 == 0
+            }
+        }
+        for event_idx in [false, true] {
+            let m = mem();
+            let h = Host::default();
+            // A device that asked for no doorbells before VIO took over.
+            m.write_obj(1u16, GuestAddress(Q.used_ring)).unwrap();
+            m.write_obj(0x7777u16, GuestAddress(Q.used_ring + 4 + 8 * 8))
+                .unwrap();
+            let q = SnoopQueue::new(Q, 0, WalkLimits::default()).with_event_idx(event_idx);
+            q.state_suppression(&m);
+            let mut q = q;
+            for i in 0..20u16 {
+                post(&m, i, i % 8);
+                set_avail(&m, i + 1);
+                assert!(guest_rings(&m, event_idx, i, i + 1), "entry {i}, event_idx={event_idx}");
+                q.service(&m, &h, true, false);
+                assert_eq!(q.published(), i + 1);
+                complete(&m, i + 1, i % 8);
+            }
+            // Two entries in one batch: one doorbell covers both.
+            post(&m, 20, 0);
+            post(&m, 21, 1);
+            set_avail(&m, 22);
+            assert!(guest_rings(&m, event_idx, 20, 22));
+            q.service(&m, &h, true, false);
+            assert_eq!(q.published(), 22);
+        }
+    }
+
+    /// Entries added while the VMM publishes, without a doorbell (the guest saw an avail_event
+    /// it had not crossed yet): the re-read after the publish picks them up.
+    #[test]
+    fn entries_added_during_a_publish_without_a_doorbell_are_published() {
+        let m = mem();
+        let h = Host::default();
+        let mut q = SnoopQueue::new(Q, 0, WalkLimits::default()).with_event_idx(true);
+        q.state_suppression(&m);
+        post(&m, 0, 0);
+        post(&m, 1, 1);
+        set_avail(&m, 2);
+        let m2 = m.clone();
+        *h.on_acquire.borrow_mut() = Some(Box::new(move || {
+            if m2.read_obj::<u16>(GuestAddress(Q.avail_ring + 2)).unwrap() == 2 {
+                post(&m2, 2, 2);
+                set_avail(&m2, 3);
+            }
+        }));
+        q.service(&m, &h, true, false);
+        assert_eq!(q.published(), 3);
+        let ev: u16 = m
+            .read_obj(GuestAddress(Q.used_ring + 4 + 8 * u64::from(Q.size)))
+            .unwrap();
+        assert_eq!(ev, 3, "avail_event follows the published index");
+    }
+
+    /// The guest reuses a head as soon as its completion is visible; the VMM may see the new
+    /// entry before it reaped the old completion. The new request's pages stay pinned.
+    #[test]
+    fn a_reused_head_keeps_the_new_requests_pages() {
+        let m = mem();
+        let h = Host::default();
+        let mut q = SnoopQueue::new(Q, 0, WalkLimits::default());
+        post(&m, 0, 3);
+        set_avail(&m, 1);
+        q.on_kick(&m, &h);
+        complete(&m, 1, 3);
+        // Head 3 again, now with a different buffer; no reap in between.
+        let d = Q.desc_table + 16 * 3;
+        m.write_obj(0x40000u64, GuestAddress(d)).unwrap();
+        post_avail_only(&m, 1, 3);
+        set_avail(&m, 2);
+        q.on_kick(&m, &h);
+        q.reap_used(&m, &h);
+        assert_eq!(
+            h.pins.borrow().keys().copied().collect::<Vec<_>>(),
+            vec![0x40],
+            "the old buffer is released, the new one still pinned"
+        );
+    }
+
+    fn post_avail_only(m: &Mem, pos: u16, head: u16) {
+        m.write_obj(
+            head,
+            GuestAddress(Q.avail_ring + 4 + 2 * u64::from(pos % Q.size)),
+        )
+        .unwrap();
     }
 
     #[test]

@@ -7,12 +7,11 @@
 pub mod block;
 mod memory;
 mod pause;
-mod ratelimit;
 pub mod transport;
 
 pub use memory::MemoryView;
 pub use pause::PauseGate;
-pub use ratelimit::LogLimiter;
+pub use vio::stats::LogLimiter;
 
 use std::collections::BTreeMap;
 use std::io;

@@ -63,6 +63,57 @@ pub struct UserDeviceConfig {
     /// Register the device's doorbell fds as KVM ioeventfds (off: doorbells go through the
     /// VMM as region writes, as with a client that only speaks the base protocol).
     pub io_fds: bool,
+    /// Put VIO in front of the device (`--vio`); plain passthrough when absent.
+    pub vio: Option<VioConfig>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VioMode {
+    /// IOPA-Snoop: the device reads a shadow available index the VMM advances once every page
+    /// of a request is resident and DMA-mapped; guest memory stays reclaimable.
+    Snoop,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VioConfig {
+    pub mode: VioMode,
+    /// How often queues with requests in flight are re-checked, in microseconds.
+    #[serde(default = "VioConfig::default_poll_us")]
+    pub poll_us: u64,
+}
+
+impl VioConfig {
+    pub const DEFAULT_POLL_US: u64 = 100;
+
+    fn default_poll_us() -> u64 {
+        Self::DEFAULT_POLL_US
+    }
+
+    /// `--vio socket=<path>[,id=<name>][,mode=snoop][,poll_us=<us>]`
+    pub fn parse_device(raw: &str) -> Result<UserDeviceConfig, ConfigError> {
+        let p = OptionParser::parse("vio", raw, &["socket", "id", "mode", "poll_us"])?;
+        let socket = PathBuf::from(
+            p.get("socket")
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| p.error("socket is required"))?,
+        );
+        let mode = match p.get("mode").unwrap_or("snoop") {
+            "snoop" => VioMode::Snoop,
+            _ => return Err(p.error("mode must be snoop")),
+        };
+        let poll_us = p.number("poll_us")?.unwrap_or(Self::DEFAULT_POLL_US);
+        if !(1..=1_000_000).contains(&poll_us) {
+            return Err(p.error("poll_us must be 1..1000000"));
+        }
+        Ok(UserDeviceConfig {
+            socket,
+            id: p.get("id").map(str::to_string),
+            io_fds: false,
+            vio: Some(VioConfig { mode, poll_us }),
+        })
+    }
 }
 
 impl UserDeviceConfig {
@@ -77,6 +128,7 @@ impl UserDeviceConfig {
             socket,
             id: p.get("id").map(str::to_string),
             io_fds: p.toggle("io_fds", true)?,
+            vio: None,
         })
     }
 }
@@ -430,6 +482,9 @@ mod json {
         pub id: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub io_fds: Option<bool>,
+        /// VIO extension: present for a `vio` device.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub vio: Option<super::VioConfig>,
         #[serde(default, skip_serializing)]
         pub pci_segment: Option<Value>,
     }
@@ -647,10 +702,19 @@ impl VmConfig {
                     "only segment 0 exists",
                 ));
             }
+            if let Some(v) = &u.vio {
+                if !(1..=1_000_000).contains(&v.poll_us) {
+                    return Err(invalid(
+                        &format!("user_devices[{i}].vio.poll_us"),
+                        "must be 1..1000000",
+                    ));
+                }
+            }
             user_devices.push(UserDeviceConfig {
                 socket: u.socket,
                 id: u.id,
-                io_fds: u.io_fds.unwrap_or(true),
+                io_fds: u.io_fds.unwrap_or(u.vio.is_none()),
+                vio: u.vio,
             });
         }
         let config = VmConfig {
@@ -710,7 +774,8 @@ impl VmConfig {
                     .map(|u| json::UserDevice {
                         socket: u.socket.clone(),
                         id: u.id.clone(),
-                        io_fds: (!u.io_fds).then_some(false),
+                        io_fds: (!u.io_fds && u.vio.is_none()).then_some(false),
+                        vio: u.vio,
                         pci_segment: None,
                     })
                     .collect(),
@@ -842,9 +907,34 @@ mod tests {
             UserDeviceConfig {
                 socket: "/tmp/v.sock".into(),
                 id: Some("dpu0".into()),
-                io_fds: true
+                io_fds: true,
+                vio: None,
             }
         );
+        let v = VioConfig::parse_device("socket=/tmp/v.sock,id=v0,poll_us=50").unwrap();
+        assert_eq!(
+            v.vio,
+            Some(VioConfig {
+                mode: VioMode::Snoop,
+                poll_us: 50
+            })
+        );
+        assert_eq!(v.id.as_deref(), Some("v0"));
+        for (bad, want) in [
+            ("socket=/s,mode=elastic", "mode must be snoop"),
+            ("socket=/s,poll_us=0", "1..1000000"),
+            ("socket=/s,poll_us=x", "poll_us"),
+            ("mode=snoop", "socket is required"),
+        ] {
+            assert!(
+                reason(VioConfig::parse_device(bad).unwrap_err()).contains(want),
+                "{bad}"
+            );
+        }
+        let cfg = VmConfig::from_json(&format!(r#"{{"payload":{{"kernel":"{}"}},"memory":{{"size":67108864,"shared":true}},"user_devices":[{{"socket":"/tmp/x.sock","vio":{{"mode":"snoop"}}}}]}}"#, kernel())).unwrap();
+        assert_eq!(cfg.user_devices[0].vio.unwrap().poll_us, VioConfig::DEFAULT_POLL_US);
+        assert_eq!(cfg.to_json()["user_devices"][0]["vio"]["mode"], "snoop");
+        assert!(VmConfig::from_json(&format!(r#"{{"payload":{{"kernel":"{}"}},"memory":{{"size":67108864,"shared":true}},"user_devices":[{{"socket":"/tmp/x.sock","vio":{{"mode":"fast"}}}}]}}"#, kernel())).is_err());
         assert!(
             !UserDeviceConfig::parse("socket=/s,io_fds=off")
                 .unwrap()

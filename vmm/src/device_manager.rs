@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use thiserror::Error;
 use vfio::vfio_user::{VfioUserClient, VfioUserPciDevice};
+use vfio::vio_device::{VioOptions, VioPciDevice};
 use vfio::{DmaBacking, DmaMapping};
+use virtio_devices::GuestMemoryMmap;
 use virtio_devices::block::{Block, BlockConfig, RawFile};
 use virtio_devices::transport::{
     InterruptDelivery, IoEventRegistrar, VirtioPciDevice, VirtioPciLayout,
@@ -89,6 +91,52 @@ impl IoEventRegistrar for KvmIoEvents {
     }
 }
 
+/// A device served by another process: plain passthrough, or under VIO.
+#[derive(Clone)]
+enum UserDevice {
+    Passthrough(Arc<Mutex<VfioUserPciDevice>>),
+    Vio(Arc<Mutex<VioPciDevice<GuestMemoryMmap>>>),
+}
+
+impl UserDevice {
+    fn pci(&self) -> Arc<Mutex<dyn PciDevice>> {
+        match self {
+            UserDevice::Passthrough(d) => d.clone(),
+            UserDevice::Vio(d) => d.clone(),
+        }
+    }
+
+    fn with<T>(
+        &self,
+        pt: impl FnOnce(&VfioUserPciDevice) -> T,
+        vio: impl FnOnce(&VioPciDevice<GuestMemoryMmap>) -> T,
+    ) -> T {
+        match self {
+            UserDevice::Passthrough(d) => pt(&d.lock().unwrap()),
+            UserDevice::Vio(d) => vio(&d.lock().unwrap()),
+        }
+    }
+
+    fn id(&self) -> String {
+        self.with(|d| d.id().to_string(), |d| d.id().to_string())
+    }
+
+    fn counters(&self) -> BTreeMap<String, u64> {
+        self.with(|d| d.counters(), |d| d.counters())
+    }
+
+    fn client(&self) -> Arc<VfioUserClient> {
+        self.with(|d| d.client().clone(), |d| d.client().clone())
+    }
+
+    fn bars(&self) -> Vec<pci::PciBarRegion> {
+        self.with(
+            |d| (0..6).filter_map(|b| d.bar(b)).collect(),
+            |d| (0..6).filter_map(|b| d.bar(b)).collect(),
+        )
+    }
+}
+
 /// The MMIO bus side of a PCI device: BAR accesses go to the device.
 struct PciBarHandler(Arc<Mutex<dyn PciDevice>>);
 
@@ -117,7 +165,7 @@ pub struct DeviceManager {
     pio_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     virtio: Vec<(String, Arc<Mutex<dyn VirtioDevice>>)>,
-    user: Vec<Arc<Mutex<VfioUserPciDevice>>>,
+    user: Vec<UserDevice>,
     serial_irq: EventFd,
 }
 
@@ -239,12 +287,8 @@ impl DeviceManager {
             let id = u.id.clone().unwrap_or_else(|| format!("_user{i}"));
             let dev =
                 Self::add_user_device(&id, u, ram, &router, &ioevents, &mut bars32, &mut bars64)?;
-            let dev = Arc::new(Mutex::new(dev));
-            let bars: Vec<_> = {
-                let d = dev.lock().unwrap();
-                (0..6).filter_map(|b| d.bar(b)).collect()
-            };
-            let pci_dev: Arc<Mutex<dyn PciDevice>> = dev.clone();
+            let bars = dev.bars();
+            let pci_dev = dev.pci();
             let mut bus = pci_bus.lock().unwrap();
             let slot = bus.next_device_number().ok_or(DeviceError::NoPciSlot)?;
             bus.add_device(slot, pci_dev.clone())
@@ -258,8 +302,9 @@ impl DeviceManager {
                 log::info!("{id}: BAR{} {:#x}+{:#x}", b.index, b.addr, b.size);
             }
             log::info!(
-                "{id}: vfio-user device {} at 00:{slot:02x}.0",
-                u.socket.display()
+                "{id}: vfio-user device {} at 00:{slot:02x}.0{}",
+                u.socket.display(),
+                if u.vio.is_some() { " under VIO" } else { "" }
             );
             user.push(dev);
         }
@@ -280,10 +325,54 @@ impl DeviceManager {
         ioevents: &Arc<dyn IoEventRegistrar>,
         bars32: &mut AddressAllocator,
         bars64: &mut AddressAllocator,
-    ) -> Result<VfioUserPciDevice, DeviceError> {
+    ) -> Result<UserDevice, DeviceError> {
         let err = |e: String| DeviceError::UserDevice(id.to_string(), e);
         let client =
             Arc::new(VfioUserClient::connect(&u.socket).map_err(|e| err(error_chain(&e)))?);
+        let vectors = client
+            .irq_info(vfio::vfio_user::protocol::PCI_MSIX_IRQ_INDEX)
+            .map_err(|e| err(error_chain(&e)))?
+            .count;
+        let group = KvmMsiGroup::new(router.clone(), vectors.clamp(1, 2048) as u16)
+            .map_err(DeviceError::Interrupts)?;
+        let mut alloc = |size: u64, is64: bool| {
+            if is64 {
+                bars64.allocate(size)
+            } else {
+                bars32.allocate(size)
+            }
+        };
+        if let Some(vio) = &u.vio {
+            // Nothing of guest RAM is mapped up front: the snoop engine maps what requests need.
+            let inner = VfioUserPciDevice::new(
+                id.to_string(),
+                client.clone(),
+                Arc::new(group),
+                ioevents.clone(),
+                &mut alloc,
+                false,
+            )
+            .map_err(|e| err(error_chain(&e)))?;
+            let window = Arc::new(vio::DmaWindow::new(
+                ram.residency(),
+                ram.io_mapper(client),
+                ram.guest_pages(),
+            ));
+            if let Some(r) = ram.reclaimer() {
+                r.add_window(window.clone());
+            }
+            let dev = VioPciDevice::new(
+                inner,
+                ram.memory(),
+                window,
+                ioevents.clone(),
+                VioOptions {
+                    poll: std::time::Duration::from_micros(vio.poll_us),
+                },
+            )
+            .map_err(|e| err(error_chain(&e)))?;
+            return Ok(UserDevice::Vio(Arc::new(Mutex::new(dev))));
+        }
         if let Some(r) = ram.reclaimer() {
             // Plain passthrough maps all of guest RAM, so all of it is pinned for reclaim.
             let pages = ram
@@ -308,19 +397,6 @@ impl DeviceManager {
                 .map(r.guest_addr, r.size, &backing)
                 .map_err(|e| err(error_chain(&e)))?;
         }
-        let vectors = client
-            .irq_info(vfio::vfio_user::protocol::PCI_MSIX_IRQ_INDEX)
-            .map_err(|e| err(error_chain(&e)))?
-            .count;
-        let group = KvmMsiGroup::new(router.clone(), vectors.clamp(1, 2048) as u16)
-            .map_err(DeviceError::Interrupts)?;
-        let mut alloc = |size: u64, is64: bool| {
-            if is64 {
-                bars64.allocate(size)
-            } else {
-                bars32.allocate(size)
-            }
-        };
         VfioUserPciDevice::new(
             id.to_string(),
             client,
@@ -329,6 +405,7 @@ impl DeviceManager {
             &mut alloc,
             u.io_fds,
         )
+        .map(|d| UserDevice::Passthrough(Arc::new(Mutex::new(d))))
         .map_err(|e| err(error_chain(&e)))
     }
 
@@ -347,8 +424,7 @@ impl DeviceManager {
             .map(|(id, d)| (id.clone(), d.lock().unwrap().counters()))
             .collect();
         for d in &self.user {
-            let d = d.lock().unwrap();
-            all.insert(d.id().to_string(), d.counters());
+            all.insert(d.id(), d.counters());
         }
         all
     }
@@ -359,9 +435,9 @@ impl DeviceManager {
         let dev = self
             .user
             .iter()
-            .find(|d| d.lock().unwrap().id() == id)
+            .find(|d| d.id() == id)
             .ok_or_else(|| ApiError::BadRequest(format!("No passthrough device {id}")))?;
-        let client = dev.lock().unwrap().client().clone();
+        let client = dev.client();
         client
             .unmap(iova, size)
             .map_err(|e| ApiError::Internal(error_chain(&e)))

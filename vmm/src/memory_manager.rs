@@ -11,6 +11,8 @@ use std::io;
 use std::os::unix::io::FromRawFd;
 use std::sync::Arc;
 use thiserror::Error;
+use vfio::{DmaBacking, DmaMapping};
+use vio::{IoMapper, PageError, Residency};
 use virtio_devices::GuestMemoryMmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
@@ -120,6 +122,33 @@ impl MemoryManager {
         self.reclaimer.as_ref()
     }
 
+    /// Who keeps guest pages resident for a snooping device: the reclaimer, or (without
+    /// reclaim) nobody needs to, as every page stays resident.
+    pub fn residency(&self) -> Arc<dyn Residency> {
+        match &self.reclaimer {
+            Some(r) => r.clone(),
+            None => Arc::new(AlwaysResident(self.regions.clone())),
+        }
+    }
+
+    /// Guest page frames [0, n) cover all of guest RAM.
+    pub fn guest_pages(&self) -> u64 {
+        self.regions
+            .iter()
+            .map(|r| (r.guest_addr + r.size).div_ceil(4096))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Maps guest pages for `device` at IOVA = guest-physical address.
+    pub fn io_mapper(&self, device: Arc<dyn DmaMapping>) -> Arc<dyn IoMapper> {
+        Arc::new(RamIoMapper {
+            device,
+            memfd: self.memfd.clone(),
+            regions: self.regions.clone(),
+        })
+    }
+
     pub fn memory(&self) -> Arc<GuestMemoryMmap> {
         self.memory.clone()
     }
@@ -191,5 +220,52 @@ mod tests {
         let mut b = [0u8; 4];
         std::os::unix::fs::FileExt::read_at(mm.memfd().as_ref(), &mut b, 0x1000).unwrap();
         assert_eq!(u32::from_le_bytes(b), 0);
+    }
+}
+
+fn region_of(regions: &[RamRegion], gpa: u64) -> Option<&RamRegion> {
+    regions
+        .iter()
+        .find(|r| gpa >= r.guest_addr && gpa < r.guest_addr + r.size)
+}
+
+struct AlwaysResident(Vec<RamRegion>);
+
+impl Residency for AlwaysResident {
+    fn pin(&self, gfn: u64) -> Result<bool, PageError> {
+        gfn.checked_mul(4096)
+            .and_then(|gpa| region_of(&self.0, gpa))
+            .map(|_| false)
+            .ok_or(PageError::OutsideRam(gfn))
+    }
+    fn unpin(&self, _gfn: u64) {}
+}
+
+struct RamIoMapper {
+    device: Arc<dyn DmaMapping>,
+    memfd: Arc<File>,
+    regions: Vec<RamRegion>,
+}
+
+impl IoMapper for RamIoMapper {
+    fn map(&self, gfn: u64, pages: u64) -> Result<(), String> {
+        let (gpa, len) = (gfn * 4096, pages * 4096);
+        let r = region_of(&self.regions, gpa)
+            .filter(|r| gpa + len <= r.guest_addr + r.size)
+            .ok_or_else(|| format!("{gpa:#x}+{len:#x} is not within one RAM region"))?;
+        let backing = DmaBacking {
+            file: &self.memfd,
+            file_offset: r.file_offset + gpa - r.guest_addr,
+            host_addr: 0,
+        };
+        self.device
+            .map(gpa, len, &backing)
+            .map_err(|e| crate::vmm::error_chain(&e))
+    }
+
+    fn unmap(&self, gfn: u64, pages: u64) -> Result<(), String> {
+        self.device
+            .unmap(gfn * 4096, pages * 4096)
+            .map_err(|e| crate::vmm::error_chain(&e))
     }
 }

@@ -267,6 +267,22 @@ impl VfioUserPciDevice {
         &self.client
     }
 
+    /// The device's doorbell eventfds by BAR 0 offset, for a front end that rings them itself
+    /// (only when they were not registered with the hypervisor).
+    pub fn doorbell_fds(&self) -> std::io::Result<Vec<(u64, EventFd)>> {
+        if self.registered {
+            return Ok(Vec::new());
+        }
+        self.doorbells
+            .iter()
+            .map(|(o, fd)| Ok((*o, fd.try_clone()?)))
+            .collect()
+    }
+
+    pub fn bar_index(&self, base: u64) -> Option<usize> {
+        self.bar_of(base)
+    }
+
     /// The device's own counters (from its vendor region) and the VMM's view of it.
     pub fn counters(&self) -> BTreeMap<String, u64> {
         let mut c = BTreeMap::new();

@@ -51,13 +51,20 @@ impl VirtioPciLayout {
 /// The VIO hardware extension: a vendor-specific capability (virtio layout, `cfg_type`
 /// `VIO_CAP_SHADOW_INDEX`, which virtio drivers ignore) pointing at a control block in BAR 0.
 /// Per queue, a client may make the device read the available index from a 16-bit shadow at a
-/// given IOVA instead of the guest's `avail->idx`, and switch back.
+/// given IOVA instead of the guest's `avail->idx`, and switch back. It may also take over the
+/// device's notification suppression: the device then writes `used->flags` and `avail_event`
+/// to the shadow (at +2 and +4) instead of the guest's used ring, and the client decides what
+/// the guest sees there (the device's view lags the shadow index, so only the client can say
+/// truthfully when the guest may skip a doorbell).
 ///
 /// Control block (little endian): `0x0` magic `VIO_SHADOW_MAGIC` (u32, RO), `0x4` version 1
 /// (u32, RO), `0x8` number of queues (u32, RO); queue *n* at `0x10 + 16n`: shadow IOVA (u64),
-/// enable (u32: 1 = read the index from the shadow, 0 = from the ring).
+/// control (u32: bit 0 = read the index from the shadow, bit 1 = also redirect the device's
+/// notification suppression; 0 = everything from and to the ring again).
 pub const VIO_CAP_SHADOW_INDEX: u8 = 0x80;
 pub const VIO_SHADOW_MAGIC: u32 = 0x5348_4956; // "VIHS"
+pub const VIO_SHADOW_ENABLE: u32 = 1;
+pub const VIO_SHADOW_SUPPRESSION: u32 = 2;
 
 /// Where a device reads its available indices from.
 pub trait ShadowIndex: Send + Sync {
@@ -66,11 +73,12 @@ pub trait ShadowIndex: Send + Sync {
     fn redirect(&self, avail_idx_addr: u64, shadow: Option<u64>);
 }
 
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 struct ShadowReg {
     iova: u64,
-    /// The ring index address the redirect was installed for, while enabled.
-    active: Option<u64>,
+    control: u32,
+    /// The ring addresses redirects were installed for, while enabled.
+    active: Vec<u64>,
 }
 
 pub use pci::IoEventRegistrar;
@@ -319,7 +327,7 @@ impl VirtioPciDevice {
         let Some(w) = write else {
             match field {
                 0..=7 => read(reg.iova, data, field),
-                8..=11 => read(u64::from(reg.active.is_some()), data, field - 8),
+                8..=11 => read(u64::from(reg.control), data, field - 8),
                 _ => data.fill(0),
             }
             return;
@@ -332,13 +340,25 @@ impl VirtioPciDevice {
             (0, 4) => reg.iova = (reg.iova & !0xffff_ffff) | v,
             (4, 4) => reg.iova = (reg.iova & 0xffff_ffff) | v << 32,
             (8, 4) | (8, 2) | (8, 1) => {
-                if let Some(old) = reg.active.take() {
+                for old in reg.active.drain(..) {
                     host.redirect(old, None);
                 }
-                if v & 1 == 1 {
-                    let at = self.queues[q].avail_ring() + 2;
-                    host.redirect(at, Some(reg.iova));
-                    reg.active = Some(at);
+                let v = v as u32 & (VIO_SHADOW_ENABLE | VIO_SHADOW_SUPPRESSION);
+                reg.control = 0;
+                if v & VIO_SHADOW_ENABLE != 0 {
+                    let queue = &self.queues[q];
+                    let mut redirects = vec![(queue.avail_ring() + 2, reg.iova)];
+                    if v & VIO_SHADOW_SUPPRESSION != 0 {
+                        let used = queue.used_ring();
+                        let avail_event = used + 4 + 8 * u64::from(queue.size());
+                        redirects.push((used, reg.iova + 2));
+                        redirects.push((avail_event, reg.iova + 4));
+                    }
+                    for (from, to) in redirects {
+                        host.redirect(from, Some(to));
+                        reg.active.push(from);
+                    }
+                    reg.control = v;
                 }
             }
             _ => debug!("{}: ignored VIO control write at {offset:#x}", self.id),
@@ -348,10 +368,11 @@ impl VirtioPciDevice {
     fn reset_shadow(&mut self) {
         if let Some((host, regs)) = &mut self.shadow {
             for r in regs.iter_mut() {
-                if let Some(old) = r.active.take() {
+                for old in r.active.drain(..) {
                     host.redirect(old, None);
                 }
                 r.iova = 0;
+                r.control = 0;
             }
         }
     }

@@ -1,0 +1,305 @@
+//! A device's DMA window onto guest RAM under IOPA-Snoop.
+//!
+//! Invariant: a guest page is DMA-mapped to the device only while it is resident, and it is
+//! pinned (the reclaimer skips it) while a published request may touch it. `acquire` pins the
+//! page first, then makes it resident, then maps it; the reclaimer `evict`s (DMA-unmaps) a page
+//! before it takes the page's contents away, and never evicts a pinned one. So the device can
+//! reach a page only while it holds the guest's data, and it is never handed an index whose
+//! pages it cannot reach.
+//!
+//! Mappings stay in place after a request completes: a page the device uses again costs one
+//! atomic increment, not a map. Only reclaim removes them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use thiserror::Error;
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum PageError {
+    #[error("Guest page {0:#x} is outside guest RAM")]
+    OutsideRam(u64),
+    #[error("Guest page {0:#x} has too many pins")]
+    TooManyPins(u64),
+    #[error("Failed to bring guest page {0:#x} back: {1}")]
+    Restore(u64, String),
+    #[error("Failed to DMA-map guest pages {0:#x}+{1}: {2}")]
+    Map(u64, u64, String),
+    #[error("Failed to DMA-unmap guest pages {0:#x}+{1}: {2}")]
+    Unmap(u64, u64, String),
+}
+
+/// The memory manager's side: page residency and reclaim pins, by guest page frame number.
+pub trait Residency: Send + Sync {
+    /// Pins `gfn` and makes it resident; it stays resident until the matching `unpin`. Returns
+    /// whether it had to be brought back (a fault-in).
+    fn pin(&self, gfn: u64) -> Result<bool, PageError>;
+    fn unpin(&self, gfn: u64);
+}
+
+/// The IOMMU side: maps guest pages to the device at IOVA = guest-physical address.
+pub trait IoMapper: Send + Sync {
+    fn map(&self, gfn: u64, pages: u64) -> Result<(), String>;
+    /// Returns once the device can no longer touch the pages.
+    fn unmap(&self, gfn: u64, pages: u64) -> Result<(), String>;
+}
+
+#[derive(Default)]
+pub struct WindowStats {
+    pub maps: AtomicU64,
+    pub unmaps: AtomicU64,
+    pub mapped_pages: AtomicU64,
+}
+
+pub struct DmaWindow {
+    residency: Arc<dyn Residency>,
+    io: Arc<dyn IoMapper>,
+    /// One bit per guest page: mapped to the device. Set only by `acquire` (page pinned),
+    /// cleared only by `evict` (page unpinned and held by the reclaimer), so the two never race
+    /// on the same bit.
+    mapped: Vec<AtomicU64>,
+    pub stats: WindowStats,
+}
+
+impl DmaWindow {
+    /// A window over guest pages [0, `pages`).
+    pub fn new(residency: Arc<dyn Residency>, io: Arc<dyn IoMapper>, pages: u64) -> Self {
+        DmaWindow {
+            residency,
+            io,
+            mapped: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            stats: WindowStats::default(),
+        }
+    }
+
+    fn bit(&self, gfn: u64) -> Option<(&AtomicU64, u64)> {
+        let w = self.mapped.get(usize::try_from(gfn / 64).ok()?)?;
+        Some((w, 1 << (gfn % 64)))
+    }
+
+    pub fn is_mapped(&self, gfn: u64) -> bool {
+        self.bit(gfn)
+            .is_some_and(|(w, b)| w.load(Ordering::Acquire) & b != 0)
+    }
+
+    /// Pins `gfn`, makes it resident and DMA-maps it. Returns whether it was faulted in. On
+    /// error nothing stays pinned.
+    pub fn acquire(&self, gfn: u64) -> Result<bool, PageError> {
+        let (word, bit) = self.bit(gfn).ok_or(PageError::OutsideRam(gfn))?;
+        let faulted = self.residency.pin(gfn)?;
+        if word.load(Ordering::Acquire) & bit == 0 {
+            if let Err(e) = self.io.map(gfn, 1) {
+                self.residency.unpin(gfn);
+                return Err(PageError::Map(gfn, 1, e));
+            }
+            word.fetch_or(bit, Ordering::AcqRel);
+            self.stats.maps.fetch_add(1, Ordering::Relaxed);
+            self.stats.mapped_pages.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(faulted)
+    }
+
+    /// Acquires [gfn, gfn+n), mapping the pages not yet mapped in contiguous runs (vrings).
+    /// All or nothing.
+    pub fn acquire_range(&self, gfn: u64, n: u64) -> Result<u64, PageError> {
+        let mut faulted = 0;
+        for (i, p) in (gfn..gfn + n).enumerate() {
+            match self.bit(p).ok_or(PageError::OutsideRam(p)) {
+                Ok(_) => match self.residency.pin(p) {
+                    Ok(f) => faulted += u64::from(f),
+                    Err(e) => {
+                        (gfn..gfn + i as u64).for_each(|q| self.residency.unpin(q));
+                        return Err(e);
+                    }
+                },
+                Err(e) => {
+                    (gfn..gfn + i as u64).for_each(|q| self.residency.unpin(q));
+                    return Err(e);
+                }
+            }
+        }
+        for (start, len) in runs(gfn, n, |p| !self.is_mapped(p)) {
+            if let Err(e) = self.io.map(start, len) {
+                (gfn..gfn + n).for_each(|q| self.residency.unpin(q));
+                return Err(PageError::Map(start, len, e));
+            }
+            for p in start..start + len {
+                let (w, b) = self.bit(p).expect("checked above");
+                w.fetch_or(b, Ordering::AcqRel);
+            }
+            self.stats.maps.fetch_add(1, Ordering::Relaxed);
+            self.stats.mapped_pages.fetch_add(len, Ordering::Relaxed);
+        }
+        Ok(faulted)
+    }
+
+    pub fn release(&self, gfn: u64) {
+        self.residency.unpin(gfn);
+    }
+
+    /// For the reclaimer, about to take [gfn, gfn+n) (all of it held by the reclaimer, none of
+    /// it pinned): DMA-unmaps the pages that are mapped, in one unmap of the span from the first
+    /// to the last of them (every page between them is in the range, so none is in use; an
+    /// IOMMU unmaps whole mappings inside a range). Returns the pages unmapped. On error the
+    /// pages must not be reclaimed.
+    pub fn evict(&self, gfn: u64, n: u64) -> Result<u64, PageError> {
+        let mapped = runs(gfn, n, |p| self.is_mapped(p));
+        let (Some(&(first, _)), Some(&(s, l))) = (mapped.first(), mapped.last()) else {
+            return Ok(0);
+        };
+        let span = s + l - first;
+        self.io
+            .unmap(first, span)
+            .map_err(|e| PageError::Unmap(first, span, e))?;
+        let mut done = 0;
+        for (start, len) in mapped {
+            for p in start..start + len {
+                let (w, b) = self.bit(p).expect("mapped pages are in range");
+                w.fetch_and(!b, Ordering::AcqRel);
+            }
+            done += len;
+        }
+        self.stats.unmaps.fetch_add(1, Ordering::Relaxed);
+        self.stats.mapped_pages.fetch_sub(done, Ordering::Relaxed);
+        Ok(done)
+    }
+
+    /// Unmaps everything (the device is going away or being reset).
+    pub fn evict_all(&self) -> Result<u64, PageError> {
+        self.evict(0, self.mapped.len() as u64 * 64)
+    }
+}
+
+/// Maximal runs of consecutive pages in [gfn, gfn+n) that satisfy `f`.
+fn runs(gfn: u64, n: u64, f: impl Fn(u64) -> bool) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for p in gfn..gfn.saturating_add(n) {
+        if !f(p) {
+            continue;
+        }
+        match out.last_mut() {
+            Some((s, l)) if *s + *l == p => *l += 1,
+            _ => out.push((p, 1)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Mutex;
+
+    /// Plain memory with a reclaimed set, and an IOMMU that records its mappings.
+    #[derive(Default)]
+    struct Fake {
+        reclaimed: Mutex<BTreeSet<u64>>,
+        pins: Mutex<BTreeMap<u64, u32>>,
+        iommu: Mutex<BTreeSet<u64>>,
+        fail_map: Mutex<bool>,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl Residency for Fake {
+        fn pin(&self, gfn: u64) -> Result<bool, PageError> {
+            if gfn >= 1000 {
+                return Err(PageError::OutsideRam(gfn));
+            }
+            *self.pins.lock().unwrap().entry(gfn).or_default() += 1;
+            Ok(self.reclaimed.lock().unwrap().remove(&gfn))
+        }
+        fn unpin(&self, gfn: u64) {
+            let mut p = self.pins.lock().unwrap();
+            let c = p.get_mut(&gfn).expect("unpin of an unpinned page");
+            *c -= 1;
+            if *c == 0 {
+                p.remove(&gfn);
+            }
+        }
+    }
+
+    impl IoMapper for Fake {
+        fn map(&self, gfn: u64, pages: u64) -> Result<(), String> {
+            if *self.fail_map.lock().unwrap() {
+                return Err("refused".into());
+            }
+            self.calls.lock().unwrap().push(format!("map {gfn}+{pages}"));
+            let mut m = self.iommu.lock().unwrap();
+            for p in gfn..gfn + pages {
+                assert!(m.insert(p), "page {p} mapped twice");
+                assert!(!self.reclaimed.lock().unwrap().contains(&p), "mapped while reclaimed");
+            }
+            Ok(())
+        }
+        fn unmap(&self, gfn: u64, pages: u64) -> Result<(), String> {
+            self.calls.lock().unwrap().push(format!("unmap {gfn}+{pages}"));
+            let mut m = self.iommu.lock().unwrap();
+            let before = m.len();
+            m.retain(|p| !(gfn..gfn + pages).contains(p));
+            assert!(m.len() < before, "unmap of {gfn}+{pages}: nothing mapped");
+            Ok(())
+        }
+    }
+
+    fn window() -> (Arc<Fake>, DmaWindow) {
+        let f = Arc::new(Fake::default());
+        let w = DmaWindow::new(f.clone(), f.clone(), 1000);
+        (f, w)
+    }
+
+    #[test]
+    fn acquire_faults_in_maps_once_and_pins() {
+        let (f, w) = window();
+        f.reclaimed.lock().unwrap().insert(5);
+        assert_eq!(w.acquire(5), Ok(true));
+        assert_eq!(w.acquire(5), Ok(false), "resident and mapped: no fault, no map");
+        assert_eq!(f.calls.lock().unwrap().len(), 1);
+        assert_eq!(f.pins.lock().unwrap()[&5], 2);
+        w.release(5);
+        w.release(5);
+        assert!(f.pins.lock().unwrap().is_empty());
+        assert!(w.is_mapped(5), "mappings outlive requests");
+    }
+
+    #[test]
+    fn evict_unmaps_the_span_of_mapped_pages_once() {
+        let (f, w) = window();
+        for p in [10, 11, 12, 14] {
+            w.acquire(p).unwrap();
+            w.release(p);
+        }
+        assert_eq!(w.evict(9, 6), Ok(4));
+        assert_eq!(f.calls.lock().unwrap()[4..], ["unmap 10+5".to_string()]);
+        assert!(f.iommu.lock().unwrap().is_empty());
+        assert_eq!(w.stats.mapped_pages.load(Ordering::Relaxed), 0);
+        // Reclaimed, then needed again: faulted in and mapped again.
+        f.reclaimed.lock().unwrap().insert(10);
+        assert_eq!(w.acquire(10), Ok(true));
+        assert!(f.iommu.lock().unwrap().contains(&10));
+    }
+
+    #[test]
+    fn errors_leave_nothing_pinned() {
+        let (f, w) = window();
+        assert_eq!(w.acquire(5000), Err(PageError::OutsideRam(5000)));
+        assert_eq!(w.acquire_range(998, 4), Err(PageError::OutsideRam(1000)));
+        *f.fail_map.lock().unwrap() = true;
+        assert!(matches!(w.acquire(7), Err(PageError::Map(7, 1, _))));
+        assert!(matches!(w.acquire_range(20, 3), Err(PageError::Map(..))));
+        assert!(f.pins.lock().unwrap().is_empty());
+        assert!(!w.is_mapped(7));
+    }
+
+    #[test]
+    fn acquire_range_maps_the_gaps() {
+        let (f, w) = window();
+        w.acquire(21).unwrap();
+        assert_eq!(w.acquire_range(20, 4), Ok(0));
+        assert_eq!(
+            f.calls.lock().unwrap()[1..],
+            ["map 20+1".to_string(), "map 22+2".to_string()]
+        );
+        assert_eq!(f.pins.lock().unwrap()[&21], 2);
+        assert_eq!(w.evict_all(), Ok(4));
+    }
+}
