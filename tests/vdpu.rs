@@ -4,70 +4,10 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-/// The vdpu binary built beside the test's own profile (scripts/test.sh builds the workspace).
-fn vdpu_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let p = dir.join("vdpu");
-    assert!(
-        p.is_file(),
-        "{} missing: build the workspace (cargo build --workspace)",
-        p.display()
-    );
-    p
-}
-
-struct Vdpu {
-    child: Child,
-    sock: PathBuf,
-}
-
-impl Vdpu {
-    fn start(name: &str, disk: &TmpDisk) -> Vdpu {
-        Self::start_with(name, disk, "")
-    }
-
-    fn start_with(name: &str, disk: &TmpDisk, blk_extra: &str) -> Vdpu {
-        let sock = std::env::temp_dir().join(format!("vdpu-{}-{name}.sock", std::process::id()));
-        let _ = std::fs::remove_file(&sock);
-        let child = Command::new(vdpu_bin())
-            .args([
-                "--socket",
-                sock.to_str().unwrap(),
-                "--blk",
-                &format!("{}{blk_extra}", disk.arg()),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "vdpu never listened");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Vdpu { child, sock }
-    }
-
-    fn arg(&self, extra: &str) -> String {
-        format!("socket={},id=dpu0{extra}", self.sock.display())
-    }
-}
-
-impl Drop for Vdpu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.sock);
-    }
-}
 
 fn passthrough_blk_verify(name: &str, qd: u32, indirect: u32, io_fds: bool) -> (Value, Value) {
     let disk = TmpDisk::new(name, 64 << 20);

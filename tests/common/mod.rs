@@ -79,7 +79,7 @@ fn unique() -> u64 {
 
 /// A running VMM whose serial output (stdout) is read line by line.
 pub struct Vm {
-    child: Child,
+    pub child: Child,
     lines: Receiver<String>,
     stderr: std::thread::JoinHandle<String>,
     pub stdout: Vec<String>,
@@ -271,4 +271,63 @@ pub fn logged_counters(stderr: &str, id: &str) -> Value {
         .find(|l| l.contains(&key))
         .unwrap_or_else(|| panic!("no counters for {id}:\n{stderr}"));
     serde_json::from_str(&line[line.find(&key).unwrap() + key.len()..]).unwrap()
+}
+
+/// The vdpu binary built beside the test's own profile (scripts/test.sh builds the workspace).
+pub fn vdpu_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let p = dir.join("vdpu");
+    assert!(
+        p.is_file(),
+        "{} missing: build the workspace (cargo build --workspace)",
+        p.display()
+    );
+    p
+}
+
+pub struct Vdpu {
+    pub child: Child,
+    pub sock: PathBuf,
+}
+
+impl Vdpu {
+    pub fn start(name: &str, disk: &TmpDisk) -> Vdpu {
+        Self::start_with(name, disk, "")
+    }
+
+    pub fn start_with(name: &str, disk: &TmpDisk, blk_extra: &str) -> Vdpu {
+        let sock = std::env::temp_dir().join(format!("vdpu-{}-{name}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&sock);
+        let child = Command::new(vdpu_bin())
+            .args([
+                "--socket",
+                sock.to_str().unwrap(),
+                "--blk",
+                &format!("{}{blk_extra}", disk.arg()),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "vdpu never listened");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Vdpu { child, sock }
+    }
+
+    pub fn arg(&self, extra: &str) -> String {
+        format!("socket={},id=dpu0{extra}", self.sock.display())
+    }
+}
+
+impl Drop for Vdpu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
+    }
 }

@@ -327,7 +327,7 @@ impl<'a> Iterator for Slices<'a> {
         if slice.is_err() {
             self.left = 0;
         }
-        Some(slice.map_err(Into::into))
+        Some(slice)
     }
 }
 

@@ -686,7 +686,9 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
                     w &= !RING_PACKED_HI;
                 }
                 match self.driver_feature_select {
-                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(w),
+                    0 => {
+                        self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(w)
+                    }
                     1 => {
                         self.driver_features =
                             (self.driver_features & 0xffff_ffff) | u64::from(w) << 32

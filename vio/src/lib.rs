@@ -9,6 +9,6 @@ pub mod stats;
 pub mod walker;
 
 pub use pages::{DmaWindow, IoMapper, PageError, Residency};
-pub use stats::{LatencyHistogram, LogLimiter};
 pub use snoop::{SnoopHost, SnoopQueue, SnoopStats};
+pub use stats::{LatencyHistogram, LogLimiter};
 pub use walker::{ChainWalker, QueueLayout, WalkLimits, WalkReport};

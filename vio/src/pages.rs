@@ -223,16 +223,25 @@ mod tests {
             if *self.fail_map.lock().unwrap() {
                 return Err("refused".into());
             }
-            self.calls.lock().unwrap().push(format!("map {gfn}+{pages}"));
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("map {gfn}+{pages}"));
             let mut m = self.iommu.lock().unwrap();
             for p in gfn..gfn + pages {
                 assert!(m.insert(p), "page {p} mapped twice");
-                assert!(!self.reclaimed.lock().unwrap().contains(&p), "mapped while reclaimed");
+                assert!(
+                    !self.reclaimed.lock().unwrap().contains(&p),
+                    "mapped while reclaimed"
+                );
             }
             Ok(())
         }
         fn unmap(&self, gfn: u64, pages: u64) -> Result<(), String> {
-            self.calls.lock().unwrap().push(format!("unmap {gfn}+{pages}"));
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("unmap {gfn}+{pages}"));
             let mut m = self.iommu.lock().unwrap();
             let before = m.len();
             m.retain(|p| !(gfn..gfn + pages).contains(p));
@@ -252,7 +261,11 @@ mod tests {
         let (f, w) = window();
         f.reclaimed.lock().unwrap().insert(5);
         assert_eq!(w.acquire(5), Ok(true));
-        assert_eq!(w.acquire(5), Ok(false), "resident and mapped: no fault, no map");
+        assert_eq!(
+            w.acquire(5),
+            Ok(false),
+            "resident and mapped: no fault, no map"
+        );
         assert_eq!(f.calls.lock().unwrap().len(), 1);
         assert_eq!(f.pins.lock().unwrap()[&5], 2);
         w.release(5);

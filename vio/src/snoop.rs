@@ -223,7 +223,6 @@ impl SnoopQueue {
         usize::from(n)
     }
 
-
     /// Requests published and not yet seen completed.
     pub fn inflight(&self) -> usize {
         self.inflight.len()
@@ -352,7 +351,10 @@ mod tests {
         complete(&m, 2, 0);
         q.reap_used(&m, &h);
         assert!(h.pins.borrow().is_empty());
-        assert!(!q.service(&m, &h, false, true), "idle and armed: no polling");
+        assert!(
+            !q.service(&m, &h, false, true),
+            "idle and armed: no polling"
+        );
         // Nothing new: no publish, no device kick.
         let kicks = *h.kicks.borrow();
         q.on_kick(&m, &h);
@@ -431,7 +433,10 @@ mod tests {
             for i in 0..20u16 {
                 post(&m, i, i % 8);
                 set_avail(&m, i + 1);
-                assert!(guest_rings(&m, event_idx, i, i + 1), "entry {i}, event_idx={event_idx}");
+                assert!(
+                    guest_rings(&m, event_idx, i, i + 1),
+                    "entry {i}, event_idx={event_idx}"
+                );
                 q.service(&m, &h, true, false);
                 assert_eq!(q.published(), i + 1);
                 complete(&m, i + 1, i % 8);

@@ -932,7 +932,10 @@ mod tests {
             );
         }
         let cfg = VmConfig::from_json(&format!(r#"{{"payload":{{"kernel":"{}"}},"memory":{{"size":67108864,"shared":true}},"user_devices":[{{"socket":"/tmp/x.sock","vio":{{"mode":"snoop"}}}}]}}"#, kernel())).unwrap();
-        assert_eq!(cfg.user_devices[0].vio.unwrap().poll_us, VioConfig::DEFAULT_POLL_US);
+        assert_eq!(
+            cfg.user_devices[0].vio.unwrap().poll_us,
+            VioConfig::DEFAULT_POLL_US
+        );
         assert_eq!(cfg.to_json()["user_devices"][0]["vio"]["mode"], "snoop");
         assert!(VmConfig::from_json(&format!(r#"{{"payload":{{"kernel":"{}"}},"memory":{{"size":67108864,"shared":true}},"user_devices":[{{"socket":"/tmp/x.sock","vio":{{"mode":"fast"}}}}]}}"#, kernel())).is_err());
         assert!(

@@ -22,11 +22,11 @@ use thiserror::Error;
 use vfio::vfio_user::{VfioUserClient, VfioUserPciDevice};
 use vfio::vio_device::{VioOptions, VioPciDevice};
 use vfio::{DmaBacking, DmaMapping};
-use virtio_devices::GuestMemoryMmap;
 use virtio_devices::block::{Block, BlockConfig, RawFile};
 use virtio_devices::transport::{
     InterruptDelivery, IoEventRegistrar, VirtioPciDevice, VirtioPciLayout,
 };
+use virtio_devices::GuestMemoryMmap;
 use virtio_devices::VirtioDevice;
 use vmm_sys_util::eventfd::EventFd;
 

@@ -194,35 +194,6 @@ impl Drop for MemoryManager {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use vm_memory::Bytes;
-
-    #[test]
-    fn shared_memory_is_visible_through_the_memfd() {
-        let mm = MemoryManager::new(32 << 20, true).unwrap();
-        mm.memory()
-            .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
-            .unwrap();
-        let mut b = [0u8; 4];
-        std::os::unix::fs::FileExt::read_at(mm.memfd().as_ref(), &mut b, 0x1000).unwrap();
-        assert_eq!(u32::from_le_bytes(b), 0xdead_beef);
-        assert_eq!(mm.size(), 32 << 20);
-    }
-
-    #[test]
-    fn private_memory_is_not() {
-        let mm = MemoryManager::new(32 << 20, false).unwrap();
-        mm.memory()
-            .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
-            .unwrap();
-        let mut b = [0u8; 4];
-        std::os::unix::fs::FileExt::read_at(mm.memfd().as_ref(), &mut b, 0x1000).unwrap();
-        assert_eq!(u32::from_le_bytes(b), 0);
-    }
-}
-
 fn region_of(regions: &[RamRegion], gpa: u64) -> Option<&RamRegion> {
     regions
         .iter()
@@ -267,5 +238,34 @@ impl IoMapper for RamIoMapper {
         self.device
             .unmap(gfn * 4096, pages * 4096)
             .map_err(|e| crate::vmm::error_chain(&e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn shared_memory_is_visible_through_the_memfd() {
+        let mm = MemoryManager::new(32 << 20, true).unwrap();
+        mm.memory()
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        let mut b = [0u8; 4];
+        std::os::unix::fs::FileExt::read_at(mm.memfd().as_ref(), &mut b, 0x1000).unwrap();
+        assert_eq!(u32::from_le_bytes(b), 0xdead_beef);
+        assert_eq!(mm.size(), 32 << 20);
+    }
+
+    #[test]
+    fn private_memory_is_not() {
+        let mm = MemoryManager::new(32 << 20, false).unwrap();
+        mm.memory()
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        let mut b = [0u8; 4];
+        std::os::unix::fs::FileExt::read_at(mm.memfd().as_ref(), &mut b, 0x1000).unwrap();
+        assert_eq!(u32::from_le_bytes(b), 0);
     }
 }

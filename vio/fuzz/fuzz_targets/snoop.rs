@@ -61,9 +61,10 @@ fuzz_target!(|data: &[u8]| {
     assert!(r.pages.iter().all(|&p| p < MEM / 4096));
 
     let host = Host::default();
-    let mut sq = SnoopQueue::new(q, from, limits);
-    sq.on_kick(&m, &host);
-    sq.reap_used(&m, &host);
+    let mut sq = SnoopQueue::new(q, from, limits).with_event_idx(data[5] & 1 == 1);
+    sq.state_suppression(&m);
+    sq.service(&m, &host, true, false);
+    sq.service(&m, &host, false, true);
     sq.release_all(&host);
     assert!(host.pins.borrow().values().all(|&c| c == 0), "pins leaked");
 });

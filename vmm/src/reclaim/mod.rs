@@ -645,7 +645,10 @@ impl Reclaimer {
         }
         if let Err(e) = self.evict(start, len) {
             release(0);
-            return (0, Some(StoreError::Io(std::io::Error::other(e.to_string()))));
+            return (
+                0,
+                Some(StoreError::Io(std::io::Error::other(e.to_string()))),
+            );
         }
         self.drop_mappings(start, start + len);
         let mut buf = vec![0u8; (len * PAGE) as usize];
@@ -844,9 +847,7 @@ impl Residency for Reclaimer {
         let restored = st & RECLAIMED != 0;
         if restored {
             let mut buf = Box::new([0u8; PAGE_SIZE]);
-            let host = self
-                .host_addr(page)
-                .ok_or(PageError::OutsideRam(gfn))? as *mut libc::c_void;
+            let host = self.host_addr(page).ok_or(PageError::OutsideRam(gfn))? as *mut libc::c_void;
             self.restore(page, host, &mut buf);
             self.stats.dma_faultins.fetch_add(1, Ordering::Relaxed);
         }
@@ -1030,7 +1031,11 @@ mod tests {
         assert_eq!(io.mapped.lock().unwrap().len(), 2);
         let mut b = [0u8; 8];
         r.memfd.read_exact_at(&mut b, 3 * PAGE).unwrap();
-        assert_eq!(u64::from_ne_bytes(b), 3 * 7 + 1, "restored into the memfd the device maps");
+        assert_eq!(
+            u64::from_ne_bytes(b),
+            3 * 7 + 1,
+            "restored into the memfd the device maps"
+        );
         // Pinned: reclaim takes neither.
         assert_eq!(r.reclaim(16 * PAGE, false).reclaimed_bytes, 0);
         assert_eq!(r.counters()["inflight_pinned_bytes"], 2 * PAGE);
@@ -1071,12 +1076,19 @@ mod tests {
                 assert!(w.is_mapped(x), "acquired page {x} is mapped");
                 let mut b = [0u8; 8];
                 r.memfd.read_exact_at(&mut b, x * PAGE).unwrap();
-                assert_eq!(u64::from_ne_bytes(b), x * 7 + 1, "acquired page {x} holds its data");
+                assert_eq!(
+                    u64::from_ne_bytes(b),
+                    x * 7 + 1,
+                    "acquired page {x} holds its data"
+                );
             }
             // Reclaim runs meanwhile and must not take either.
             std::thread::yield_now();
             for x in [p, q] {
-                assert!(w.is_mapped(x) && r.state(x) & RECLAIMED == 0, "page {x} kept");
+                assert!(
+                    w.is_mapped(x) && r.state(x) & RECLAIMED == 0,
+                    "page {x} kept"
+                );
             }
             w.release(p);
             w.release(q);
