@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,20 +200,89 @@ def reclaim_suite(runs):
     return rows
 
 
+def vio_churn(disk, vdpu, cmd):
+    """blk-verify under --vio with vm.reclaim of half of RAM every 100 ms; returns the result and
+    the device's counters."""
+    sock = os.path.join(os.path.dirname(disk), f"api-{os.getpid()}.sock")
+    args = [VMM, "-v", "--kernel", GUEST, "--memory", "size=512M,shared=on,reclaim=on", "--serial", "tty",
+            "--vio", f"socket={vdpu.sock},id=dpu0", "--api-socket", sock, "--cmdline", cmd]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = []
+    t = threading.Thread(target=lambda: err.append(p.stderr.read()))
+    t.start()
+    passes = 0
+    while p.poll() is None:
+        try:
+            st, _ = api(sock, "PUT", "vm.reclaim", json.dumps({"bytes": 256 << 20}))
+            passes += st == 200
+        except OSError:
+            pass
+        time.sleep(0.1)
+    out = p.stdout.read()
+    t.join()
+    res = json.loads(out.split("VIO-GUEST-RESULT ", 1)[1].splitlines()[0])
+    return res, logged_counters(err[0], "dpu0"), passes, shlex.join(args)
+
+
+def vio_suite(runs):
+    rows = []
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
+        disk = os.path.join(d, "disk.img")
+        with open(disk, "wb") as f:
+            f.truncate(256 << 20)
+
+        def show(cmd, v):
+            cmd = cmd.replace(d, "$TMPFS").replace(os.path.basename(v.sock), "vdpu.sock")
+            return "(vdpu --socket $TMPFS/vdpu.sock --blk path=$TMPFS/disk.img) " + cmd
+
+        for qd in (1, 16):
+            cmd = f"vio.workload=blk-verify vio.ops=100000 vio.qd={qd} vio.seed=1"
+            got = {}
+            for name, flag in (("passthrough", "--user-device"), ("vio (snoop)", "--vio")):
+                rs = []
+                for _ in range(runs):
+                    with Vdpu(disk) as v:
+                        rs.append(boot(cmd, None, "size=512M,shared=on", [flag, f"socket={v.sock}"]))
+                for r in rs:
+                    assert r["result"]["mismatches"] == 0 and r["result"]["io_errors"] == 0, r["result"]
+                iops = med([r["result"]["iops"] for r in rs])
+                p50 = med([r["result"]["lat_p50_ns"] for r in rs]) / 1000
+                got[name] = iops
+                rows.append((f"qd={qd}, vdpu {name}", f"{iops:,.0f} IOPS (p50 {p50:.1f} us)", show(rs[0]["cmd"], v)))
+            rows.append((f"qd={qd}, vio / passthrough", f"{got['vio (snoop)'] / got['passthrough']:.2f}x", ""))
+        cmd = "vio.workload=blk-verify vio.ops=200000 vio.qd=16 vio.pool_pages=16384 vio.seed=1"
+        rs = []
+        for _ in range(runs):
+            with Vdpu(disk) as v:
+                rs.append(vio_churn(disk, v, cmd))
+        for res, c, _, _ in rs:
+            assert res["mismatches"] == 0 and res["io_errors"] == 0 and c["iopf"] == 0, (res, c)
+        iops = med([r[0]["iops"] for r in rs])
+        fi = med([r[1]["faultins"] for r in rs])
+        p50 = med([r[1]["q0_faultin_ns_p50"] for r in rs]) / 1000
+        p99 = med([r[1]["q0_faultin_ns_p99"] for r in rs]) / 1000
+        passes = med([r[2] for r in rs])
+        rows.append(("qd=16, vio under reclaim churn (256 MiB vm.reclaim every 100 ms, 64 MiB of buffers)",
+                     f"{iops:,.0f} IOPS, {fi:,.0f} fault-ins (p50 {p50:.0f} us, p99 {p99:.0f} us), {passes:.0f} reclaim passes, 0 IOPF",
+                     show(rs[0][3], v) + " ; meanwhile PUT vm.reclaim {\"bytes\": 268435456} every 100 ms"))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("suite", choices=["foundation", "vdpu", "reclaim"])
+    ap.add_argument("suite", choices=["foundation", "vdpu", "reclaim", "vio"])
     ap.add_argument("--runs", type=int, default=5)
     a = ap.parse_args()
     build()
-    rows = {"foundation": foundation, "vdpu": vdpu_suite, "reclaim": reclaim_suite}[a.suite](a.runs)
+    rows = {"foundation": foundation, "vdpu": vdpu_suite, "reclaim": reclaim_suite, "vio": vio_suite}[a.suite](a.runs)
     print(f"Median of {a.runs} runs, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs\n")
     print("| what | result |\n|---|---|")
     for what, val, _ in rows:
         print(f"| {what} | {val} |")
     print("\nCommands:\n")
     for what, _, cmd in rows:
-        print(f"- {what}: `{cmd.replace(ROOT + '/', '')}`")
+        if cmd:
+            print(f"- {what}: `{cmd.replace(ROOT + '/', '')}`")
 
 
 if __name__ == "__main__":

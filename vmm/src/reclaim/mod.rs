@@ -245,7 +245,8 @@ impl Reclaimer {
     }
 
     /// Copies reclaimed `page` back from the store into guest RAM at `host` (this process's
-    /// mapping of it). The caller holds the page lock.
+    /// mapping of it). The caller holds the page lock, and wakes threads faulting on the page
+    /// once it released it.
     fn restore(&self, page: u64, host: *mut libc::c_void, buf: &mut [u8; PAGE_SIZE]) {
         let t0 = Instant::now();
         if self.cfg.fault_latency_us > 0 {
@@ -260,11 +261,10 @@ impl Reclaimer {
         // RAM mapping, which UFFDIO_COPY fills atomically (waking any thread faulting on it).
         let r = unsafe {
             self.uffd
-                .copy(buf.as_ptr() as *const libc::c_void, host, PAGE_SIZE, true)
+                .copy(buf.as_ptr() as *const libc::c_void, host, PAGE_SIZE, false)
         };
         if let Err(e) = r {
             debug!("UFFDIO_COPY at {host:?}: {e}");
-            let _ = self.uffd.wake(host, PAGE_SIZE);
         }
         let slot = &self.pages[page as usize];
         slot.fetch_and(!(RECLAIMED | SAMPLED), Ordering::AcqRel);
@@ -368,21 +368,26 @@ impl Reclaimer {
                 }
             }
             _ => {
+                // Faulting threads are woken only after the page lock is released, so nothing
+                // they do next can find the page busy.
                 let st = self.lock_page(page);
+                let mut wake = (host, PAGE_SIZE);
                 if st & RECLAIMED != 0 {
                     self.restore(page, host, buf);
                     self.stats.cpu_refaults.fetch_add(1, Ordering::Relaxed);
-                } else if !self.zero_fill_block(page) {
+                } else if let Some(block) = self.zero_fill_block(page) {
+                    wake = block;
+                } else {
                     // SAFETY: `host` is the faulting page of registered guest RAM. If a snooping
                     // device's fault-in got there first, the kernel refuses (EEXIST) and the
                     // wake lets the access retry.
-                    if let Err(e) = unsafe { self.uffd.zeropage(host, PAGE_SIZE, true) } {
+                    if let Err(e) = unsafe { self.uffd.zeropage(host, PAGE_SIZE, false) } {
                         debug!("UFFDIO_ZEROPAGE at {addr:#x}: {e}");
-                        let _ = self.uffd.wake(host, PAGE_SIZE);
                     }
                     self.stats.zero_fills.fetch_add(1, Ordering::Relaxed);
                 }
                 self.unlock_page(page);
+                let _ = self.uffd.wake(wake.0, wake.1);
             }
         }
     }
@@ -393,10 +398,11 @@ impl Reclaimer {
     /// holding the reclaim-pass lock so no reclaim can punch a page of the block meanwhile (a
     /// page zero-filled after its content went to the store would be lost). The kernel refuses
     /// (EEXIST) if any page of the block is present; the caller then fills just its page.
-    fn zero_fill_block(&self, page: u64) -> bool {
+    /// Returns the block filled, for the caller to wake.
+    fn zero_fill_block(&self, page: u64) -> Option<(*mut libc::c_void, usize)> {
         const BLOCK: u64 = 16;
         let Ok(_g) = self.pass.try_lock() else {
-            return false;
+            return None;
         };
         let start = page & !(BLOCK - 1);
         let end = start + BLOCK;
@@ -404,25 +410,25 @@ impl Reclaimer {
             || (start..end)
                 .any(|p| self.state(p) & RECLAIMED != 0 || (p != page && self.state(p) & BUSY != 0))
         {
-            return false;
+            return None;
         }
         let (Some(h0), Some(h1)) = (self.host_addr(start), self.host_addr(end - 1)) else {
-            return false;
+            return None;
         };
         if h1 != h0 + (BLOCK - 1) * PAGE {
-            return false; // crosses a range boundary
+            return None; // crosses a range boundary
         }
         // SAFETY: [h0, h0 + 64 KiB) is registered guest RAM holding no reclaimed or busy page;
         // UFFDIO_ZEROPAGE maps zero pages only where nothing is present.
         match unsafe {
             self.uffd
-                .zeropage(h0 as *mut libc::c_void, (BLOCK * PAGE) as usize, true)
+                .zeropage(h0 as *mut libc::c_void, (BLOCK * PAGE) as usize, false)
         } {
             Ok(_) => {
                 self.stats.zero_fills.fetch_add(BLOCK, Ordering::Relaxed);
-                true
+                Some((h0 as *mut libc::c_void, (BLOCK * PAGE) as usize))
             }
-            Err(_) => false,
+            Err(_) => None,
         }
     }
 
@@ -854,6 +860,11 @@ impl Residency for Reclaimer {
         // A device access is an access: the page is not cold.
         self.pages[page as usize].fetch_or(ACCESSED, Ordering::AcqRel);
         self.unlock_page(page);
+        if restored {
+            // A vCPU may be faulting on the page too; it finds it present now.
+            let host = self.host_addr(page).unwrap_or(0) as *mut libc::c_void;
+            let _ = self.uffd.wake(host, PAGE_SIZE);
+        }
         Ok(restored)
     }
 
