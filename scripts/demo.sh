@@ -42,7 +42,10 @@ while kill -0 "$vmm" 2>/dev/null; do
     python3 - "$c" "$p" "$t" <<'PY' || true
 import json, sys
 c, t = json.loads(sys.argv[1]), sys.argv[3]
-p = json.loads(sys.argv[2]) if sys.argv[2].strip() else {}
+try:
+    p = json.loads(sys.argv[2])
+except ValueError:  # empty, or a line still being written
+    p = {}
 m, d = c.get("memory", {}), c.get("dpu0", {})
 print(f"{t:>5}s {p.get('ops', 0):>10} {p.get('iops', 0):>8} {p.get('io_errors', 0) + p.get('mismatches', 0):>7} "
       f"{m.get('resident_bytes', 0) >> 20:>13} {m.get('reclaimed_bytes', 0) >> 20:>14} "

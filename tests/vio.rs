@@ -237,3 +237,35 @@ fn vio_indirect_and_long_chains_under_churn() {
         );
     }
 }
+
+/// A guest that points every 97th request's buffer outside its RAM, under churn: the VMM maps
+/// nothing outside RAM, counts and logs the bad chains (rate-limited), still publishes them,
+/// the device fails exactly those requests (through its IOPF path), and every other request
+/// completes and verifies: the ring never stalls.
+#[test]
+fn vio_hostile_requests_fail_without_stalling_the_ring() {
+    if !kvm_available("vio_hostile_requests_fail_without_stalling_the_ring") {
+        return;
+    }
+    let cmd = "vio.workload=blk-verify vio.ops=60000 vio.qd=16 vio.pool_pages=8192 vio.bad_every=97 vio.stall_s=5 vio.seed=10";
+    let r = blk_verify("hostile", "--vio", cmd, Some(false));
+    let res = &r.result;
+    assert_eq!(u(res, "ops"), 60_000, "{res}\n{}", r.stderr);
+    assert_eq!(u(res, "bad_failed"), 60_000 / 97, "{res}");
+    assert_eq!(u(res, "bad_succeeded"), 0, "{res}");
+    assert_eq!(u(res, "mismatches"), 0, "{res}");
+    assert_eq!(u(res, "io_errors"), 0, "{res}");
+    let d = &r.device;
+    assert_eq!(d["bad_chains"].as_u64(), Some(60_000 / 97), "{d}");
+    assert!(
+        d["iopf"].as_u64().unwrap() > 0,
+        "the device failed them itself: {d}"
+    );
+    assert!(d["dma_window_bytes"].as_u64().unwrap() <= RAM, "{d}");
+    assert_eq!(d["failed"].as_u64(), Some(0), "{d}");
+    let logged = r.stderr.matches("buffer outside guest memory").count();
+    assert!(
+        (1..=20).contains(&logged),
+        "rate-limited log: {logged} lines"
+    );
+}

@@ -21,6 +21,8 @@ const MAGIC: u64 = 0x5649_4f42_4c4b_3031; // "VIOBLK01"
 const NONE: u32 = u32::MAX;
 /// Data descriptors per request at most (`vio.segs`): long chains, as seg_max allows.
 const MAX_SEGS: u64 = 64;
+/// Where a deliberately malformed request points its data buffer: far outside guest RAM.
+const OUTSIDE_RAM: u64 = 1 << 44;
 
 struct Params {
     ops: u64,
@@ -34,6 +36,7 @@ struct Params {
     write_pct: u64,
     stall_s: u64,
     segs: u64,
+    bad_every: u64,
 }
 
 impl Params {
@@ -50,6 +53,7 @@ impl Params {
             write_pct: info.param_u64("vio.write_pct", 50)?,
             stall_s: info.param_u64("vio.stall_s", 30)?,
             segs: info.param_u64("vio.segs", 1)?,
+            bad_every: info.param_u64("vio.bad_every", 0)?,
         };
         if p.segs == 0 || p.segs > MAX_SEGS || !p.bs.is_multiple_of(p.segs) {
             return Err("vio.segs must be 1..64 and divide vio.bs");
@@ -75,6 +79,8 @@ struct Slot {
     pool: u32,
     gen: u32,
     write: bool,
+    /// Malformed on purpose (`vio.bad_every`): its data buffer lies outside guest RAM.
+    bad: bool,
     start: u64,
 }
 
@@ -331,8 +337,9 @@ pub fn run(
             nfree -= 1;
             let s = free.get(nfree);
             let write = rng.below(100) < p.write_pct;
+            let bad = p.bad_every != 0 && (submitted + 1).is_multiple_of(p.bad_every);
             let mut gen = gens.get(lba);
-            if write {
+            if write && !bad {
                 gen = gen.wrapping_add(1).max(1);
                 fill_block(pool.get(pi), p.bs, lba, gen, p.seed);
             }
@@ -347,6 +354,7 @@ pub fn run(
                     pool: pi as u32,
                     gen,
                     write,
+                    bad,
                     start: now,
                 },
             );
@@ -356,7 +364,7 @@ pub fn run(
                 ctrl,
                 kind,
                 lba * p.bs / 512,
-                pool.get(pi),
+                if bad { OUTSIDE_RAM } else { pool.get(pi) },
                 p.bs as u32,
             );
             submitted += 1;
@@ -377,14 +385,23 @@ pub fn run(
             let now = rdtsc();
             // SAFETY: status byte in the slot's control page, written by the device.
             let status = unsafe { core::ptr::read_volatile((slot.ctrl + 16) as *const u8) };
-            if slot.write {
+            if slot.bad {
+                // The device never reached the buffer, so the block is as it was.
+                if status == S_OK {
+                    report.bad_succeeded += 1;
+                } else {
+                    report.bad_failed += 1;
+                }
+            } else if slot.write {
                 report.writes += 1;
                 // A failed write leaves the block's content unknown.
                 gens.set(slot.lba, if status == S_OK { slot.gen } else { 0 });
             } else {
                 report.reads += 1;
             }
-            if status != S_OK {
+            if slot.bad {
+                // Counted above.
+            } else if status != S_OK {
                 report.io_errors += 1;
             } else if !slot.write
                 && slot.gen != 0

@@ -10,6 +10,10 @@ pub struct Report {
     pub writes: u64,
     pub io_errors: u64,
     pub mismatches: u64,
+    /// Deliberately malformed requests (blk-verify `vio.bad_every`): failed as they must, or
+    /// (a bug in whatever is below) succeeded.
+    pub bad_failed: u64,
+    pub bad_succeeded: u64,
     /// Duration of the measured part of the workload.
     pub elapsed_ns: u64,
     pub hist: Histogram,
@@ -24,6 +28,8 @@ impl Report {
             writes: 0,
             io_errors: 0,
             mismatches: 0,
+            bad_failed: 0,
+            bad_succeeded: 0,
             elapsed_ns: 0,
             hist: Histogram::new(),
         }
@@ -52,13 +58,15 @@ impl Report {
     pub fn result(&self, clock: &Clock) {
         let elapsed_ns = self.elapsed_ns;
         crate::println!(
-            "VIO-GUEST-RESULT {{\"workload\":\"{}\",\"ops\":{},\"reads\":{},\"writes\":{},\"io_errors\":{},\"mismatches\":{},\"elapsed_ns\":{},\"iops\":{},\"lat_p50_ns\":{},\"lat_p99_ns\":{},\"lat_max_ns\":{},\"tsc_khz\":{}}}",
+            "VIO-GUEST-RESULT {{\"workload\":\"{}\",\"ops\":{},\"reads\":{},\"writes\":{},\"io_errors\":{},\"mismatches\":{},\"bad_failed\":{},\"bad_succeeded\":{},\"elapsed_ns\":{},\"iops\":{},\"lat_p50_ns\":{},\"lat_p99_ns\":{},\"lat_max_ns\":{},\"tsc_khz\":{}}}",
             self.workload,
             self.ops,
             self.reads,
             self.writes,
             self.io_errors,
             self.mismatches,
+            self.bad_failed,
+            self.bad_succeeded,
             elapsed_ns,
             self.iops(elapsed_ns),
             self.hist.percentile(50),

@@ -5,11 +5,12 @@
 //! the device cannot resolve: it is counted, its IOVA logged, and the access is not performed.
 
 use log::warn;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::ops::Deref;
+use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, Weak};
 use thiserror::Error;
 use virtio_devices::transport::ShadowIndex;
 use virtio_devices::{GuestMemoryMmap, LogLimiter, MemoryView};
@@ -82,6 +83,9 @@ pub struct Snapshot {
 pub struct Iommu {
     current: RwLock<Snapshot>,
     stats: Arc<IommuStats>,
+    /// Client files by (device, inode): every DMA_MAP carries an fd, usually of the same
+    /// memory, and keeping one per mapping would exhaust the process's descriptors.
+    files: Mutex<HashMap<(u64, u64), Weak<File>>>,
 }
 
 fn map_run(
@@ -129,7 +133,25 @@ impl Iommu {
                 stats: stats.clone(),
             }),
             stats,
+            files: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The shared handle of `file`'s underlying object: an fd received earlier for the same
+    /// file is reused and this one closed.
+    pub fn intern(&self, file: File) -> Arc<File> {
+        let Ok(meta) = file.metadata() else {
+            return Arc::new(file);
+        };
+        let key = (meta.dev(), meta.ino());
+        let mut files = self.files.lock().unwrap();
+        if let Some(f) = files.get(&key).and_then(Weak::upgrade) {
+            return f;
+        }
+        files.retain(|_, w| w.strong_count() > 0);
+        let f = Arc::new(file);
+        files.insert(key, Arc::downgrade(&f));
+        f
     }
 
     pub fn stats(&self) -> &IommuStats {
@@ -472,6 +494,20 @@ mod tests {
         iommu.unmap_all();
         assert_eq!(iommu.mapped_bytes(), 0);
         assert!(iommu.view().read_obj::<u8>(GuestAddress(0)).is_err());
+    }
+
+    #[test]
+    fn one_handle_per_client_file() {
+        let iommu = Iommu::new();
+        let f = memfd(2);
+        let a = iommu.intern(f.try_clone().unwrap());
+        let b = iommu.intern(f.try_clone().unwrap());
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "a second fd of the same memory is not kept"
+        );
+        let other = iommu.intern(tempfile());
+        assert!(!Arc::ptr_eq(&a, &other));
     }
 
     #[test]

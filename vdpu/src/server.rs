@@ -162,7 +162,7 @@ fn handle(dev: &mut Device, msg: Message) -> Reply {
             }
             dev.iommu
                 .map(
-                    Arc::new(file),
+                    dev.iommu.intern(file),
                     m.offset,
                     m.address,
                     m.size,

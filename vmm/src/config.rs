@@ -85,7 +85,7 @@ pub struct VioConfig {
 }
 
 impl VioConfig {
-    pub const DEFAULT_POLL_US: u64 = 100;
+    pub const DEFAULT_POLL_US: u64 = 1000;
 
     fn default_poll_us() -> u64 {
         Self::DEFAULT_POLL_US
