@@ -4,7 +4,6 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -12,21 +11,6 @@ const TIMEOUT: Duration = Duration::from_secs(180);
 
 fn api_sock(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("vio-reclaim-{}-{name}.sock", std::process::id()))
-}
-
-/// The allocated bytes of the VMM's guest-RAM memfd, measured from outside the process.
-fn memfd_allocated(pid: u32) -> Option<u64> {
-    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()? {
-        let p = e.ok()?.path();
-        if std::fs::read_link(&p)
-            .ok()?
-            .to_string_lossy()
-            .contains("memfd:vio_guest_ram")
-        {
-            return std::fs::metadata(&p).ok().map(|m| m.blocks() * 512);
-        }
-    }
-    None
 }
 
 /// mem-verify over 75% of RAM while the policy reclaimer runs and vm.reclaim is called every

@@ -14,14 +14,14 @@ const TIMEOUT: Duration = Duration::from_secs(180);
 const RAM: u64 = 512 << 20;
 
 /// Reclaims half of guest RAM (`vm.reclaim`) every 100 ms until stopped; records the host's
-/// view of guest RAM after each pass.
+/// view of guest RAM after each pass, measured from outside the VMM.
 struct Churn {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<Vec<(u64, u64)>>>,
 }
 
 impl Churn {
-    fn start(api_path: &Path, unsafe_unmap_dma: bool) -> Churn {
+    fn start(api_path: &Path, pid: u32, unsafe_unmap_dma: bool) -> Churn {
         let stop = Arc::new(AtomicBool::new(false));
         let (s, path) = (stop.clone(), api_path.to_path_buf());
         let body = format!(
@@ -36,11 +36,9 @@ impl Churn {
                     break; // the VM is gone
                 }
                 let rep: Value = serde_json::from_str(&rep).unwrap();
-                let (_, c) = api(&path, "GET", "vm.counters", "");
-                let c: Value = serde_json::from_str(&c).unwrap_or_default();
                 passes.push((
                     rep["reclaimed_bytes"].as_u64().unwrap_or(0),
-                    c["memory"]["resident_bytes"].as_u64().unwrap_or(u64::MAX),
+                    memfd_allocated(pid).unwrap_or(u64::MAX),
                 ));
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -52,7 +50,7 @@ impl Churn {
         }
     }
 
-    /// (reclaimed bytes, resident bytes after) per pass.
+    /// (reclaimed bytes, memfd allocated bytes after) per pass.
     fn finish(mut self) -> Vec<(u64, u64)> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.take().unwrap().join().unwrap()
@@ -88,7 +86,7 @@ fn blk_verify(name: &str, dev_flag: &str, cmdline: &str, churn: Option<bool>) ->
     let mut vm = Vm::spawn(&args);
     vm.wait_line("VIO-GUEST-INFO", Duration::from_secs(60))
         .expect("guest drives the device");
-    let churn = churn.map(|unsafe_unmap_dma| Churn::start(&api, unsafe_unmap_dma));
+    let churn = churn.map(|unsafe_unmap_dma| Churn::start(&api, vm.pid(), unsafe_unmap_dma));
     let out = vm.finish(TIMEOUT);
     let passes = churn.map(Churn::finish).unwrap_or_default();
     let _ = std::fs::remove_file(&api);
@@ -142,7 +140,7 @@ fn vio_survives_reclaim_churn_that_breaks_passthrough() {
         "data buffers were reclaimed: {:?}",
         r.passes
     );
-    // The last pass may have raced the VM's exit and found no counters.
+    // The last pass may have raced the VM's exit and found no memfd.
     let worst = r
         .passes
         .iter()

@@ -3,6 +3,7 @@
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver};
@@ -330,4 +331,19 @@ impl Drop for Vdpu {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.sock);
     }
+}
+
+/// The allocated bytes of the VMM's guest-RAM memfd, measured from outside the process.
+pub fn memfd_allocated(pid: u32) -> Option<u64> {
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()? {
+        let p = e.ok()?.path();
+        if std::fs::read_link(&p)
+            .ok()?
+            .to_string_lossy()
+            .contains("memfd:vio_guest_ram")
+        {
+            return std::fs::metadata(&p).ok().map(|m| m.blocks() * 512);
+        }
+    }
+    None
 }

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::ops::Deref;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, Weak};
 use thiserror::Error;
@@ -16,9 +17,9 @@ use virtio_devices::transport::ShadowIndex;
 use virtio_devices::{GuestMemoryMmap, LogLimiter, MemoryView};
 use vm_memory::bitmap::BS;
 use vm_memory::guest_memory::{GuestMemorySliceIterator, Result as MemResult};
-use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::mmap::MmapRegion;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryRegion, GuestRegionMmap,
+    GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryRegion, GuestRegionMmap,
     MemoryRegionAddress, Permissions, VolatileSlice,
 };
 
@@ -60,9 +61,73 @@ impl IommuError {
 struct Run {
     len: u64,
     writable: bool,
-    file: Arc<File>,
+    map: Arc<FileMap>,
     file_offset: u64,
     region: Arc<GuestRegionMmap>,
+}
+
+/// One shared mapping of a whole client file. A DMA mapping is a window into it, so mappings
+/// cost no mmap (and no VMA) each: a client that maps guest RAM page by page would otherwise
+/// run into the kernel's per-process mapping limit (vm.max_map_count, 65530).
+struct FileMap {
+    ptr: *mut u8,
+    size: u64,
+    writable: bool,
+    _file: Arc<File>,
+}
+
+// SAFETY: the mapping is plain shared memory; every access goes through vm-memory's volatile
+// slices, and the pointer is only read.
+unsafe impl Send for FileMap {}
+// SAFETY: as above.
+unsafe impl Sync for FileMap {}
+
+impl FileMap {
+    fn new(file: &Arc<File>) -> Result<Self, IommuError> {
+        let size = file
+            .metadata()
+            .map_err(|e| IommuError::Mmap(e.to_string()))?
+            .len();
+        if size == 0 {
+            return Err(IommuError::Mmap("the file is empty".into()));
+        }
+        let mmap = |prot| {
+            // SAFETY: a new shared mapping of the whole file, checked for failure.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    size as usize,
+                    prot,
+                    libc::MAP_SHARED,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            (p != libc::MAP_FAILED).then_some(p as *mut u8)
+        };
+        // A client may hand over a read-only fd; then only read-only mappings are possible.
+        let (ptr, writable) = match mmap(libc::PROT_READ | libc::PROT_WRITE) {
+            Some(p) => (p, true),
+            None => (
+                mmap(libc::PROT_READ)
+                    .ok_or_else(|| IommuError::Mmap(std::io::Error::last_os_error().to_string()))?,
+                false,
+            ),
+        };
+        Ok(FileMap {
+            ptr,
+            size,
+            writable,
+            _file: file.clone(),
+        })
+    }
+}
+
+impl Drop for FileMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; no run refers to it any more.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.size as usize) };
+    }
 }
 
 #[derive(Default)]
@@ -86,28 +151,46 @@ pub struct Iommu {
     /// Client files by (device, inode): every DMA_MAP carries an fd, usually of the same
     /// memory, and keeping one per mapping would exhaust the process's descriptors.
     files: Mutex<HashMap<(u64, u64), Weak<File>>>,
+    /// Whole-file mappings by (device, inode), shared by the runs that use them.
+    maps: Mutex<HashMap<(u64, u64), Weak<FileMap>>>,
 }
 
 fn map_run(
-    file: &Arc<File>,
+    map: &Arc<FileMap>,
     file_offset: u64,
     iova: u64,
     len: u64,
     writable: bool,
 ) -> Result<Run, IommuError> {
+    if writable && !map.writable {
+        return Err(IommuError::Mmap("the client's fd is read-only".into()));
+    }
+    if file_offset
+        .checked_add(len)
+        .is_none_or(|end| end > map.size)
+    {
+        return Err(IommuError::Mmap(format!(
+            "{file_offset:#x}+{len:#x} is beyond the end of the client's file"
+        )));
+    }
     let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
-    let mapping = MmapRegionBuilder::new(len as usize)
-        .with_file_offset(FileOffset::from_arc(file.clone(), file_offset))
-        .with_mmap_prot(prot)
-        .with_mmap_flags(libc::MAP_SHARED)
-        .build()
-        .map_err(|e| IommuError::Mmap(e.to_string()))?;
+    // SAFETY: [ptr + file_offset, + len) lies within the live whole-file mapping, which the run
+    // keeps alive (it holds the Arc) for as long as the region exists.
+    let mapping = unsafe {
+        MmapRegion::build_raw(
+            map.ptr.add(file_offset as usize),
+            len as usize,
+            prot,
+            libc::MAP_SHARED,
+        )
+    }
+    .map_err(|e| IommuError::Mmap(e.to_string()))?;
     let region = GuestRegionMmap::new(mapping, GuestAddress(iova))
         .ok_or_else(|| IommuError::Mmap(format!("{iova:#x}+{len:#x} wraps around")))?;
     Ok(Run {
         len,
         writable,
-        file: file.clone(),
+        map: map.clone(),
         file_offset,
         region: Arc::new(region),
     })
@@ -134,7 +217,27 @@ impl Iommu {
             }),
             stats,
             files: Mutex::new(HashMap::new()),
+            maps: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The whole-file mapping of `file`, covering at least `end` bytes.
+    fn file_map(&self, file: &Arc<File>, end: u64) -> Result<Arc<FileMap>, IommuError> {
+        let meta = file
+            .metadata()
+            .map_err(|e| IommuError::Mmap(e.to_string()))?;
+        let key = (meta.dev(), meta.ino());
+        let mut maps = self.maps.lock().unwrap();
+        if let Some(m) = maps.get(&key).and_then(Weak::upgrade) {
+            if m.size >= end {
+                return Ok(m);
+            }
+        }
+        // New, or the file grew: a fresh mapping; runs on the old one keep it alive.
+        maps.retain(|_, w| w.strong_count() > 0);
+        let m = Arc::new(FileMap::new(file)?);
+        maps.insert(key, Arc::downgrade(&m));
+        Ok(m)
     }
 
     /// The shared handle of `file`'s underlying object: an fd received earlier for the same
@@ -172,7 +275,8 @@ impl Iommu {
             return Err(IommuError::Unaligned { iova, len });
         }
         // The mmap is made before taking the lock, so the device waits only for the insert.
-        let run = map_run(&file, file_offset, iova, len, writable)?;
+        let map = self.file_map(&file, file_offset.saturating_add(len))?;
+        let run = map_run(&map, file_offset, iova, len, writable)?;
         let mut cur = self.current.write().unwrap();
         if cur.runs.len() >= MAX_MAPPINGS {
             return Err(IommuError::TooMany);
@@ -208,11 +312,11 @@ impl Iommu {
             removed += e.min(end) - s.max(iova);
             // Keep the parts outside the range, each with an mmap of its own.
             if s < iova {
-                let part = map_run(&r.file, r.file_offset, s, iova - s, r.writable)?;
+                let part = map_run(&r.map, r.file_offset, s, iova - s, r.writable)?;
                 cur.runs.insert(s, part);
             }
             if e > end {
-                let part = map_run(&r.file, r.file_offset + (end - s), end, e - end, r.writable)?;
+                let part = map_run(&r.map, r.file_offset + (end - s), end, e - end, r.writable)?;
                 cur.runs.insert(end, part);
             }
         }
@@ -494,6 +598,38 @@ mod tests {
         iommu.unmap_all();
         assert_eq!(iommu.mapped_bytes(), 0);
         assert!(iommu.view().read_obj::<u8>(GuestAddress(0)).is_err());
+    }
+
+    /// Page-by-page mappings share one mmap of the file; a range beyond its end is refused
+    /// (an access there would kill the process with SIGBUS).
+    #[test]
+    fn mappings_share_one_mmap_and_stay_inside_the_file() {
+        let vmas = || {
+            std::fs::read_to_string("/proc/self/maps")
+                .unwrap()
+                .lines()
+                .count()
+        };
+        let iommu = Iommu::new();
+        let f = memfd(2048);
+        let before = vmas();
+        for p in (0..2048).step_by(2) {
+            iommu
+                .map(f.clone(), p * PAGE_SIZE, p * PAGE_SIZE, PAGE_SIZE, true)
+                .unwrap();
+        }
+        assert!(vmas() < before + 16, "{} -> {}", before, vmas());
+        let mut b = [0u8; 1];
+        iommu
+            .view()
+            .read_slice(&mut b, GuestAddress(6 * PAGE_SIZE))
+            .unwrap();
+        assert_eq!(b[0], 6);
+        assert!(matches!(
+            iommu.map(f.clone(), 2047 * PAGE_SIZE, 1 << 30, 2 * PAGE_SIZE, true),
+            Err(IommuError::Mmap(_))
+        ));
+        assert_eq!(iommu.unmap(0, 2048 * PAGE_SIZE), Ok(1024 * PAGE_SIZE));
     }
 
     #[test]
