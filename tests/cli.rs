@@ -119,3 +119,33 @@ fn version_and_help() {
         assert!(h.contains(flag), "{flag} missing from --help");
     }
 }
+
+#[test]
+fn bad_vio_devices() {
+    fails_with(
+        &[
+            "--kernel",
+            &kernel(),
+            "--vio",
+            "socket=/tmp/x.sock,mode=elastic",
+        ],
+        &["--vio", "mode must be snoop"],
+    );
+    fails_with(
+        &[
+            "--kernel",
+            &kernel(),
+            "--vio",
+            "socket=/tmp/x.sock,poll_us=0",
+        ],
+        &["--vio", "poll_us must be 1..1000000"],
+    );
+    fails_with(
+        &["--kernel", &kernel(), "--vio", "id=v0"],
+        &["--vio", "socket is required"],
+    );
+    fails_with(
+        &["--kernel", &kernel(), "--vio", "socket=/tmp/x.sock"],
+        &["shared"],
+    );
+}

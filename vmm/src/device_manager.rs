@@ -150,11 +150,16 @@ impl BusDevice for PciBarHandler {
 }
 
 /// Follows a guest BAR move on the MMIO bus, then lets the device re-home its ioeventfds.
-struct BusRelocation(Arc<Bus>);
+/// Weak: the MMIO bus holds the PCI bus (through ECAM), which holds this; a strong reference
+/// would be a cycle that keeps every device alive after the VM is gone (and a passthrough
+/// device's connection open, so a rebooted VM could not reconnect).
+struct BusRelocation(std::sync::Weak<Bus>);
 
 impl DeviceRelocation for BusRelocation {
     fn move_bar(&self, mv: &BarReprogram, dev: &mut dyn PciDevice) -> io::Result<()> {
         self.0
+            .upgrade()
+            .ok_or_else(|| io::Error::other("The MMIO bus is gone"))?
             .relocate(mv.old_base, mv.new_base)
             .map_err(io::Error::other)?;
         dev.move_bar(mv.old_base, mv.new_base)
@@ -213,7 +218,7 @@ impl DeviceManager {
             4,
         )?;
 
-        let relocation = Arc::new(BusRelocation(mmio_bus.clone()));
+        let relocation = Arc::new(BusRelocation(Arc::downgrade(&mmio_bus)));
         let pci_bus = Arc::new(Mutex::new(PciBus::new(PciRoot::new(), relocation)));
         pio_bus.insert(
             Arc::new(Mutex::new(PciConfigIo::new(pci_bus.clone()))),
@@ -359,7 +364,7 @@ impl DeviceManager {
                 ram.guest_pages(),
             ));
             if let Some(r) = ram.reclaimer() {
-                r.add_window(window.clone());
+                r.add_window(&window);
             }
             let dev = VioPciDevice::new(
                 inner,

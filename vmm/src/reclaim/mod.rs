@@ -140,8 +140,10 @@ pub struct Reclaimer {
     pins: Mutex<Vec<DmaPin>>,
     /// Per page: pins held by snooping devices for requests in flight (and their vrings).
     snoop_pins: Vec<AtomicU16>,
-    /// The DMA windows of snooping devices; reclaim evicts a page from them first.
-    windows: Mutex<Vec<Arc<DmaWindow>>>,
+    /// The DMA windows of snooping devices; reclaim evicts a page from them first. Weak: a
+    /// window holds the reclaimer (its `Residency`), and a device that goes away takes its
+    /// window with it.
+    windows: Mutex<Vec<std::sync::Weak<DmaWindow>>>,
     cfg: ReclaimConfig,
     stop: AtomicBool,
     last_sample: Mutex<Option<Instant>>,
@@ -217,8 +219,10 @@ impl Reclaimer {
     }
 
     /// A snooping device's DMA window: reclaim DMA-unmaps pages from it before taking them.
-    pub fn add_window(&self, w: Arc<DmaWindow>) {
-        self.windows.lock().unwrap().push(w);
+    pub fn add_window(&self, w: &Arc<DmaWindow>) {
+        let mut windows = self.windows.lock().unwrap();
+        windows.retain(|w| w.strong_count() > 0);
+        windows.push(Arc::downgrade(w));
     }
 
     fn page_of_guest(&self, gpa: u64) -> Option<u64> {
@@ -711,7 +715,13 @@ impl Reclaimer {
 
     /// DMA-unmaps pages [start, start+n) (all held busy and unpinned) from every snooping device.
     fn evict(&self, start: u64, n: u64) -> Result<(), PageError> {
-        let windows = self.windows.lock().unwrap();
+        let windows: Vec<Arc<DmaWindow>> = self
+            .windows
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
         if windows.is_empty() {
             return Ok(());
         }
@@ -1023,7 +1033,7 @@ mod tests {
             mapped: Mutex::new(Default::default()),
         });
         let w = Arc::new(DmaWindow::new(r.clone(), io.clone(), 32 * MB / PAGE));
-        r.add_window(w.clone());
+        r.add_window(&w);
         (r, io, w)
     }
 
