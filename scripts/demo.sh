@@ -10,15 +10,7 @@ cd "$(dirname "$0")/.."
 OPS=${OPS:-3000000}
 RATE=${RATE:-100000}
 
-scripts/build-guest.sh >/dev/null
-cargo build --workspace --release --locked -q
-dir=$(mktemp -d /dev/shm/vio-demo.XXXXXX)
-cleanup() { kill "$vmm" "$vdpu" 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
-truncate -s 256M "$dir/disk.img"
-target/release/vdpu --socket "$dir/vdpu.sock" --blk path="$dir/disk.img" 2>"$dir/vdpu.log" &
-vdpu=$!
-for _ in $(seq 100); do [ -S "$dir/vdpu.sock" ] && break; sleep 0.05; done
+. scripts/vdpu-env.sh demo
 
 echo "Booting the test guest: blk-verify ($OPS ops at up to $RATE/s, queue depth 16) on 1 GiB of"
 echo "guest RAM, vdpu passed through under VIO, reclaim on (policy: pages idle for 1 s, up to 70%)."

@@ -6,15 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OPS=${1:-10000000}
 
-scripts/build-guest.sh >/dev/null
-cargo build --workspace --release --locked -q
-dir=$(mktemp -d /dev/shm/vio-soak.XXXXXX)
-cleanup() { kill "${vmm:-}" "${vdpu:-}" 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
-truncate -s 256M "$dir/disk.img"
-target/release/vdpu --socket "$dir/vdpu.sock" --blk path="$dir/disk.img" 2>"$dir/vdpu.log" &
-vdpu=$!
-for _ in $(seq 100); do [ -S "$dir/vdpu.sock" ] && break; sleep 0.05; done
+. scripts/vdpu-env.sh soak
 
 start=$(date +%s)
 target/release/vio-hypervisor -v \

@@ -179,7 +179,9 @@ fn pause_gap_is_visible_to_the_guest() {
     let cfg = write_config(
         &std::env::temp_dir(),
         &disk,
-        "vio.workload=blk-verify vio.ops=1500000 vio.qd=16 vio.seed=5",
+        // Paced to last ~7 s however fast the machine is, so the pause lands mid-run even when
+        // the test thread is slow to see the first progress line (a loaded CI box).
+        "vio.workload=blk-verify vio.ops=1500000 vio.rate=200000 vio.qd=16 vio.seed=5",
     );
     let mut vm = start_vmm(&sock);
     ok(&sock, &["create", cfg.to_str().unwrap()]);

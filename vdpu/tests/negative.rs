@@ -1,26 +1,18 @@
 //! Malformed and hostile vfio-user messages: an error reply or a closed connection, never a
 //! crash; the device serves the next client.
 
+mod common;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::io::{AsRawFd, FromRawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use vdpu::device::{build_blk, BlkConfig};
 use vfio::vfio_user::protocol::*;
 use vm_memory::ByteValued;
 
 fn server(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir();
-    let disk = dir.join(format!("vdpu-neg-{}-{name}.img", std::process::id()));
-    File::create(&disk).unwrap().set_len(1 << 20).unwrap();
-    let sock = dir.join(format!("vdpu-neg-{}-{name}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&sock);
-    let listener = UnixListener::bind(&sock).unwrap();
-    let mut dev =
-        build_blk(&BlkConfig::parse(&format!("path={}", disk.display())).unwrap()).unwrap();
-    std::thread::spawn(move || vdpu::server::run(listener, &mut dev));
-    sock
+    common::start_server("neg", name, 1 << 20)
 }
 
 fn connect(sock: &PathBuf) -> UnixStream {

@@ -2,12 +2,11 @@
 //! guest sees it through config space and BAR 0: the VIO capability is gone, its control block
 //! reads zeros, packed rings are not offered, and the guest's doorbells are the VMM's.
 
+mod common;
+
 use pci::{IoEventRegistrar, MsiInterruptGroup, MsiMessage, PciDevice};
-use std::io::Write;
-use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use vdpu::device::{build_blk, BlkConfig};
 use vfio::vfio_user::{VfioUserClient, VfioUserPciDevice};
 use vfio::vio_device::{VioOptions, VioPciDevice};
 use vio::{DmaWindow, IoMapper, PageError, Residency};
@@ -60,19 +59,7 @@ impl IoMapper for NoMap {
 }
 
 fn start_vdpu() -> std::path::PathBuf {
-    let dir = std::env::temp_dir();
-    let disk = dir.join(format!("vdpu-vio-{}.img", std::process::id()));
-    std::fs::File::create(&disk)
-        .unwrap()
-        .write_all(&[0u8; 1 << 16])
-        .unwrap();
-    let sock = dir.join(format!("vdpu-vio-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&sock);
-    let listener = UnixListener::bind(&sock).unwrap();
-    let mut dev =
-        build_blk(&BlkConfig::parse(&format!("path={}", disk.display())).unwrap()).unwrap();
-    std::thread::spawn(move || vdpu::server::run(listener, &mut dev));
-    sock
+    common::start_server("vio", "front-end", 1 << 16)
 }
 
 fn cfg32(d: &mut dyn PciDevice, at: usize) -> u32 {
