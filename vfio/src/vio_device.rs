@@ -232,10 +232,18 @@ impl ShadowPage {
     }
 
     fn slot(&self, q: u16) -> &AtomicU16 {
-        assert!(q < MAX_QUEUES);
-        // SAFETY: in bounds of the live page mapping (q < MAX_QUEUES), 2-byte aligned; the device
-        // process reads it concurrently, hence atomics.
-        unsafe { &*(self.ptr.add(usize::from(q) * SHADOW_STRIDE as usize) as *const AtomicU16) }
+        self.field(q, 0)
+    }
+
+    /// The u16 at byte `off` (0, 2 or 4) of queue `q`'s slot: the index the VMM publishes, and
+    /// the device's `used->flags` and `avail_event`.
+    fn field(&self, q: u16, off: usize) -> &AtomicU16 {
+        assert!(q < MAX_QUEUES && off <= 4 && off.is_multiple_of(2));
+        // SAFETY: in bounds of the live page mapping (q < MAX_QUEUES, off < SHADOW_STRIDE),
+        // 2-byte aligned; the device process accesses it concurrently, hence atomics.
+        unsafe {
+            &*(self.ptr.add(usize::from(q) * SHADOW_STRIDE as usize + off) as *const AtomicU16)
+        }
     }
 }
 
@@ -298,6 +306,13 @@ impl<M> SnoopHost for QueueHost<'_, M> {
     }
     fn publish(&self, idx: u16) {
         self.snoop.shadow.slot(self.q).store(idx, Ordering::Release);
+    }
+    fn device_suppression(&self) -> Option<(u16, u16)> {
+        let shadow = &self.snoop.shadow;
+        Some((
+            shadow.field(self.q, 2).load(Ordering::Acquire),
+            shadow.field(self.q, 4).load(Ordering::Acquire),
+        ))
     }
     fn kick(&self) {
         let r = match &self.snoop.kicks[usize::from(self.q)] {
@@ -635,7 +650,9 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
                 }
             }
         }
-        self.snoop.shadow.slot(q).store(0, Ordering::Release);
+        for off in [0, 2, 4] {
+            self.snoop.shadow.field(q, off).store(0, Ordering::Release);
+        }
         let v = self.caps.vio;
         let reg = v.offset + 0x10 + 16 * u64::from(q);
         let client = self.inner.client();
@@ -749,6 +766,8 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
                 ("shadow_idx", u64::from(s.shadow_idx)),
                 ("bad_chains", s.bad_chains),
                 ("acquire_errors", s.acquire_errors),
+                ("device_kicks", s.device_kicks),
+                ("device_kicks_suppressed", s.device_kicks_suppressed),
                 ("ring_errors", slot.ring_errors),
             ] {
                 c.insert(format!("q{q}_{k}"), v);
@@ -786,6 +805,8 @@ fn add_stats(a: &mut SnoopStats, b: &SnoopStats) {
     a.faultins += b.faultins;
     a.bad_chains += b.bad_chains;
     a.acquire_errors += b.acquire_errors;
+    a.device_kicks += b.device_kicks;
+    a.device_kicks_suppressed += b.device_kicks_suppressed;
 }
 
 impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {

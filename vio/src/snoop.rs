@@ -28,6 +28,7 @@
 use crate::walker::{ChainWalker, QueueLayout, WalkLimits};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{fence, Ordering};
+use virtio_bindings::bindings::virtio_ring::VRING_USED_F_NO_NOTIFY;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 /// What the VMM provides to the snoop engine.
@@ -39,6 +40,12 @@ pub trait SnoopHost {
     /// Writes the shadow available index the device reads.
     fn publish(&self, idx: u16);
     fn kick(&self);
+    /// The notification suppression the device last wrote for itself (`used->flags`,
+    /// `avail_event`), if the host can see it; the VMM is the device's driver and rings it only
+    /// when asked to. `None`: ring after every publish.
+    fn device_suppression(&self) -> Option<(u16, u16)> {
+        None
+    }
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -50,6 +57,9 @@ pub struct SnoopStats {
     pub faultins: u64,
     pub bad_chains: u64,
     pub acquire_errors: u64,
+    /// Doorbells the VMM rang on the device, and the ones the device's suppression spared.
+    pub device_kicks: u64,
+    pub device_kicks_suppressed: u64,
     pub shadow_idx: u16,
 }
 
@@ -135,6 +145,21 @@ impl SnoopQueue {
         !self.inflight.is_empty()
     }
 
+    /// The VMM is the device's driver: it rings only if the device asked for it (virtio
+    /// 2.7.10). The publish and this read of the device's suppression are separated by a full
+    /// fence, as the device separates re-arming from re-reading the (shadow) index, so one of
+    /// the two always sees the other.
+    fn device_wants_kick(&self, host: &dyn SnoopHost, prev: u16, new: u16) -> bool {
+        fence(Ordering::SeqCst);
+        match host.device_suppression() {
+            None => true,
+            Some((_, event)) if self.event_idx => {
+                new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(prev)
+            }
+            Some((flags, _)) => u32::from(flags) & VRING_USED_F_NO_NOTIFY == 0,
+        }
+    }
+
     /// Handles a doorbell. Returns the shadow index now published.
     pub fn on_kick<M: GuestMemory>(&mut self, mem: &M, host: &dyn SnoopHost) -> u16 {
         self.stats.kicks += 1;
@@ -189,12 +214,17 @@ impl SnoopQueue {
             }
             fence(Ordering::Release);
             host.publish(new);
-            self.published = new;
+            let prev = std::mem::replace(&mut self.published, new);
             self.stats.shadow_idx = new;
             if self.event_idx {
                 self.state_suppression(mem);
             }
-            host.kick();
+            if self.device_wants_kick(host, prev, new) {
+                host.kick();
+                self.stats.device_kicks += 1;
+            } else {
+                self.stats.device_kicks_suppressed += 1;
+            }
         }
         self.published
     }
@@ -264,6 +294,8 @@ mod tests {
         /// Pages that must be pinned when an index is published: (index, pages pinned then).
         at_publish: RefCell<Vec<(u16, BTreeSet<u64>)>>,
         on_acquire: RefCell<Option<Box<dyn Fn()>>>,
+        /// The device's own suppression, as it would write it to the shadow.
+        device: RefCell<Option<(u16, u16)>>,
     }
 
     impl SnoopHost for Host {
@@ -292,6 +324,9 @@ mod tests {
         }
         fn kick(&self) {
             *self.kicks.borrow_mut() += 1;
+        }
+        fn device_suppression(&self) -> Option<(u16, u16)> {
+            *self.device.borrow()
         }
     }
 
@@ -403,6 +438,43 @@ mod tests {
         );
         assert!(q.service(&m, &h, false, true));
         assert_eq!(q.published(), 2, "the poll published it");
+    }
+
+    /// Towards the device the VMM is the driver: it skips the doorbell the device said it does
+    /// not need, and rings when the device re-armed.
+    #[test]
+    fn the_device_is_rung_only_when_it_asks() {
+        for event_idx in [false, true] {
+            let m = mem();
+            let h = Host::default();
+            let mut q = SnoopQueue::new(Q, 0, WalkLimits::default()).with_event_idx(event_idx);
+            let busy = if event_idx { (0, 0) } else { (1, 0) };
+            post(&m, 0, 0);
+            set_avail(&m, 1);
+            q.service(&m, &h, true, false);
+            assert_eq!(*h.kicks.borrow(), 1, "an idle device is rung");
+            // The device works (it consumed up to 0 and suppresses, or its avail_event is 0).
+            *h.device.borrow_mut() = Some(busy);
+            post(&m, 1, 1);
+            set_avail(&m, 2);
+            q.service(&m, &h, true, false);
+            assert_eq!(
+                *h.kicks.borrow(),
+                1,
+                "event_idx={event_idx}: a busy device is not"
+            );
+            assert_eq!(q.stats.device_kicks_suppressed, 1);
+            // It re-armed: for event-idx at index 2 (it consumed 0 and 1).
+            *h.device.borrow_mut() = Some((0, 2));
+            post(&m, 2, 2);
+            set_avail(&m, 3);
+            q.service(&m, &h, true, false);
+            assert_eq!(
+                *h.kicks.borrow(),
+                2,
+                "event_idx={event_idx}: re-armed, rung"
+            );
+        }
     }
 
     /// The guest's doorbell rule (virtio 2.7.10.2 / vring_need_event) against what the VMM
