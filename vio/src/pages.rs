@@ -11,7 +11,7 @@
 //! atomic increment, not a map. Only reclaim removes them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use thiserror::Error;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -57,6 +57,9 @@ pub struct DmaWindow {
     /// cleared only by `evict` (page unpinned and held by the reclaimer), so the two never race
     /// on the same bit.
     mapped: Vec<AtomicU64>,
+    /// Held shared while a page is being mapped, exclusively by `evict_held`: a page that is
+    /// not mapped when an eviction span is computed stays unmapped until the span is unmapped.
+    map_lock: RwLock<()>,
     pub stats: WindowStats,
 }
 
@@ -67,6 +70,7 @@ impl DmaWindow {
             residency,
             io,
             mapped: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            map_lock: RwLock::new(()),
             stats: WindowStats::default(),
         }
     }
@@ -86,6 +90,7 @@ impl DmaWindow {
     pub fn acquire(&self, gfn: u64) -> Result<bool, PageError> {
         let (word, bit) = self.bit(gfn).ok_or(PageError::OutsideRam(gfn))?;
         let faulted = self.residency.pin(gfn)?;
+        let _map = self.map_lock.read().unwrap();
         if word.load(Ordering::Acquire) & bit == 0 {
             if let Err(e) = self.io.map(gfn, 1) {
                 self.residency.unpin(gfn);
@@ -117,6 +122,7 @@ impl DmaWindow {
                 }
             }
         }
+        let _map = self.map_lock.read().unwrap();
         for (start, len) in runs(gfn, n, |p| !self.is_mapped(p)) {
             if let Err(e) = self.io.map(start, len) {
                 (gfn..gfn + n).for_each(|q| self.residency.unpin(q));
@@ -159,6 +165,52 @@ impl DmaWindow {
             done += len;
         }
         self.stats.unmaps.fetch_add(1, Ordering::Relaxed);
+        self.stats.mapped_pages.fetch_sub(done, Ordering::Relaxed);
+        Ok(done)
+    }
+
+    /// For the reclaimer, about to take the pages of `held` (sorted, disjoint runs of guest
+    /// pages it holds, none pinned): DMA-unmaps the mapped ones with as few unmaps as possible.
+    /// A span may cross pages that are not held as long as none of them is mapped; the map
+    /// lock keeps it so until the span is unmapped. Returns the pages unmapped; on error none
+    /// of the held pages may be reclaimed.
+    pub fn evict_held(&self, held: &[(u64, u64)]) -> Result<u64, PageError> {
+        let _map = self.map_lock.write().unwrap();
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        let mut open: Option<(u64, u64)> = None; // first and last mapped held page
+        let mut cursor = None;
+        for &(start, n) in held {
+            // Pages between the previous run and this one are not held: a mapped one ends
+            // the span before it.
+            if let (Some(from), Some(_)) = (cursor, open) {
+                if (from..start).any(|p| self.is_mapped(p)) {
+                    spans.extend(open.take());
+                }
+            }
+            for p in start..start + n {
+                if self.is_mapped(p) {
+                    open = Some(open.map_or((p, p), |(a, _)| (a, p)));
+                }
+            }
+            cursor = Some(start + n);
+        }
+        spans.extend(open);
+        let mut done = 0;
+        for (a, b) in spans {
+            self.io
+                .unmap(a, b + 1 - a)
+                .map_err(|e| PageError::Unmap(a, b + 1 - a, e))?;
+            self.stats.unmaps.fetch_add(1, Ordering::Relaxed);
+            for &(start, n) in held {
+                for p in start.max(a)..(start + n).min(b + 1) {
+                    if let Some((w, bit)) = self.bit(p) {
+                        if w.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
+                            done += 1;
+                        }
+                    }
+                }
+            }
+        }
         self.stats.mapped_pages.fetch_sub(done, Ordering::Relaxed);
         Ok(done)
     }
@@ -289,6 +341,28 @@ mod tests {
         f.reclaimed.lock().unwrap().insert(10);
         assert_eq!(w.acquire(10), Ok(true));
         assert!(f.iommu.lock().unwrap().contains(&10));
+    }
+
+    /// Held runs with unmapped gaps between them go in one unmap; a mapped page that is not
+    /// held (in flight) splits the span and stays mapped.
+    #[test]
+    fn evict_held_batches_across_gaps_and_spares_what_is_not_held() {
+        let (f, w) = window();
+        for p in [10, 12, 20, 30, 40] {
+            w.acquire(p).unwrap();
+            w.release(p);
+        }
+        w.acquire(35).unwrap(); // in flight: not held by the reclaimer
+        let done = w.evict_held(&[(10, 3), (20, 1), (30, 2), (40, 1)]).unwrap();
+        assert_eq!(done, 5);
+        assert_eq!(
+            f.calls.lock().unwrap()[6..],
+            ["unmap 10+21".to_string(), "unmap 40+1".to_string()]
+        );
+        assert!(w.is_mapped(35), "the in-flight page is untouched");
+        assert_eq!(*f.iommu.lock().unwrap(), [35].into_iter().collect());
+        assert_eq!(w.evict_held(&[(0, 35)]), Ok(0), "nothing held is mapped");
+        w.release(35);
     }
 
     #[test]

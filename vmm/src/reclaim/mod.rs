@@ -579,26 +579,54 @@ impl Reclaimer {
     /// run). Returns (pages reclaimed, errors).
     fn reclaim_pages(&self, mut pages: Vec<u64>) -> (u64, u64) {
         const MAX_RUN: u64 = 512;
+        // Pages held and DMA-evicted together: one unmap can then cover many runs.
+        const GROUP: u64 = 16384;
         pages.sort_unstable();
-        let (mut done, mut errors) = (0, 0);
-        let mut i = 0;
-        while i < pages.len() {
-            let start = pages[i];
-            let mut n = 1;
-            while i + (n as usize) < pages.len()
-                && pages[i + n as usize] == start + n
-                && n < MAX_RUN
-            {
-                n += 1;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for p in pages {
+            match runs.last_mut() {
+                Some((s, n)) if *s + *n == p && *n < MAX_RUN => *n += 1,
+                _ => runs.push((p, 1)),
             }
-            i += n as usize;
-            let (saved, err) = self.reclaim_run(start, n);
-            done += saved;
-            if let Some(e) = err {
+        }
+        let (mut done, mut errors) = (0, 0);
+        let mut rest = &runs[..];
+        while !rest.is_empty() {
+            let mut take = 0;
+            let mut pages = 0;
+            while take < rest.len() && pages < GROUP {
+                pages += rest[take].1;
+                take += 1;
+            }
+            let (group, next) = rest.split_at(take);
+            rest = next;
+            let held: Vec<(u64, u64)> = group
+                .iter()
+                .map(|&(s, n)| (s, self.lock_run(s, n)))
+                .filter(|&(_, n)| n > 0)
+                .collect();
+            let unlock = |runs: &[(u64, u64)]| {
+                for &(s, n) in runs {
+                    (s..s + n).for_each(|p| self.unlock_page(p));
+                }
+            };
+            if let Err(e) = self.evict(&held) {
+                // A device may still reach them: keep them.
+                unlock(&held);
                 errors += 1;
-                warn!("Reclaiming pages {start}..{}: {e}", start + n);
-                if matches!(e, StoreError::Full(_)) {
-                    break;
+                warn!("Reclaim: DMA unmap failed, pages kept: {e}");
+                continue;
+            }
+            for (k, &(start, n)) in held.iter().enumerate() {
+                let (saved, err) = self.finish_run(start, n);
+                done += saved;
+                if let Some(e) = err {
+                    errors += 1;
+                    warn!("Reclaiming pages {start}..{}: {e}", start + n);
+                    if matches!(e, StoreError::Full(_)) {
+                        unlock(&held[k + 1..]);
+                        return (done, errors);
+                    }
                 }
             }
         }
@@ -631,35 +659,33 @@ impl Reclaimer {
         }
     }
 
-    /// Reclaims the run [start, start+n): pages another pass holds end it early; a store failure
-    /// part-way keeps the rest resident. Returns the pages reclaimed and the error, if any.
-    fn reclaim_run(&self, start: u64, n: u64) -> (u64, Option<StoreError>) {
+    /// A store failure part-way through a run keeps the rest resident. Returns the pages
+    /// reclaimed and the error, if any.
+    /// Holds the first pages of [start, start+n) for reclaim (busy, and not pinned by a snooping
+    /// device: see `pin`); stops at the first page another pass or a pin holds. Returns how
+    /// many.
+    fn lock_run(&self, start: u64, n: u64) -> u64 {
         let mut len = 0;
         while len < n
             && self.pages[(start + len) as usize].fetch_or(BUSY, Ordering::SeqCst) & BUSY == 0
         {
-            // Pinned after it was chosen: a snooping device is about to use it (see `pin`).
+            // Pinned after it was chosen: a snooping device is about to use it.
             if self.snoop_pins[(start + len) as usize].load(Ordering::SeqCst) != 0 {
                 self.unlock_page(start + len);
                 break;
             }
             len += 1;
         }
+        len
+    }
+
+    /// Reclaims the held run [start, start+len), already DMA-evicted.
+    fn finish_run(&self, start: u64, len: u64) -> (u64, Option<StoreError>) {
         let release = |from: u64| {
             for p in from..len {
                 self.pages[(start + p) as usize].fetch_and(!BUSY, Ordering::AcqRel);
             }
         };
-        if len == 0 {
-            return (0, None);
-        }
-        if let Err(e) = self.evict(start, len) {
-            release(0);
-            return (
-                0,
-                Some(StoreError::Io(std::io::Error::other(e.to_string()))),
-            );
-        }
         self.drop_mappings(start, start + len);
         let mut buf = vec![0u8; (len * PAGE) as usize];
         if let Err(e) = self.memfd.read_exact_at(&mut buf, start * PAGE) {
@@ -713,8 +739,8 @@ impl Reclaimer {
         (saved, err)
     }
 
-    /// DMA-unmaps pages [start, start+n) (all held busy and unpinned) from every snooping device.
-    fn evict(&self, start: u64, n: u64) -> Result<(), PageError> {
+    /// DMA-unmaps the held (busy, unpinned) page runs from every snooping device.
+    fn evict(&self, held: &[(u64, u64)]) -> Result<(), PageError> {
         let windows: Vec<Arc<DmaWindow>> = self
             .windows
             .lock()
@@ -722,25 +748,26 @@ impl Reclaimer {
             .iter()
             .filter_map(std::sync::Weak::upgrade)
             .collect();
-        if windows.is_empty() {
+        if windows.is_empty() || held.is_empty() {
             return Ok(());
         }
-        // Contiguous in the memfd; contiguous in guest-physical space except across a region
-        // boundary, where the range is split.
-        let mut p = start;
-        while p < start + n {
-            let Some(gpa) = self.guest_addr(p) else {
-                p += 1;
-                continue;
-            };
-            let mut len = 1;
-            while p + len < start + n && self.guest_addr(p + len) == Some(gpa + len * PAGE) {
-                len += 1;
+        // As guest page runs: contiguous in the memfd, contiguous in guest-physical space
+        // except across a region boundary, where a run is split.
+        let mut gfns: Vec<(u64, u64)> = Vec::new();
+        for &(start, n) in held {
+            for p in start..start + n {
+                let Some(gfn) = self.guest_addr(p).map(|a| a / PAGE) else {
+                    continue;
+                };
+                match gfns.last_mut() {
+                    Some((s, l)) if *s + *l == gfn => *l += 1,
+                    _ => gfns.push((gfn, 1)),
+                }
             }
-            for w in windows.iter() {
-                w.evict(gpa / PAGE, len)?;
-            }
-            p += len;
+        }
+        gfns.sort_unstable();
+        for w in windows {
+            w.evict_held(&gfns)?;
         }
         Ok(())
     }
