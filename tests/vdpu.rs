@@ -241,10 +241,13 @@ fn vdpu_latency_model() {
         assert_eq!(u(&r, "mismatches"), 0);
         r
     };
+    // The guest's percentiles are histogram bucket lower bounds (up to 12.5% low) on a TSC
+    // calibrated against the PM timer (a few % off on a loaded host): 2 ms shows as >= 1.6 ms.
+    // Without the model a request takes ~20 us.
     let r1 = run_qd(1);
-    assert!(u(&r1, "lat_p50_ns") >= 2_000_000, "{r1}");
+    assert!(u(&r1, "lat_p50_ns") >= 1_600_000, "{r1}");
     let r8 = run_qd(8);
-    assert!(u(&r8, "lat_p50_ns") >= 2_000_000, "{r8}");
+    assert!(u(&r8, "lat_p50_ns") >= 1_600_000, "{r8}");
     // Eight in flight are served concurrently, not one after another.
     assert!(
         u(&r8, "iops") > 4 * u(&r1, "iops"),
