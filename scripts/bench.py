@@ -94,6 +94,12 @@ class Vdpu:
         self.p.wait()
 
 
+def shown_with_vdpu(cmd, tmpfs, vdpu):
+    """A VMM command line as documented: tmpfs paths as $TMPFS, with the vdpu it talks to."""
+    cmd = cmd.replace(tmpfs, "$TMPFS").replace(os.path.basename(vdpu.sock), "vdpu.sock")
+    return "(vdpu --socket $TMPFS/vdpu.sock --blk path=$TMPFS/disk.img) " + cmd
+
+
 def vdpu_suite(runs):
     rows = []
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
@@ -124,8 +130,7 @@ def vdpu_suite(runs):
                 p99 = med([r["result"]["lat_p99_ns"] for r in rs]) / 1000
                 shown = rs[0]["cmd"].replace(d + "/", "$TMPFS/")
                 if not emulated:
-                    shown = shown.replace(d, "$TMPFS").replace(os.path.basename(v.sock), "vdpu.sock")
-                    shown = "(vdpu --socket $TMPFS/vdpu.sock --blk path=$TMPFS/disk.img) " + shown
+                    shown = shown_with_vdpu(shown, d, v)
                 rows.append((f"qd={qd}, {name}", f"{iops:,.0f} IOPS (p50 {p50:.1f} us, p99 {p99:.1f} us)", shown))
     return rows
 
@@ -231,10 +236,6 @@ def vio_suite(runs):
         with open(disk, "wb") as f:
             f.truncate(256 << 20)
 
-        def show(cmd, v):
-            cmd = cmd.replace(d, "$TMPFS").replace(os.path.basename(v.sock), "vdpu.sock")
-            return "(vdpu --socket $TMPFS/vdpu.sock --blk path=$TMPFS/disk.img) " + cmd
-
         for qd in (1, 16):
             cmd = f"vio.workload=blk-verify vio.ops=100000 vio.qd={qd} vio.seed=1"
             got = {}
@@ -248,7 +249,7 @@ def vio_suite(runs):
                 iops = med([r["result"]["iops"] for r in rs])
                 p50 = med([r["result"]["lat_p50_ns"] for r in rs]) / 1000
                 got[name] = iops
-                rows.append((f"qd={qd}, vdpu {name}", f"{iops:,.0f} IOPS (p50 {p50:.1f} us)", show(rs[0]["cmd"], v)))
+                rows.append((f"qd={qd}, vdpu {name}", f"{iops:,.0f} IOPS (p50 {p50:.1f} us)", shown_with_vdpu(rs[0]["cmd"], d, v)))
             rows.append((f"qd={qd}, vio / passthrough", f"{got['vio (snoop)'] / got['passthrough']:.2f}x", ""))
         cmd = "vio.workload=blk-verify vio.ops=200000 vio.qd=16 vio.pool_pages=16384 vio.seed=1"
         rs = []
@@ -264,7 +265,7 @@ def vio_suite(runs):
         passes = med([r[2] for r in rs])
         rows.append(("qd=16, vio under reclaim churn (256 MiB vm.reclaim every 100 ms, 64 MiB of buffers)",
                      f"{iops:,.0f} IOPS, {fi:,.0f} fault-ins (p50 {p50:.0f} us, p99 {p99:.0f} us), {passes:.0f} reclaim passes, 0 IOPF",
-                     show(rs[0][3], v) + " ; meanwhile PUT vm.reclaim {\"bytes\": 268435456} every 100 ms"))
+                     shown_with_vdpu(rs[0][3], d, v) + " ; meanwhile PUT vm.reclaim {\"bytes\": 268435456} every 100 ms"))
     return rows
 
 

@@ -740,7 +740,7 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
         for (q, slot) in queues.iter().enumerate() {
             let mut s = slot.past.clone();
             if let Some(sq) = &slot.snoop {
-                add_stats(&mut s, &sq.stats);
+                s.add(&sq.stats);
                 s.shadow_idx = sq.stats.shadow_idx;
                 c.insert(format!("q{q}_inflight"), sq.inflight() as u64);
                 // The guest's and the device's positions, to tell a stalled ring's side.
@@ -772,7 +772,7 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
             ] {
                 c.insert(format!("q{q}_{k}"), v);
             }
-            add_stats(&mut total, &s);
+            total.add(&s);
         }
         let w = &self.snoop.window.stats;
         for (k, v) in [
@@ -797,18 +797,6 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
     }
 }
 
-fn add_stats(a: &mut SnoopStats, b: &SnoopStats) {
-    a.kicks += b.kicks;
-    a.chains += b.chains;
-    a.descriptors += b.descriptors;
-    a.pages_checked += b.pages_checked;
-    a.faultins += b.faultins;
-    a.bad_chains += b.bad_chains;
-    a.acquire_errors += b.acquire_errors;
-    a.device_kicks += b.device_kicks;
-    a.device_kicks_suppressed += b.device_kicks_suppressed;
-}
-
 impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
     /// Stops snooping queue `q`: in-flight pins and the vring are released.
     fn teardown(&self, q: u16, slot: &mut QueueSlot) {
@@ -817,7 +805,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
                 faultin_ns, past, ..
             } = slot;
             sq.release_all(&self.host(q, faultin_ns));
-            add_stats(past, &sq.stats);
+            past.add(&sq.stats);
             past.shadow_idx = sq.stats.shadow_idx;
         }
         for p in slot.ring_pages.drain(..) {

@@ -2,7 +2,7 @@
 //!
 //! Invariant: a guest page is DMA-mapped to the device only while it is resident, and it is
 //! pinned (the reclaimer skips it) while a published request may touch it. `acquire` pins the
-//! page first, then makes it resident, then maps it; the reclaimer `evict`s (DMA-unmaps) a page
+//! page first, then makes it resident, then maps it; the reclaimer `evict_held`s (DMA-unmaps) a page
 //! before it takes the page's contents away, and never evicts a pinned one. So the device can
 //! reach a page only while it holds the guest's data, and it is never handed an index whose
 //! pages it cannot reach.
@@ -54,7 +54,7 @@ pub struct DmaWindow {
     residency: Arc<dyn Residency>,
     io: Arc<dyn IoMapper>,
     /// One bit per guest page: mapped to the device. Set only by `acquire` (page pinned),
-    /// cleared only by `evict` (page unpinned and held by the reclaimer), so the two never race
+    /// cleared only by `evict_held` (page unpinned and held by the reclaimer), so the two never race
     /// on the same bit.
     mapped: Vec<AtomicU64>,
     /// Held shared while a page is being mapped, exclusively by `evict_held`: a page that is
@@ -107,17 +107,15 @@ impl DmaWindow {
     /// All or nothing.
     pub fn acquire_range(&self, gfn: u64, n: u64) -> Result<u64, PageError> {
         let mut faulted = 0;
-        for (i, p) in (gfn..gfn + n).enumerate() {
-            match self.bit(p).ok_or(PageError::OutsideRam(p)) {
-                Ok(_) => match self.residency.pin(p) {
-                    Ok(f) => faulted += u64::from(f),
-                    Err(e) => {
-                        (gfn..gfn + i as u64).for_each(|q| self.residency.unpin(q));
-                        return Err(e);
-                    }
-                },
+        for p in gfn..gfn + n {
+            let pinned = self
+                .bit(p)
+                .ok_or(PageError::OutsideRam(p))
+                .and_then(|_| self.residency.pin(p));
+            match pinned {
+                Ok(f) => faulted += u64::from(f),
                 Err(e) => {
-                    (gfn..gfn + i as u64).for_each(|q| self.residency.unpin(q));
+                    (gfn..p).for_each(|q| self.residency.unpin(q));
                     return Err(e);
                 }
             }
@@ -140,33 +138,6 @@ impl DmaWindow {
 
     pub fn release(&self, gfn: u64) {
         self.residency.unpin(gfn);
-    }
-
-    /// For the reclaimer, about to take [gfn, gfn+n) (all of it held by the reclaimer, none of
-    /// it pinned): DMA-unmaps the pages that are mapped, in one unmap of the span from the first
-    /// to the last of them (every page between them is in the range, so none is in use; an
-    /// IOMMU unmaps whole mappings inside a range). Returns the pages unmapped. On error the
-    /// pages must not be reclaimed.
-    pub fn evict(&self, gfn: u64, n: u64) -> Result<u64, PageError> {
-        let mapped = runs(gfn, n, |p| self.is_mapped(p));
-        let (Some(&(first, _)), Some(&(s, l))) = (mapped.first(), mapped.last()) else {
-            return Ok(0);
-        };
-        let span = s + l - first;
-        self.io
-            .unmap(first, span)
-            .map_err(|e| PageError::Unmap(first, span, e))?;
-        let mut done = 0;
-        for (start, len) in mapped {
-            for p in start..start + len {
-                let (w, b) = self.bit(p).expect("mapped pages are in range");
-                w.fetch_and(!b, Ordering::AcqRel);
-            }
-            done += len;
-        }
-        self.stats.unmaps.fetch_add(1, Ordering::Relaxed);
-        self.stats.mapped_pages.fetch_sub(done, Ordering::Relaxed);
-        Ok(done)
     }
 
     /// For the reclaimer, about to take the pages of `held` (sorted, disjoint runs of guest
@@ -195,29 +166,25 @@ impl DmaWindow {
             cursor = Some(start + n);
         }
         spans.extend(open);
-        let mut done = 0;
-        for (a, b) in spans {
+        for &(a, b) in &spans {
             self.io
                 .unmap(a, b + 1 - a)
                 .map_err(|e| PageError::Unmap(a, b + 1 - a, e))?;
             self.stats.unmaps.fetch_add(1, Ordering::Relaxed);
-            for &(start, n) in held {
-                for p in start.max(a)..(start + n).min(b + 1) {
-                    if let Some((w, bit)) = self.bit(p) {
-                        if w.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
-                            done += 1;
-                        }
+        }
+        // The spans cover every mapped held page.
+        let mut done = 0;
+        for &(start, n) in held {
+            for p in start..start + n {
+                if let Some((w, bit)) = self.bit(p) {
+                    if w.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
+                        done += 1;
                     }
                 }
             }
         }
         self.stats.mapped_pages.fetch_sub(done, Ordering::Relaxed);
         Ok(done)
-    }
-
-    /// Unmaps everything (the device is going away or being reset).
-    pub fn evict_all(&self) -> Result<u64, PageError> {
-        self.evict(0, self.mapped.len() as u64 * 64)
     }
 }
 
@@ -333,7 +300,7 @@ mod tests {
             w.acquire(p).unwrap();
             w.release(p);
         }
-        assert_eq!(w.evict(9, 6), Ok(4));
+        assert_eq!(w.evict_held(&[(9, 6)]), Ok(4));
         assert_eq!(f.calls.lock().unwrap()[4..], ["unmap 10+5".to_string()]);
         assert!(f.iommu.lock().unwrap().is_empty());
         assert_eq!(w.stats.mapped_pages.load(Ordering::Relaxed), 0);
@@ -387,6 +354,6 @@ mod tests {
             ["map 20+1".to_string(), "map 22+2".to_string()]
         );
         assert_eq!(f.pins.lock().unwrap()[&21], 2);
-        assert_eq!(w.evict_all(), Ok(4));
+        assert_eq!(w.evict_held(&[(0, 1000)]), Ok(4));
     }
 }

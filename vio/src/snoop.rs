@@ -63,6 +63,21 @@ pub struct SnoopStats {
     pub shadow_idx: u16,
 }
 
+impl SnoopStats {
+    /// Adds `other`'s counts (the shadow index, a position, is left alone).
+    pub fn add(&mut self, other: &SnoopStats) {
+        self.kicks += other.kicks;
+        self.chains += other.chains;
+        self.descriptors += other.descriptors;
+        self.pages_checked += other.pages_checked;
+        self.faultins += other.faultins;
+        self.bad_chains += other.bad_chains;
+        self.acquire_errors += other.acquire_errors;
+        self.device_kicks += other.device_kicks;
+        self.device_kicks_suppressed += other.device_kicks_suppressed;
+    }
+}
+
 pub struct SnoopQueue {
     pub layout: QueueLayout,
     walker: ChainWalker,

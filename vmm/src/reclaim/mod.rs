@@ -226,10 +226,17 @@ impl Reclaimer {
     }
 
     fn page_of_guest(&self, gpa: u64) -> Option<u64> {
+        self.locate(|r| r.guest_addr, gpa)
+            .map(|(r, off)| (r.file_offset + off) / PAGE)
+    }
+
+    /// The range holding `addr` in the address space `base` picks (memfd offset, guest-physical
+    /// or host virtual), and the offset into it.
+    fn locate(&self, base: impl Fn(&HostRange) -> u64, addr: u64) -> Option<(&HostRange, u64)> {
         self.ranges
             .iter()
-            .find(|r| gpa >= r.guest_addr && gpa < r.guest_addr + r.size)
-            .map(|r| (r.file_offset + gpa - r.guest_addr) / PAGE)
+            .find(|r| addr >= base(r) && addr < base(r) + r.size)
+            .map(|r| (r, addr - base(r)))
     }
 
     /// Takes the page's busy mark as a lock (restores must not race each other or a reclaim).
@@ -280,26 +287,18 @@ impl Reclaimer {
     }
 
     fn host_addr(&self, page: u64) -> Option<u64> {
-        let off = page * PAGE;
-        self.ranges
-            .iter()
-            .find(|r| off >= r.file_offset && off < r.file_offset + r.size)
-            .map(|r| r.host_addr + off - r.file_offset)
+        self.locate(|r| r.file_offset, page * PAGE)
+            .map(|(r, off)| r.host_addr + off)
     }
 
     fn guest_addr(&self, page: u64) -> Option<u64> {
-        let off = page * PAGE;
-        self.ranges
-            .iter()
-            .find(|r| off >= r.file_offset && off < r.file_offset + r.size)
-            .map(|r| r.guest_addr + off - r.file_offset)
+        self.locate(|r| r.file_offset, page * PAGE)
+            .map(|(r, off)| r.guest_addr + off)
     }
 
     fn page_of_host(&self, addr: u64) -> Option<u64> {
-        self.ranges
-            .iter()
-            .find(|r| addr >= r.host_addr && addr < r.host_addr + r.size)
-            .map(|r| (r.file_offset + (addr & !(PAGE - 1)) - r.host_addr) / PAGE)
+        self.locate(|r| r.host_addr, addr)
+            .map(|(r, off)| (r.file_offset + off) / PAGE)
     }
 
     fn state(&self, page: u64) -> u8 {
