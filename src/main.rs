@@ -17,8 +17,8 @@ use vmm::{error_chain, Vmm, VmmExit};
 enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("Failed to start the VM: {0}")]
-    Vm(String),
+    #[error("Failed to start the VM")]
+    Vm(#[from] vmm::VmmError),
     #[error("API server")]
     Api(#[from] vmm::api::http::HttpServerError),
     #[error("The guest crashed: {0}")]
@@ -227,8 +227,8 @@ fn run(m: &ArgMatches, start: Instant) -> Result<(), Error> {
         log::info!("API server on {}", path.display());
     }
     if let Some(config) = config {
-        vmm.create(config).map_err(|e| Error::Vm(e.to_string()))?;
-        vmm.boot().map_err(|e| Error::Vm(e.to_string()))?;
+        vmm.create(config)?;
+        vmm.boot()?;
     }
     match vmm.control_loop() {
         VmmExit::Clean => Ok(()),

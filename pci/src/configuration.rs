@@ -1,6 +1,7 @@
 //! Type-0 PCI configuration space: identity, command/status, six BARs and a capability list.
 
 use log::warn;
+use thiserror::Error;
 
 pub const NUM_CONFIGURATION_REGISTERS: usize = 64;
 const STATUS_REG: usize = 1;
@@ -9,6 +10,18 @@ const BAR0_REG: usize = 4;
 const CAPABILITY_POINTER_REG: usize = 13;
 const FIRST_CAPABILITY_OFFSET: usize = 0x40;
 const NUM_BARS: usize = 6;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("BAR {0} is not free")]
+    BarTaken(usize),
+    #[error("BAR {0} size {1:#x} at {2:#x} is not naturally aligned")]
+    BarAlignment(usize, u64, u64),
+    #[error("BAR {0} does not fit its type")]
+    BarType(usize),
+    #[error("The capability list is full")]
+    CapabilitiesFull,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PciBarType {
@@ -185,7 +198,7 @@ impl PciConfiguration {
 
     /// Places BAR `region.index` at `region.addr`; the size must be a power of two and the
     /// address aligned to it.
-    pub fn add_bar(&mut self, region: PciBarRegion) -> Result<(), String> {
+    pub fn add_bar(&mut self, region: PciBarRegion) -> Result<(), ConfigError> {
         let i = region.index;
         let slots = if region.kind == PciBarType::Mem64 {
             2
@@ -196,19 +209,16 @@ impl PciConfiguration {
             || self.bars[i].is_some()
             || (slots == 2 && self.bars[i + 1].is_some())
         {
-            return Err(format!("BAR {i} is not free"));
+            return Err(ConfigError::BarTaken(i));
         }
         if !region.size.is_power_of_two() || !region.addr.is_multiple_of(region.size) {
-            return Err(format!(
-                "BAR {i} size {:#x} at {:#x} is not naturally aligned",
-                region.size, region.addr
-            ));
+            return Err(ConfigError::BarAlignment(i, region.size, region.addr));
         }
         let min = if region.kind == PciBarType::Io { 4 } else { 16 };
         if region.size < min
             || (region.kind != PciBarType::Mem64 && region.addr + region.size > 1 << 32)
         {
-            return Err(format!("BAR {i} does not fit its type"));
+            return Err(ConfigError::BarType(i));
         }
         let reg = BAR0_REG + i;
         let type_bits = match region.kind {
@@ -251,14 +261,14 @@ impl PciConfiguration {
         id: u8,
         body: &[u8],
         writable: &[u8],
-    ) -> Result<usize, String> {
+    ) -> Result<usize, ConfigError> {
         let len = (body.len() + 2).next_multiple_of(4);
         let offset = match self.last_capability {
             Some((off, l)) => off + l,
             None => FIRST_CAPABILITY_OFFSET,
         };
         if offset + len > NUM_CONFIGURATION_REGISTERS * 4 {
-            return Err("capability list is full".to_string());
+            return Err(ConfigError::CapabilitiesFull);
         }
         let mut bytes = vec![id, 0];
         bytes.extend_from_slice(body);

@@ -8,7 +8,7 @@ mod root;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use configuration::{
-    BarReprogram, PciBarRegion, PciBarType, PciClass, PciConfiguration, PciHeader,
+    BarReprogram, ConfigError, PciBarRegion, PciBarType, PciClass, PciConfiguration, PciHeader,
     NUM_CONFIGURATION_REGISTERS,
 };
 pub use msix::{MsiInterruptGroup, MsiMessage, MsixCap, MsixConfig, MSIX_ENTRY_SIZE};

@@ -20,8 +20,10 @@ pub enum DeviceError {
     Parse(String, String),
     #[error("Failed to open {0}")]
     Open(String, #[source] io::Error),
-    #[error("Failed to set up the PCI function: {0}")]
-    Pci(String),
+    #[error("Failed to set up the PCI function")]
+    Pci(#[from] virtio_devices::transport::VirtioPciError),
+    #[error("Failed to set up doorbells")]
+    Doorbell(#[source] io::Error),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -131,9 +133,7 @@ pub fn build_blk(cfg: &BlkConfig) -> Result<Device, DeviceError> {
     )
     .and_then(|p| p.with_shadow_index(iommu.clone()))
     .map_err(DeviceError::Pci)?;
-    let notifiers = pci
-        .queue_notifiers()
-        .map_err(|e| DeviceError::Pci(e.to_string()))?;
+    let notifiers = pci.queue_notifiers().map_err(DeviceError::Doorbell)?;
     Ok(Device {
         pci,
         virtio,

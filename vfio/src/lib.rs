@@ -1,9 +1,8 @@
-//! Passthrough devices: the vfio-user protocol (both ends), and the DMA-mapping seam between
-//! guest memory and a device.
+//! Passthrough devices: the vfio-user protocol (both ends), the DMA-mapping seam between guest
+//! memory and a device, and the `vio` device's front end beside the passthrough device.
 
 pub mod dma;
-pub mod kernel;
 pub mod vfio_user;
-pub mod vio_device;
+pub mod vio;
 
 pub use dma::{DmaBacking, DmaError, DmaMapping};

@@ -14,18 +14,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use thiserror::Error;
 
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
+/// The error of the layer below a seam (the page store, the IOMMU), kept as the source.
+pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, Error)]
 pub enum PageError {
     #[error("Guest page {0:#x} is outside guest RAM")]
     OutsideRam(u64),
     #[error("Guest page {0:#x} has too many pins")]
     TooManyPins(u64),
-    #[error("Failed to bring guest page {0:#x} back: {1}")]
-    Restore(u64, String),
-    #[error("Failed to DMA-map guest pages {0:#x}+{1}: {2}")]
-    Map(u64, u64, String),
-    #[error("Failed to DMA-unmap guest pages {0:#x}+{1}: {2}")]
-    Unmap(u64, u64, String),
+    #[error("Failed to bring guest page {0:#x} back")]
+    Restore(u64, #[source] SourceError),
+    #[error("Failed to DMA-map guest pages {0:#x}+{1}")]
+    Map(u64, u64, #[source] SourceError),
+    #[error("Failed to DMA-unmap guest pages {0:#x}+{1}")]
+    Unmap(u64, u64, #[source] SourceError),
 }
 
 /// The memory manager's side: page residency and reclaim pins, by guest page frame number.
@@ -38,9 +41,9 @@ pub trait Residency: Send + Sync {
 
 /// The IOMMU side: maps guest pages to the device at IOVA = guest-physical address.
 pub trait IoMapper: Send + Sync {
-    fn map(&self, gfn: u64, pages: u64) -> Result<(), String>;
+    fn map(&self, gfn: u64, pages: u64) -> Result<(), SourceError>;
     /// Returns once the device can no longer touch the pages.
-    fn unmap(&self, gfn: u64, pages: u64) -> Result<(), String>;
+    fn unmap(&self, gfn: u64, pages: u64) -> Result<(), SourceError>;
 }
 
 #[derive(Default)]
@@ -238,7 +241,7 @@ mod tests {
     }
 
     impl IoMapper for Fake {
-        fn map(&self, gfn: u64, pages: u64) -> Result<(), String> {
+        fn map(&self, gfn: u64, pages: u64) -> Result<(), SourceError> {
             if *self.fail_map.lock().unwrap() {
                 return Err("refused".into());
             }
@@ -256,7 +259,7 @@ mod tests {
             }
             Ok(())
         }
-        fn unmap(&self, gfn: u64, pages: u64) -> Result<(), String> {
+        fn unmap(&self, gfn: u64, pages: u64) -> Result<(), SourceError> {
             self.calls
                 .lock()
                 .unwrap()
@@ -279,10 +282,9 @@ mod tests {
     fn acquire_faults_in_maps_once_and_pins() {
         let (f, w) = window();
         f.reclaimed.lock().unwrap().insert(5);
-        assert_eq!(w.acquire(5), Ok(true));
-        assert_eq!(
-            w.acquire(5),
-            Ok(false),
+        assert!(matches!(w.acquire(5), Ok(true)));
+        assert!(
+            matches!(w.acquire(5), Ok(false)),
             "resident and mapped: no fault, no map"
         );
         assert_eq!(f.calls.lock().unwrap().len(), 1);
@@ -300,13 +302,13 @@ mod tests {
             w.acquire(p).unwrap();
             w.release(p);
         }
-        assert_eq!(w.evict_held(&[(9, 6)]), Ok(4));
+        assert_eq!(w.evict_held(&[(9, 6)]).unwrap(), 4);
         assert_eq!(f.calls.lock().unwrap()[4..], ["unmap 10+5".to_string()]);
         assert!(f.iommu.lock().unwrap().is_empty());
         assert_eq!(w.stats.mapped_pages.load(Ordering::Relaxed), 0);
         // Reclaimed, then needed again: faulted in and mapped again.
         f.reclaimed.lock().unwrap().insert(10);
-        assert_eq!(w.acquire(10), Ok(true));
+        assert!(matches!(w.acquire(10), Ok(true)));
         assert!(f.iommu.lock().unwrap().contains(&10));
     }
 
@@ -328,15 +330,22 @@ mod tests {
         );
         assert!(w.is_mapped(35), "the in-flight page is untouched");
         assert_eq!(*f.iommu.lock().unwrap(), [35].into_iter().collect());
-        assert_eq!(w.evict_held(&[(0, 35)]), Ok(0), "nothing held is mapped");
+        assert_eq!(
+            w.evict_held(&[(0, 35)]).unwrap(),
+            0,
+            "nothing held is mapped"
+        );
         w.release(35);
     }
 
     #[test]
     fn errors_leave_nothing_pinned() {
         let (f, w) = window();
-        assert_eq!(w.acquire(5000), Err(PageError::OutsideRam(5000)));
-        assert_eq!(w.acquire_range(998, 4), Err(PageError::OutsideRam(1000)));
+        assert!(matches!(w.acquire(5000), Err(PageError::OutsideRam(5000))));
+        assert!(matches!(
+            w.acquire_range(998, 4),
+            Err(PageError::OutsideRam(1000))
+        ));
         *f.fail_map.lock().unwrap() = true;
         assert!(matches!(w.acquire(7), Err(PageError::Map(7, 1, _))));
         assert!(matches!(w.acquire_range(20, 3), Err(PageError::Map(..))));
@@ -348,12 +357,12 @@ mod tests {
     fn acquire_range_maps_the_gaps() {
         let (f, w) = window();
         w.acquire(21).unwrap();
-        assert_eq!(w.acquire_range(20, 4), Ok(0));
+        assert_eq!(w.acquire_range(20, 4).unwrap(), 0);
         assert_eq!(
             f.calls.lock().unwrap()[1..],
             ["map 20+1".to_string(), "map 22+2".to_string()]
         );
         assert_eq!(f.pins.lock().unwrap()[&21], 2);
-        assert_eq!(w.evict_held(&[(0, 1000)]), Ok(4));
+        assert_eq!(w.evict_held(&[(0, 1000)]).unwrap(), 4);
     }
 }

@@ -25,6 +25,7 @@
 //! that follows a publish. Polling while requests are in flight only reaps completions early
 //! (to release their pins); no entry depends on it.
 
+use crate::pages::PageError;
 use crate::walker::{ChainWalker, QueueLayout, WalkLimits};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{fence, Ordering};
@@ -35,10 +36,13 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 pub trait SnoopHost {
     /// Makes guest page `gfn` resident and DMA-mapped, and keeps it so (pinned) until
     /// `release`. Returns whether it had to be faulted in.
-    fn acquire(&self, gfn: u64) -> Result<bool, String>;
+    fn acquire(&self, gfn: u64) -> Result<bool, PageError>;
     fn release(&self, gfn: u64);
-    /// Writes the shadow available index the device reads.
-    fn publish(&self, idx: u16);
+    /// Writes the shadow available index the device reads, then runs `then` (the engine's
+    /// writes to the guest's ring that go with it) before anyone can retire the queue. Returns
+    /// false, having done neither, if the queue was retired (reset or re-enabled by the guest):
+    /// the engine must then leave the device and the ring alone.
+    fn publish(&self, idx: u16, then: &dyn Fn()) -> bool;
     fn kick(&self);
     /// The notification suppression the device last wrote for itself (`used->flags`,
     /// `avail_event`), if the host can see it; the VMM is the device's driver and rings it only
@@ -88,7 +92,15 @@ pub struct SnoopQueue {
     event_idx: bool,
     pub stats: SnoopStats,
     /// Why the last bad chain or failed acquire failed, for the caller's rate-limited log.
-    pub last_error: Option<String>,
+    pub last_error: Option<SnoopError>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnoopError {
+    #[error("Bad chain: {0}")]
+    BadChain(&'static str),
+    #[error("Failed to make a page reachable for the device")]
+    Acquire(#[source] PageError),
 }
 
 /// Publish rounds per doorbell: each consumes at least one new entry, so this only caps how
@@ -130,12 +142,16 @@ impl SnoopQueue {
     /// Tells the guest when to ring, against the published index (see the module docs). Called
     /// once the device writes its own suppression elsewhere, and after every publish.
     pub fn state_suppression<M: GuestMemory>(&self, mem: &M) {
+        self.state_suppression_at(mem, self.published)
+    }
+
+    fn state_suppression_at<M: GuestMemory>(&self, mem: &M, published: u16) {
         let used = self.layout.used_ring;
         // A failed write leaves the guest's ring as it was: the guest then rings or not by
         // stale data, and the in-flight poll still publishes its entries.
         let _ = if self.event_idx {
             let at = used + 4 + 8 * u64::from(self.layout.size);
-            mem.write_obj(self.published, GuestAddress(at))
+            mem.write_obj(published, GuestAddress(at))
         } else {
             mem.write_obj(0u16, GuestAddress(used))
         };
@@ -199,7 +215,7 @@ impl SnoopQueue {
             self.stats.descriptors += u64::from(r.descriptors);
             self.stats.bad_chains += u64::from(r.bad_chains);
             if let Some(e) = r.last_error {
-                self.last_error = Some(e.to_string());
+                self.last_error = Some(SnoopError::BadChain(e));
             }
             let new = match r.stopped_at {
                 Some(at) => at,
@@ -217,7 +233,7 @@ impl SnoopQueue {
                         // The device will fail this request through its IOPF path.
                         Err(e) => {
                             self.stats.acquire_errors += 1;
-                            self.last_error = Some(e);
+                            self.last_error = Some(SnoopError::Acquire(e));
                         }
                     }
                 }
@@ -228,12 +244,16 @@ impl SnoopQueue {
                 }
             }
             fence(Ordering::Release);
-            host.publish(new);
+            let published = host.publish(new, &|| {
+                if self.event_idx {
+                    self.state_suppression_at(mem, new);
+                }
+            });
+            if !published {
+                break;
+            }
             let prev = std::mem::replace(&mut self.published, new);
             self.stats.shadow_idx = new;
-            if self.event_idx {
-                self.state_suppression(mem);
-            }
             if self.device_wants_kick(host, prev, new) {
                 host.kick();
                 self.stats.device_kicks += 1;
@@ -311,15 +331,17 @@ mod tests {
         on_acquire: RefCell<Option<Box<dyn Fn()>>>,
         /// The device's own suppression, as it would write it to the shadow.
         device: RefCell<Option<(u16, u16)>>,
+        /// The guest reset or re-enabled the queue: publishing is refused.
+        retired: RefCell<bool>,
     }
 
     impl SnoopHost for Host {
-        fn acquire(&self, gfn: u64) -> Result<bool, String> {
+        fn acquire(&self, gfn: u64) -> Result<bool, PageError> {
             if let Some(f) = self.on_acquire.borrow().as_ref() {
                 f();
             }
             if gfn >= 0x100 {
-                return Err("outside".into());
+                return Err(PageError::OutsideRam(gfn));
             }
             *self.pins.borrow_mut().entry(gfn).or_default() += 1;
             Ok(self.resident.borrow_mut().insert(gfn))
@@ -332,10 +354,15 @@ mod tests {
                 p.remove(&gfn);
             }
         }
-        fn publish(&self, idx: u16) {
+        fn publish(&self, idx: u16, then: &dyn Fn()) -> bool {
+            if *self.retired.borrow() {
+                return false;
+            }
             let pinned = self.pins.borrow().keys().copied().collect();
             self.at_publish.borrow_mut().push((idx, pinned));
             self.published.borrow_mut().push(idx);
+            then();
+            true
         }
         fn kick(&self) {
             *self.kicks.borrow_mut() += 1;
@@ -432,6 +459,30 @@ mod tests {
             "re-reading avail->idx after publishing catches it"
         );
         assert_eq!(*h.published.borrow(), vec![1, 2]);
+    }
+
+    /// Once the guest has reset or re-enabled the queue, the engine neither publishes nor writes
+    /// to the old ring (which may be guest memory put to other use by now), nor rings.
+    #[test]
+    fn a_retired_queue_is_left_alone() {
+        let m = mem();
+        let h = Host::default();
+        let mut q = SnoopQueue::new(Q, 0, WalkLimits::default()).with_event_idx(true);
+        let avail_event = Q.used_ring + 4 + 8 * u64::from(Q.size);
+        m.write_obj(0xabcdu16, GuestAddress(avail_event)).unwrap();
+        post(&m, 0, 0);
+        set_avail(&m, 1);
+        *h.retired.borrow_mut() = true;
+        assert_eq!(q.on_kick(&m, &h), 0);
+        assert!(h.published.borrow().is_empty());
+        assert_eq!(*h.kicks.borrow(), 0);
+        assert_eq!(
+            m.read_obj::<u16>(GuestAddress(avail_event)).unwrap(),
+            0xabcd,
+            "the old ring is not written"
+        );
+        q.release_all(&h);
+        assert!(h.pins.borrow().is_empty());
     }
 
     /// The event-idx race: the guest skips its doorbell because the device's avail_event lags;

@@ -1,5 +1,5 @@
-//! Statistics that are cheap to record from hot paths (fault-in, restore), and a log limiter
-//! for events a guest can trigger at will.
+//! Statistics that are cheap to record from hot paths (fault-in, restore), a log limiter for
+//! events a guest can trigger at will, and the one-line form of an error chain for logs.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -111,4 +111,19 @@ mod log_limiter_tests {
         assert_eq!(logged.iter().filter(|&&b| b).count(), 4); // 0, 1, 10, 20
         assert_eq!(l.count(), 21);
     }
+}
+
+/// "message: source: source", each text once.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        src = s.source();
+    }
+    msg
 }

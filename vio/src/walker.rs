@@ -8,11 +8,11 @@
 //! the index so the device fails the request through its own error path instead of the ring
 //! stalling.
 
+use crate::spec::PAGE_SIZE;
 use std::collections::BTreeSet;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-pub const PAGE_SIZE: u64 = 4096;
 const DESC_SIZE: u64 = 16;
 
 /// Where a split virtqueue lives in guest memory.

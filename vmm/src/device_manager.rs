@@ -7,8 +7,7 @@ use crate::devices::{
 use crate::interrupt::{GsiRouter, KvmMsiGroup};
 use crate::layout;
 use crate::memory_manager::MemoryManager;
-use crate::reclaim::DmaPin;
-use crate::vmm::error_chain;
+use crate::reclaim::PassthroughMapping;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pci::{
     BarReprogram, Bus, BusDevice, DeviceRelocation, PciBus, PciConfigIo, PciConfigMmio, PciDevice,
@@ -20,8 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use thiserror::Error;
 use vfio::vfio_user::{VfioUserClient, VfioUserPciDevice};
-use vfio::vio_device::{VioOptions, VioPciDevice};
+use vfio::vio::{VioOptions, VioPciDevice};
 use vfio::{DmaBacking, DmaMapping};
+use vio::spec::PAGE_SIZE;
 use virtio_devices::block::{Block, BlockConfig, RawFile};
 use virtio_devices::transport::{
     InterruptDelivery, IoEventRegistrar, VirtioPciDevice, VirtioPciLayout,
@@ -42,14 +42,29 @@ pub enum DeviceError {
     BarSpace(u64),
     #[error("No free PCI slot")]
     NoPciSlot,
-    #[error("Failed to create virtio-pci device: {0}")]
-    VirtioPci(String),
+    #[error("Failed to create a virtio-pci device")]
+    VirtioPci(#[source] virtio_devices::transport::VirtioPciError),
     #[error("Bus conflict")]
     Bus(#[from] pci::BusError),
-    #[error("User device {0}: {1}")]
-    UserDevice(String, String),
+    #[error("User device {0}")]
+    UserDevice(String, #[source] UserDeviceError),
+    #[error("No passthrough device {0}")]
+    NoSuchDevice(String),
     #[error("Failed to register an ioeventfd")]
     IoEvent(#[source] io::Error),
+}
+
+/// Why a vfio-user device could not be added.
+#[derive(Debug, Error)]
+pub enum UserDeviceError {
+    #[error("vfio-user")]
+    Client(#[from] vfio::vfio_user::ClientError),
+    #[error("Failed to set up the PCI function")]
+    Pci(#[from] vfio::vfio_user::VfioUserDeviceError),
+    #[error("Failed to set up VIO")]
+    Vio(#[from] vfio::vio::VioDeviceError),
+    #[error("Failed to DMA-map guest RAM")]
+    DmaMap(#[from] vfio::DmaError),
 }
 
 /// Bump allocation of naturally aligned BAR space.
@@ -331,12 +346,11 @@ impl DeviceManager {
         bars32: &mut AddressAllocator,
         bars64: &mut AddressAllocator,
     ) -> Result<UserDevice, DeviceError> {
-        let err = |e: String| DeviceError::UserDevice(id.to_string(), e);
-        let client =
-            Arc::new(VfioUserClient::connect(&u.socket).map_err(|e| err(error_chain(&e)))?);
+        let err = |e: UserDeviceError| DeviceError::UserDevice(id.to_string(), e);
+        let client = Arc::new(VfioUserClient::connect(&u.socket).map_err(|e| err(e.into()))?);
         let vectors = client
             .irq_info(vfio::vfio_user::protocol::PCI_MSIX_IRQ_INDEX)
-            .map_err(|e| err(error_chain(&e)))?
+            .map_err(|e| err(e.into()))?
             .count;
         let group = KvmMsiGroup::new(router.clone(), vectors.clamp(1, 2048) as u16)
             .map_err(DeviceError::Interrupts)?;
@@ -357,7 +371,7 @@ impl DeviceManager {
                 &mut alloc,
                 false,
             )
-            .map_err(|e| err(error_chain(&e)))?;
+            .map_err(|e| err(e.into()))?;
             let window = Arc::new(vio::DmaWindow::new(
                 ram.residency(),
                 ram.io_mapper(client),
@@ -375,7 +389,7 @@ impl DeviceManager {
                     poll: std::time::Duration::from_micros(vio.poll_us),
                 },
             )
-            .map_err(|e| err(error_chain(&e)))?;
+            .map_err(|e| err(e.into()))?;
             return Ok(UserDevice::Vio(Arc::new(Mutex::new(dev))));
         }
         if let Some(r) = ram.reclaimer() {
@@ -383,9 +397,14 @@ impl DeviceManager {
             let pages = ram
                 .regions()
                 .iter()
-                .map(|r| (r.file_offset / 4096, (r.file_offset + r.size) / 4096))
+                .map(|r| {
+                    (
+                        r.file_offset / PAGE_SIZE,
+                        (r.file_offset + r.size) / PAGE_SIZE,
+                    )
+                })
                 .collect();
-            r.add_pin(DmaPin {
+            r.add_passthrough(PassthroughMapping {
                 id: id.to_string(),
                 mapping: client.clone(),
                 pages,
@@ -400,7 +419,7 @@ impl DeviceManager {
             };
             client
                 .map(r.guest_addr, r.size, &backing)
-                .map_err(|e| err(error_chain(&e)))?;
+                .map_err(|e| err(e.into()))?;
         }
         VfioUserPciDevice::new(
             id.to_string(),
@@ -411,7 +430,7 @@ impl DeviceManager {
             u.io_fds,
         )
         .map(|d| UserDevice::Passthrough(Arc::new(Mutex::new(d))))
-        .map_err(|e| err(error_chain(&e)))
+        .map_err(|e| err(e.into()))
     }
 
     pub fn pio_bus(&self) -> Arc<Bus> {
@@ -435,17 +454,15 @@ impl DeviceManager {
     }
 
     /// Revokes passthrough device `id`'s DMA access to [iova, iova+size).
-    pub fn dma_unmap(&self, id: &str, iova: u64, size: u64) -> Result<(), crate::api::ApiError> {
-        use crate::api::ApiError;
+    pub fn dma_unmap(&self, id: &str, iova: u64, size: u64) -> Result<(), DeviceError> {
         let dev = self
             .user
             .iter()
             .find(|d| d.id() == id)
-            .ok_or_else(|| ApiError::BadRequest(format!("No passthrough device {id}")))?;
-        let client = dev.client();
-        client
+            .ok_or_else(|| DeviceError::NoSuchDevice(id.to_string()))?;
+        dev.client()
             .unmap(iova, size)
-            .map_err(|e| ApiError::Internal(error_chain(&e)))
+            .map_err(|e| DeviceError::UserDevice(id.to_string(), e.into()))
     }
 
     pub fn pause(&self) {

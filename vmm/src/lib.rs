@@ -5,6 +5,7 @@ pub mod config;
 pub mod cpu;
 pub mod device_manager;
 pub mod devices;
+pub mod error;
 pub mod interrupt;
 pub mod layout;
 pub mod memory_manager;
@@ -14,5 +15,7 @@ pub mod vmm;
 
 pub use config::VmConfig;
 pub use devices::ExitReason;
+pub use error::VmmError;
+pub use vio::error_chain;
 pub use vm::{Vm, VmError};
-pub use vmm::{error_chain, Vmm, VmmExit};
+pub use vmm::{Vmm, VmmExit};

@@ -12,7 +12,8 @@ use std::os::unix::io::FromRawFd;
 use std::sync::Arc;
 use thiserror::Error;
 use vfio::{DmaBacking, DmaMapping};
-use vio::{IoMapper, PageError, Residency};
+use vio::spec::PAGE_SIZE;
+use vio::{IoMapper, PageError, Residency, SourceError};
 use virtio_devices::GuestMemoryMmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
@@ -135,7 +136,7 @@ impl MemoryManager {
     pub fn guest_pages(&self) -> u64 {
         self.regions
             .iter()
-            .map(|r| (r.guest_addr + r.size).div_ceil(4096))
+            .map(|r| (r.guest_addr + r.size).div_ceil(PAGE_SIZE))
             .max()
             .unwrap_or(0)
     }
@@ -204,7 +205,7 @@ struct AlwaysResident(Vec<RamRegion>);
 
 impl Residency for AlwaysResident {
     fn pin(&self, gfn: u64) -> Result<bool, PageError> {
-        gfn.checked_mul(4096)
+        gfn.checked_mul(PAGE_SIZE)
             .and_then(|gpa| region_of(&self.0, gpa))
             .map(|_| false)
             .ok_or(PageError::OutsideRam(gfn))
@@ -218,26 +219,26 @@ struct RamIoMapper {
     regions: Vec<RamRegion>,
 }
 
+#[derive(Debug, Error)]
+#[error("{0:#x}+{1:#x} is not within one RAM region")]
+struct NotOneRegion(u64, u64);
+
 impl IoMapper for RamIoMapper {
-    fn map(&self, gfn: u64, pages: u64) -> Result<(), String> {
-        let (gpa, len) = (gfn * 4096, pages * 4096);
+    fn map(&self, gfn: u64, pages: u64) -> Result<(), SourceError> {
+        let (gpa, len) = (gfn * PAGE_SIZE, pages * PAGE_SIZE);
         let r = region_of(&self.regions, gpa)
             .filter(|r| gpa + len <= r.guest_addr + r.size)
-            .ok_or_else(|| format!("{gpa:#x}+{len:#x} is not within one RAM region"))?;
+            .ok_or(NotOneRegion(gpa, len))?;
         let backing = DmaBacking {
             file: &self.memfd,
             file_offset: r.file_offset + gpa - r.guest_addr,
             host_addr: 0,
         };
-        self.device
-            .map(gpa, len, &backing)
-            .map_err(|e| crate::vmm::error_chain(&e))
+        Ok(self.device.map(gpa, len, &backing)?)
     }
 
-    fn unmap(&self, gfn: u64, pages: u64) -> Result<(), String> {
-        self.device
-            .unmap(gfn * 4096, pages * 4096)
-            .map_err(|e| crate::vmm::error_chain(&e))
+    fn unmap(&self, gfn: u64, pages: u64) -> Result<(), SourceError> {
+        Ok(self.device.unmap(gfn * PAGE_SIZE, pages * PAGE_SIZE)?)
     }
 }
 

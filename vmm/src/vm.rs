@@ -226,7 +226,7 @@ impl Vm {
             .map(|r| r.reclaim(bytes, unsafe_unmap_dma))
     }
 
-    pub fn dma_unmap(&self, id: &str, iova: u64, size: u64) -> Result<(), crate::api::ApiError> {
+    pub fn dma_unmap(&self, id: &str, iova: u64, size: u64) -> Result<(), DeviceError> {
         self.devices.dma_unmap(id, iova, size)
     }
 

@@ -1,9 +1,10 @@
 //! The VMM thread: owns the VM and its configuration, and serialises everything that changes
 //! them — API requests and the VM's own exits — through one event channel.
 
-use crate::api::{ApiError, ApiMessage, ApiRequest, ApiResponse};
+use crate::api::{ApiMessage, ApiRequest};
 use crate::config::VmConfig;
 use crate::devices::{ExitNotifier, ExitReason};
+use crate::error::{VmmError, VmmResult};
 use crate::vm::Vm;
 use serde_json::json;
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -54,10 +55,6 @@ pub struct Vmm {
     rx: Receiver<VmmEvent>,
 }
 
-fn conflict(msg: &str) -> ApiError {
-    ApiError::Conflict(msg.to_string())
-}
-
 impl Vmm {
     pub fn new(start: Instant) -> Self {
         let (tx, rx) = channel();
@@ -90,31 +87,27 @@ impl Vmm {
         api_tx
     }
 
-    pub fn create(&mut self, config: VmConfig) -> Result<(), ApiError> {
+    pub fn create(&mut self, config: VmConfig) -> Result<(), VmmError> {
         if self.config.is_some() {
-            return Err(conflict("A VM is already created"));
+            return Err(VmmError::VmAlreadyCreated);
         }
         self.config = Some(config);
         self.state = VmState::Created;
         Ok(())
     }
 
-    pub fn boot(&mut self) -> Result<(), ApiError> {
-        let config = self
-            .config
-            .clone()
-            .ok_or_else(|| conflict("No VM is created"))?;
+    pub fn boot(&mut self) -> Result<(), VmmError> {
+        let config = self.config.clone().ok_or(VmmError::VmNotCreated)?;
         if matches!(self.state, VmState::Running | VmState::Paused) {
-            return Err(conflict("The VM is already booted"));
+            return Err(VmmError::VmAlreadyBooted);
         }
         self.generation += 1;
         let (tx, generation) = (std::sync::Mutex::new(self.tx.clone()), self.generation);
         let exit = ExitNotifier::new(move |r| {
             let _ = tx.lock().unwrap().send(VmmEvent::Exit(generation, r));
         });
-        let mut vm =
-            Vm::new(&config, self.start, exit).map_err(|e| ApiError::Internal(error_chain(&e)))?;
-        vm.boot().map_err(|e| ApiError::Internal(error_chain(&e)))?;
+        let mut vm = Vm::new(&config, self.start, exit)?;
+        vm.boot()?;
         self.vm = Some(vm);
         self.state = VmState::Running;
         Ok(())
@@ -132,7 +125,7 @@ impl Vmm {
         }
     }
 
-    fn handle(&mut self, req: ApiRequest) -> ApiResponse {
+    fn handle(&mut self, req: ApiRequest) -> VmmResult {
         match req {
             ApiRequest::VmmPing => Ok(Some(json!({
                 "build_version": env!("CARGO_PKG_VERSION"),
@@ -147,7 +140,7 @@ impl Vmm {
                 if !matches!(self.state, VmState::Running | VmState::Paused)
                     || self.config.is_none()
                 {
-                    return Err(conflict("The VM is not running"));
+                    return Err(VmmError::VmNotRunning);
                 }
                 self.stop_vm();
                 self.state = VmState::Shutdown;
@@ -155,7 +148,7 @@ impl Vmm {
             }
             ApiRequest::VmDelete => {
                 if self.config.is_none() {
-                    return Err(conflict("No VM is created"));
+                    return Err(VmmError::VmNotCreated);
                 }
                 self.stop_vm();
                 self.config = None;
@@ -164,7 +157,7 @@ impl Vmm {
             }
             ApiRequest::VmReboot => {
                 if !matches!(self.state, VmState::Running | VmState::Paused) {
-                    return Err(conflict("The VM is not running"));
+                    return Err(VmmError::VmNotRunning);
                 }
                 self.stop_vm();
                 self.state = VmState::Shutdown;
@@ -172,7 +165,7 @@ impl Vmm {
             }
             ApiRequest::VmPause => {
                 if self.state != VmState::Running {
-                    return Err(conflict("The VM is not running"));
+                    return Err(VmmError::VmNotRunning);
                 }
                 self.vm.as_ref().expect("running VM").pause();
                 self.state = VmState::Paused;
@@ -180,17 +173,14 @@ impl Vmm {
             }
             ApiRequest::VmResume => {
                 if self.state != VmState::Paused {
-                    return Err(conflict("The VM is not paused"));
+                    return Err(VmmError::VmNotPaused);
                 }
                 self.vm.as_ref().expect("paused VM").resume();
                 self.state = VmState::Running;
                 Ok(None)
             }
             ApiRequest::VmInfo => {
-                let config = self
-                    .config
-                    .as_ref()
-                    .ok_or_else(|| conflict("No VM is created"))?;
+                let config = self.config.as_ref().ok_or(VmmError::VmNotCreated)?;
                 Ok(Some(json!({
                     "config": config.to_json(),
                     "state": self.state.name(),
@@ -201,33 +191,21 @@ impl Vmm {
                 bytes,
                 unsafe_unmap_dma,
             } => {
-                let vm = self
-                    .vm
-                    .as_ref()
-                    .ok_or_else(|| conflict("The VM is not booted"))?;
-                let report = vm.reclaim(bytes, unsafe_unmap_dma).ok_or_else(|| {
-                    conflict("Reclaim is not enabled (--memory ...,shared=on,reclaim=on)")
-                })?;
-                Ok(Some(
-                    serde_json::to_value(report).map_err(|e| ApiError::Internal(e.to_string()))?,
-                ))
+                let vm = self.vm.as_ref().ok_or(VmmError::VmNotBooted)?;
+                let report = vm
+                    .reclaim(bytes, unsafe_unmap_dma)
+                    .ok_or(VmmError::ReclaimDisabled)?;
+                Ok(Some(serde_json::to_value(report).map_err(VmmError::Reply)?))
             }
             ApiRequest::VmDmaUnmap { id, iova, size } => {
-                let vm = self
-                    .vm
-                    .as_ref()
-                    .ok_or_else(|| conflict("The VM is not booted"))?;
+                let vm = self.vm.as_ref().ok_or(VmmError::VmNotBooted)?;
                 vm.dma_unmap(&id, iova, size)?;
                 Ok(None)
             }
             ApiRequest::VmCounters => {
-                let vm = self
-                    .vm
-                    .as_ref()
-                    .ok_or_else(|| conflict("The VM is not booted"))?;
+                let vm = self.vm.as_ref().ok_or(VmmError::VmNotBooted)?;
                 Ok(Some(
-                    serde_json::to_value(vm.counters())
-                        .map_err(|e| ApiError::Internal(e.to_string()))?,
+                    serde_json::to_value(vm.counters()).map_err(VmmError::Reply)?,
                 ))
             }
         }
@@ -248,9 +226,9 @@ impl Vmm {
                 VmmEvent::Api(m) => {
                     let res = self.handle(m.request);
                     if let Err(e) = &res {
-                        log::info!("API request failed: {e}");
+                        log::info!("API request failed: {}", vio::error_chain(e));
                     }
-                    let _ = m.reply.send(res);
+                    let _ = m.reply.send(res.map_err(Into::into));
                 }
                 VmmEvent::Exit(generation, _)
                     if generation != self.generation || self.vm.is_none() => {}
@@ -259,6 +237,7 @@ impl Vmm {
                     self.stop_vm();
                     self.state = VmState::Shutdown;
                     if let Err(e) = self.boot() {
+                        let e = vio::error_chain(&e);
                         log::error!("Reboot failed: {e}");
                         return VmmExit::GuestCrash(format!("reboot failed: {e}"));
                     }
@@ -278,19 +257,4 @@ impl Vmm {
         }
         VmmExit::Clean
     }
-}
-
-/// "message: source: source", each text once.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let text = s.to_string();
-        if !msg.contains(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        src = s.source();
-    }
-    msg
 }

@@ -33,8 +33,10 @@ pub enum VfioUserDeviceError {
     NotPci,
     #[error("No room for BAR {0} of {1:#x} bytes")]
     BarSpace(usize, u64),
-    #[error("Invalid BAR {0}: {1}")]
-    Bar(usize, String),
+    #[error("BAR {0} is an I/O BAR, which is not supported")]
+    IoBar(usize),
+    #[error("Invalid BAR {0}")]
+    Bar(usize, #[source] pci::ConfigError),
     #[error("Failed to register doorbells")]
     IoEvent(#[source] std::io::Error),
 }
@@ -94,10 +96,7 @@ impl VfioUserPciDevice {
             }
             let raw = cfg(BAR0_REG + i)?;
             let kind = if raw & 1 == 1 {
-                return Err(VfioUserDeviceError::Bar(
-                    i,
-                    "I/O BARs are not supported".into(),
-                ));
+                return Err(VfioUserDeviceError::IoBar(i));
             } else if (raw >> 1) & 3 == 2 {
                 PciBarType::Mem64
             } else {

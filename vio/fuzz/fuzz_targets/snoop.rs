@@ -17,8 +17,8 @@ struct Host {
 }
 
 impl SnoopHost for Host {
-    fn acquire(&self, gfn: u64) -> Result<bool, String> {
-        assert!(gfn < MEM / 4096, "acquire outside memory: {gfn}");
+    fn acquire(&self, gfn: u64) -> Result<bool, vio::PageError> {
+        assert!(gfn < MEM / vio::spec::PAGE_SIZE, "acquire outside memory: {gfn}");
         *self.pins.borrow_mut().entry(gfn).or_default() += 1;
         Ok(false)
     }
@@ -28,7 +28,10 @@ impl SnoopHost for Host {
         *c -= 1;
         assert!(*c >= 0, "released more than acquired");
     }
-    fn publish(&self, _idx: u16) {}
+    fn publish(&self, _idx: u16, then: &dyn Fn()) -> bool {
+        then();
+        true
+    }
     fn kick(&self) {}
 }
 
@@ -58,7 +61,7 @@ fuzz_target!(|data: &[u8]| {
     let r = ChainWalker::new(limits).walk(&m, &q, from, to);
     assert!(r.descriptors <= budget);
     assert!(r.chains <= u32::from(size));
-    assert!(r.pages.iter().all(|&p| p < MEM / 4096));
+    assert!(r.pages.iter().all(|&p| p < MEM / vio::spec::PAGE_SIZE));
 
     let host = Host::default();
     let mut sq = SnoopQueue::new(q, from, limits).with_event_idx(data[5] & 1 == 1);

@@ -1,8 +1,10 @@
 //! Transports that present a `VirtioDevice` to the guest.
 
+pub mod pci_common_config;
 mod pci_device;
+mod vio_shadow;
 
 pub use pci_device::{
-    InterruptDelivery, IoEventRegistrar, ShadowIndex, VirtioPciDevice, VirtioPciLayout,
-    VIO_CAP_SHADOW_INDEX, VIO_SHADOW_MAGIC,
+    InterruptDelivery, IoEventRegistrar, VirtioPciDevice, VirtioPciError, VirtioPciLayout,
 };
+pub use vio_shadow::{ShadowIndex, VioControlBlock};

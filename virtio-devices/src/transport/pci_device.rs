@@ -1,25 +1,25 @@
 //! virtio-pci modern transport (virtio 1.x 4.1): one 64-bit memory BAR holding the common,
 //! ISR, device and notify structures plus the MSI-X table and PBA.
 
+use super::pci_common_config::{cap_type, offset, CommonConfig, CommonWrite, VectorSelection};
+use super::vio_shadow::{ShadowIndex, VioControlBlock};
 use crate::*;
-use log::{debug, info, warn};
+use log::{info, warn};
 use pci::{
     BarReprogram, MsiInterruptGroup, MsixCap, MsixConfig, PciBarRegion, PciBarType, PciClass,
     PciConfiguration, PciDevice, PciHeader,
 };
-use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use thiserror::Error;
 use virtio_queue::{Queue, QueueT};
 
 const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
 const VIRTIO_PCI_DEVICE_ID_BASE: u16 = 0x1040;
 const VIRTIO_PCI_CAP_ID: u8 = 0x09;
-const CAP_COMMON_CFG: u8 = 1;
-const CAP_NOTIFY_CFG: u8 = 2;
-const CAP_ISR_CFG: u8 = 3;
-const CAP_DEVICE_CFG: u8 = 4;
-const CAP_PCI_CFG: u8 = 5;
-const NO_VECTOR: u16 = 0xffff;
+pub(super) const NO_VECTOR: u16 = 0xffff;
+
+const _: () = assert!(VirtioPciLayout::VIO_LEN >= vio::spec::CONTROL_BLOCK_LEN);
 
 /// Where each structure sits in BAR 0.
 pub struct VirtioPciLayout;
@@ -27,7 +27,6 @@ pub struct VirtioPciLayout;
 impl VirtioPciLayout {
     pub const BAR_SIZE: u64 = 0x8_0000;
     pub const COMMON: u64 = 0x0000;
-    pub const COMMON_LEN: u64 = 0x38;
     pub const ISR: u64 = 0x2000;
     pub const ISR_LEN: u64 = 1;
     pub const DEVICE: u64 = 0x4000;
@@ -48,40 +47,17 @@ impl VirtioPciLayout {
     }
 }
 
-/// The VIO hardware extension: a vendor-specific capability (virtio layout, `cfg_type`
-/// `VIO_CAP_SHADOW_INDEX`, which virtio drivers ignore) pointing at a control block in BAR 0.
-/// Per queue, a client may make the device read the available index from a 16-bit shadow at a
-/// given IOVA instead of the guest's `avail->idx`, and switch back. It may also take over the
-/// device's notification suppression: the device then writes `used->flags` and `avail_event`
-/// to the shadow (at +2 and +4) instead of the guest's used ring, and the client decides what
-/// the guest sees there (the device's view lags the shadow index, so only the client can say
-/// truthfully when the guest may skip a doorbell).
-///
-/// Control block (little endian): `0x0` magic `VIO_SHADOW_MAGIC` (u32, RO), `0x4` version 1
-/// (u32, RO), `0x8` number of queues (u32, RO); queue *n* at `0x10 + 16n`: shadow IOVA (u64),
-/// control (u32: bit 0 = read the index from the shadow, bit 1 = also redirect the device's
-/// notification suppression; 0 = everything from and to the ring again).
-pub const VIO_CAP_SHADOW_INDEX: u8 = 0x80;
-pub const VIO_SHADOW_MAGIC: u32 = 0x5348_4956; // "VIHS"
-pub const VIO_SHADOW_ENABLE: u32 = 1;
-pub const VIO_SHADOW_SUPPRESSION: u32 = 2;
-
-/// Where a device reads its available indices from.
-pub trait ShadowIndex: Send + Sync {
-    /// Reads of the 16-bit index at `avail_idx_addr` come from `shadow` (or, with `None`,
-    /// from the ring again).
-    fn redirect(&self, avail_idx_addr: u64, shadow: Option<u64>);
-}
-
-#[derive(Clone, Default)]
-struct ShadowReg {
-    iova: u64,
-    control: u32,
-    /// The ring addresses redirects were installed for, while enabled.
-    active: Vec<u64>,
-}
-
 pub use pci::IoEventRegistrar;
+
+#[derive(Debug, Error)]
+pub enum VirtioPciError {
+    #[error("Invalid PCI configuration")]
+    Config(#[from] pci::ConfigError),
+    #[error("Invalid queue of size {0}")]
+    Queue(u16, #[source] virtio_queue::Error),
+    #[error("Failed to set up doorbells")]
+    Doorbell(#[source] std::io::Error),
+}
 
 /// Who applies MSI-X masking.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,8 +72,7 @@ pub enum InterruptDelivery {
 struct MsixVectors {
     msix: Arc<Mutex<MsixConfig>>,
     direct: Option<Arc<dyn MsiInterruptGroup>>,
-    config: AtomicU16,
-    queues: Vec<AtomicU16>,
+    selection: VectorSelection,
     isr: AtomicU8,
 }
 
@@ -106,11 +81,12 @@ impl VirtioInterrupt for MsixVectors {
         let vector = match kind {
             VirtioInterruptType::Config => {
                 self.isr.fetch_or(2, Ordering::SeqCst);
-                self.config.load(Ordering::Acquire)
+                self.selection.config.load(Ordering::Acquire)
             }
             VirtioInterruptType::Queue(q) => {
                 self.isr.fetch_or(1, Ordering::SeqCst);
-                self.queues
+                self.selection
+                    .queues
                     .get(q as usize)
                     .map_or(NO_VECTOR, |v| v.load(Ordering::Acquire))
             }
@@ -141,14 +117,8 @@ pub struct VirtioPciDevice {
     pci_cfg_cap: usize,
     ioevents: Arc<dyn IoEventRegistrar>,
     bar: u64,
-    status: u8,
-    device_feature_select: u32,
-    driver_feature_select: u32,
-    driver_features: u64,
-    queue_select: u16,
-    config_generation: u8,
-    activated: bool,
-    shadow: Option<(Arc<dyn ShadowIndex>, Vec<ShadowReg>)>,
+    common: CommonConfig,
+    shadow: Option<VioControlBlock>,
 }
 
 fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
@@ -169,7 +139,7 @@ impl VirtioPciDevice {
         ioevents: Arc<dyn IoEventRegistrar>,
         bar: u64,
         delivery: InterruptDelivery,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, VirtioPciError> {
         let (device_type, max_sizes) = {
             let d = device.lock().unwrap();
             (d.device_type(), d.queue_max_sizes().to_vec())
@@ -201,25 +171,25 @@ impl VirtioPciDevice {
         })?;
         let caps = [
             virtio_cap(
-                CAP_COMMON_CFG,
+                cap_type::COMMON_CFG,
                 VirtioPciLayout::COMMON,
-                VirtioPciLayout::COMMON_LEN,
+                offset::LEN,
                 &[],
             ),
             virtio_cap(
-                CAP_ISR_CFG,
+                cap_type::ISR_CFG,
                 VirtioPciLayout::ISR,
                 VirtioPciLayout::ISR_LEN,
                 &[],
             ),
             virtio_cap(
-                CAP_DEVICE_CFG,
+                cap_type::DEVICE_CFG,
                 VirtioPciLayout::DEVICE,
                 VirtioPciLayout::DEVICE_LEN,
                 &[],
             ),
             virtio_cap(
-                CAP_NOTIFY_CFG,
+                cap_type::NOTIFY_CFG,
                 VirtioPciLayout::NOTIFY,
                 VirtioPciLayout::NOTIFY_LEN,
                 &VirtioPciLayout::NOTIFY_MULTIPLIER.to_le_bytes(),
@@ -229,7 +199,7 @@ impl VirtioPciDevice {
             config.add_capability(VIRTIO_PCI_CAP_ID, c, &[])?;
         }
         // VIRTIO_PCI_CAP_PCI_CFG: bar, offset, length and the data window are driver-writable.
-        let pci_cfg = virtio_cap(CAP_PCI_CFG, 0, 0, &[0; 4]);
+        let pci_cfg = virtio_cap(cap_type::PCI_CFG, 0, 0, &[0; 4]);
         let mut wmask = vec![0u8; pci_cfg.len()];
         wmask[2] = 0xff;
         wmask[6..18].fill(0xff);
@@ -245,14 +215,13 @@ impl VirtioPciDevice {
         let mut queues = Vec::with_capacity(nq);
         let mut kicks = Vec::with_capacity(nq);
         for &s in &max_sizes {
-            queues.push(Queue::new(s).map_err(|e| format!("queue of size {s}: {e}"))?);
-            kicks.push(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?);
+            queues.push(Queue::new(s).map_err(|e| VirtioPciError::Queue(s, e))?);
+            kicks.push(EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioPciError::Doorbell)?);
         }
         let vectors = Arc::new(MsixVectors {
             direct: (delivery == InterruptDelivery::Direct).then(|| interrupts.clone()),
             msix: Arc::new(Mutex::new(MsixConfig::new(num_vectors, interrupts))),
-            config: AtomicU16::new(NO_VECTOR),
-            queues: (0..nq).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
+            selection: VectorSelection::new(nq, num_vectors),
             isr: AtomicU8::new(0),
         });
         let dev = VirtioPciDevice {
@@ -267,17 +236,11 @@ impl VirtioPciDevice {
             pci_cfg_cap,
             ioevents,
             bar,
-            status: 0,
-            device_feature_select: 0,
-            driver_feature_select: 0,
-            driver_features: 0,
-            queue_select: 0,
-            config_generation: 0,
-            activated: false,
+            common: CommonConfig::default(),
             shadow: None,
         };
         dev.register_ioevents(bar)
-            .map_err(|e| format!("ioeventfd: {e}"))?;
+            .map_err(VirtioPciError::Doorbell)?;
         Ok(dev)
     }
 
@@ -286,95 +249,16 @@ impl VirtioPciDevice {
     }
 
     /// Offers the VIO shadow-index extension, backed by `host`.
-    pub fn with_shadow_index(mut self, host: Arc<dyn ShadowIndex>) -> Result<Self, String> {
+    pub fn with_shadow_index(mut self, host: Arc<dyn ShadowIndex>) -> Result<Self, VirtioPciError> {
         let cap = virtio_cap(
-            VIO_CAP_SHADOW_INDEX,
+            vio::spec::CAP_CFG_TYPE,
             VirtioPciLayout::VIO,
             VirtioPciLayout::VIO_LEN,
             &[],
         );
         self.config.add_capability(VIRTIO_PCI_CAP_ID, &cap, &[])?;
-        self.shadow = Some((host, vec![ShadowReg::default(); self.queues.len()]));
+        self.shadow = Some(VioControlBlock::new(host, self.queues.len()));
         Ok(self)
-    }
-
-    fn shadow_access(&mut self, offset: u64, data: &mut [u8], write: Option<&[u8]>) {
-        let nq = self.queues.len();
-        let Some((host, regs)) = &mut self.shadow else {
-            return data.fill(0);
-        };
-        let read = |v: u64, data: &mut [u8], at: u64| {
-            let b = v.to_le_bytes();
-            for (i, d) in data.iter_mut().enumerate() {
-                *d = b.get(at as usize + i).copied().unwrap_or(0);
-            }
-        };
-        if offset < 0x10 {
-            if write.is_none() {
-                let header = u64::from(VIO_SHADOW_MAGIC) | 1 << 32;
-                match offset {
-                    0..=7 => read(header, data, offset),
-                    _ => read(nq as u64, data, offset - 8),
-                }
-            }
-            return;
-        }
-        let q = ((offset - 0x10) / 16) as usize;
-        let field = (offset - 0x10) % 16;
-        let Some(reg) = regs.get_mut(q) else {
-            return data.fill(0);
-        };
-        let Some(w) = write else {
-            match field {
-                0..=7 => read(reg.iova, data, field),
-                8..=11 => read(u64::from(reg.control), data, field - 8),
-                _ => data.fill(0),
-            }
-            return;
-        };
-        let mut v = [0u8; 8];
-        v[..w.len()].copy_from_slice(w);
-        let v = u64::from_le_bytes(v);
-        match (field, w.len()) {
-            (0, 8) => reg.iova = v,
-            (0, 4) => reg.iova = (reg.iova & !0xffff_ffff) | v,
-            (4, 4) => reg.iova = (reg.iova & 0xffff_ffff) | v << 32,
-            (8, 4) | (8, 2) | (8, 1) => {
-                for old in reg.active.drain(..) {
-                    host.redirect(old, None);
-                }
-                let v = v as u32 & (VIO_SHADOW_ENABLE | VIO_SHADOW_SUPPRESSION);
-                reg.control = 0;
-                if v & VIO_SHADOW_ENABLE != 0 {
-                    let queue = &self.queues[q];
-                    let mut redirects = vec![(queue.avail_ring() + 2, reg.iova)];
-                    if v & VIO_SHADOW_SUPPRESSION != 0 {
-                        let used = queue.used_ring();
-                        let avail_event = used + 4 + 8 * u64::from(queue.size());
-                        redirects.push((used, reg.iova + 2));
-                        redirects.push((avail_event, reg.iova + 4));
-                    }
-                    for (from, to) in redirects {
-                        host.redirect(from, Some(to));
-                        reg.active.push(from);
-                    }
-                    reg.control = v;
-                }
-            }
-            _ => debug!("{}: ignored VIO control write at {offset:#x}", self.id),
-        }
-    }
-
-    fn reset_shadow(&mut self) {
-        if let Some((host, regs)) = &mut self.shadow {
-            for r in regs.iter_mut() {
-                for old in r.active.drain(..) {
-                    host.redirect(old, None);
-                }
-                r.iova = 0;
-                r.control = 0;
-            }
-        }
     }
 
     pub fn bar(&self) -> u64 {
@@ -407,143 +291,31 @@ impl VirtioPciDevice {
         Ok(())
     }
 
-    fn selected_queue(&mut self) -> Option<&mut Queue> {
-        self.queues.get_mut(self.queue_select as usize)
+    fn common_read(&mut self, off: u64, data: &mut [u8]) {
+        let features = self.device.lock().unwrap().features();
+        let v = self.common.read(
+            off,
+            data.len(),
+            &self.queues,
+            features,
+            &self.vectors.selection,
+        );
+        data.copy_from_slice(&v.to_le_bytes()[..data.len()]);
     }
 
-    fn common_read(&mut self, offset: u64, data: &mut [u8]) {
-        let q = self.queue_select as usize;
-        let value: u64 = match (offset, data.len()) {
-            (0x00, 4) => u64::from(self.device_feature_select),
-            (0x04, 4) => {
-                let f = self.device.lock().unwrap().features();
-                if self.device_feature_select < 2 {
-                    (f >> (32 * self.device_feature_select)) & 0xffff_ffff
-                } else {
-                    0
-                }
-            }
-            (0x08, 4) => u64::from(self.driver_feature_select),
-            (0x0c, 4) => {
-                if self.driver_feature_select < 2 {
-                    (self.driver_features >> (32 * self.driver_feature_select)) & 0xffff_ffff
-                } else {
-                    0
-                }
-            }
-            (0x10, 2) => u64::from(self.vectors.config.load(Ordering::Acquire)),
-            (0x12, 2) => self.queues.len() as u64,
-            (0x14, 1) => u64::from(self.status),
-            (0x15, 1) => u64::from(self.config_generation),
-            (0x16, 2) => u64::from(self.queue_select),
-            (0x18, 2) => self.queues.get(q).map_or(0, |x| u64::from(x.size())),
-            (0x1a, 2) => self
-                .vectors
-                .queues
-                .get(q)
-                .map_or(u64::from(NO_VECTOR), |v| {
-                    u64::from(v.load(Ordering::Acquire))
-                }),
-            (0x1c, 2) => self.queues.get(q).map_or(0, |x| u64::from(x.ready())),
-            (0x1e, 2) => q as u64, // queue_notify_off: queue i at NOTIFY + i * multiplier
-            (0x20, 4) | (0x24, 4) | (0x28, 4) | (0x2c, 4) | (0x30, 4) | (0x34, 4) => {
-                let Some(x) = self.queues.get(q) else {
-                    data.fill(0);
-                    return;
-                };
-                let full = match offset & !7 {
-                    0x20 => x.desc_table(),
-                    0x28 => x.avail_ring(),
-                    _ => x.used_ring(),
-                };
-                if offset & 4 == 0 {
-                    full & 0xffff_ffff
-                } else {
-                    full >> 32
-                }
-            }
-            _ => {
-                debug!(
-                    "{}: unhandled common config read at {offset:#x} len {}",
-                    self.id,
-                    data.len()
-                );
-                0
-            }
-        };
-        let bytes = value.to_le_bytes();
-        data.copy_from_slice(&bytes[..data.len()]);
-    }
-
-    fn common_write(&mut self, offset: u64, data: &[u8]) {
+    fn common_write(&mut self, off: u64, data: &[u8]) {
         let mut b = [0u8; 8];
         b[..data.len()].copy_from_slice(data);
         let v = u64::from_le_bytes(b);
-        let q = self.queue_select as usize;
-        // Queue configuration is frozen once the driver enabled the queue or the device runs.
-        let queue_writable = !self.activated && self.queues.get(q).is_some_and(|x| !x.ready());
-        match (offset, data.len()) {
-            (0x00, 4) => self.device_feature_select = v as u32,
-            (0x08, 4) => self.driver_feature_select = v as u32,
-            (0x0c, 4) => {
-                if self.status & DEVICE_FEATURES_OK == 0 && self.driver_feature_select < 2 {
-                    let shift = 32 * self.driver_feature_select;
-                    self.driver_features =
-                        (self.driver_features & !(0xffff_ffff << shift)) | (v << shift);
-                }
-            }
-            (0x10, 2) => self
-                .vectors
-                .config
-                .store(self.vector_or_none(v as u16), Ordering::Release),
-            (0x14, 1) => self.write_status(v as u8),
-            (0x16, 2) => self.queue_select = v as u16,
-            (0x18, 2) if queue_writable => {
-                if let Some(x) = self.selected_queue() {
-                    x.set_size(v as u16);
-                }
-            }
-            (0x1a, 2) => {
-                let vec = self.vector_or_none(v as u16);
-                if let Some(slot) = self.vectors.queues.get(q) {
-                    slot.store(vec, Ordering::Release);
-                }
-            }
-            (0x1c, 2) if queue_writable => {
-                if v == 1 {
-                    if let Some(x) = self.selected_queue() {
-                        x.set_ready(true);
-                    }
-                }
-            }
-            (0x20..=0x37, 4) if queue_writable => {
-                let (lo, hi) = if offset & 4 == 0 {
-                    (Some(v as u32), None)
-                } else {
-                    (None, Some(v as u32))
-                };
-                if let Some(x) = self.selected_queue() {
-                    match offset & !7 {
-                        0x20 => x.set_desc_table_address(lo, hi),
-                        0x28 => x.set_avail_ring_address(lo, hi),
-                        _ => x.set_used_ring_address(lo, hi),
-                    }
-                }
-            }
-            _ => debug!(
-                "{}: ignored common config write at {offset:#x} len {}",
-                self.id,
-                data.len()
-            ),
-        }
-    }
-
-    /// A vector the device does not have reads back as NO_VECTOR (virtio 1.x 4.1.5.1.2).
-    fn vector_or_none(&self, v: u16) -> u16 {
-        if v < self.vectors.msix.lock().unwrap().num_vectors() {
-            v
-        } else {
-            NO_VECTOR
+        let r = self.common.write(
+            off,
+            data.len(),
+            v,
+            &mut self.queues,
+            &self.vectors.selection,
+        );
+        if let CommonWrite::Status(status) = r {
+            self.write_status(status);
         }
     }
 
@@ -552,32 +324,32 @@ impl VirtioPciDevice {
             self.reset();
             return;
         }
-        let newly = status & !self.status;
+        let newly = status & !self.common.status;
         if newly & DEVICE_FEATURES_OK != 0 {
             let offered = self.device.lock().unwrap().features();
-            let bad = self.driver_features & !offered;
-            let packed = self.driver_features & VIRTIO_F_RING_PACKED != 0;
-            if bad != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 || packed {
+            let bad = self.common.driver_features & !offered;
+            let packed = self.common.driver_features & VIRTIO_F_RING_PACKED != 0;
+            if bad != 0 || self.common.driver_features & VIRTIO_F_VERSION_1 == 0 || packed {
                 warn!(
                     "{}: driver features {:#x} not acceptable",
-                    self.id, self.driver_features
+                    self.id, self.common.driver_features
                 );
-                self.status = status & !DEVICE_FEATURES_OK;
+                self.common.status = status & !DEVICE_FEATURES_OK;
                 return;
             }
             self.device
                 .lock()
                 .unwrap()
-                .ack_features(self.driver_features);
+                .ack_features(self.common.driver_features);
         }
-        self.status = status;
+        self.common.status = status;
         if newly & DEVICE_DRIVER_OK != 0 && status & DEVICE_FEATURES_OK != 0 {
             self.activate();
         }
     }
 
     fn activate(&mut self) {
-        let event_idx = self.driver_features & VIRTIO_F_RING_EVENT_IDX != 0;
+        let event_idx = self.common.driver_features & VIRTIO_F_RING_EVENT_IDX != 0;
         let mut active = Vec::new();
         for (i, q) in self.queues.iter_mut().enumerate() {
             if !q.ready() {
@@ -588,7 +360,7 @@ impl VirtioPciDevice {
                 Ok(k) => k,
                 Err(e) => {
                     warn!("{}: {e}", self.id);
-                    self.status |= DEVICE_NEEDS_RESET;
+                    self.common.status |= DEVICE_NEEDS_RESET;
                     return;
                 }
             };
@@ -596,7 +368,7 @@ impl VirtioPciDevice {
                 Ok(q) => q,
                 Err(e) => {
                     warn!("{}: queue {i}: {e}", self.id);
-                    self.status |= DEVICE_NEEDS_RESET;
+                    self.common.status |= DEVICE_NEEDS_RESET;
                     return;
                 }
             };
@@ -609,41 +381,37 @@ impl VirtioPciDevice {
         let interrupt: Arc<dyn VirtioInterrupt> = self.vectors.clone();
         match self.device.lock().unwrap().activate(interrupt, active) {
             Ok(()) => {
-                self.activated = true;
+                self.common.activated = true;
                 info!(
                     "{}: activated, features {:#x}",
-                    self.id, self.driver_features
+                    self.id, self.common.driver_features
                 );
             }
             Err(e) => {
                 warn!("{}: activation failed: {e}", self.id);
-                self.status |= DEVICE_NEEDS_RESET;
+                self.common.status |= DEVICE_NEEDS_RESET;
             }
         }
     }
 
     fn reset(&mut self) {
         self.device.lock().unwrap().reset();
-        self.reset_shadow();
+        if let Some(s) = &mut self.shadow {
+            s.reset();
+        }
         for q in &mut self.queues {
             q.reset();
         }
-        for v in &self.vectors.queues {
-            v.store(NO_VECTOR, Ordering::Release);
-        }
-        self.vectors.config.store(NO_VECTOR, Ordering::Release);
+        self.vectors.selection.reset();
         self.vectors.isr.store(0, Ordering::Release);
-        self.status = 0;
-        self.driver_features = 0;
-        self.queue_select = 0;
-        self.activated = false;
+        self.common.reset();
     }
 
     fn bar_access(&mut self, offset: u64, data: &mut [u8], write: Option<&[u8]>) {
         use VirtioPciLayout as L;
         let within =
             |start: u64, len: u64| offset >= start && offset + data.len() as u64 <= start + len;
-        if within(L::COMMON, L::COMMON_LEN) {
+        if within(L::COMMON, offset::LEN) {
             match write {
                 Some(w) => self.common_write(offset - L::COMMON, w),
                 None => self.common_read(offset - L::COMMON, data),
@@ -677,7 +445,10 @@ impl VirtioPciDevice {
                 None => m.read_table(offset - L::MSIX_TABLE, data),
             }
         } else if within(L::VIO, L::VIO_LEN) {
-            self.shadow_access(offset - L::VIO, data, write);
+            match &mut self.shadow {
+                Some(s) => s.access(offset - L::VIO, data, write, &self.queues),
+                None => data.fill(0),
+            }
         } else if within(L::MSIX_PBA, L::MSIX_PBA_LEN) {
             if write.is_none() {
                 self.vectors
@@ -893,11 +664,11 @@ mod tests {
         assert_eq!(
             types,
             vec![
-                CAP_COMMON_CFG,
-                CAP_ISR_CFG,
-                CAP_DEVICE_CFG,
-                CAP_NOTIFY_CFG,
-                CAP_PCI_CFG,
+                cap_type::COMMON_CFG,
+                cap_type::ISR_CFG,
+                cap_type::DEVICE_CFG,
+                cap_type::NOTIFY_CFG,
+                cap_type::PCI_CFG,
                 0x11
             ]
         );

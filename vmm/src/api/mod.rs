@@ -4,6 +4,8 @@
 pub mod http;
 
 use crate::config::{ConfigError, VmConfig};
+use crate::device_manager::DeviceError;
+use crate::error::VmmError;
 use std::sync::mpsc::Sender;
 use thiserror::Error;
 
@@ -65,6 +67,23 @@ impl ApiError {
             ApiError::Conflict(_) => 409,
             ApiError::TooLarge(_) => 413,
             ApiError::Internal(_) => 500,
+        }
+    }
+}
+
+impl From<VmmError> for ApiError {
+    fn from(e: VmmError) -> Self {
+        let text = vio::error_chain(&e);
+        match e {
+            VmmError::VmAlreadyCreated
+            | VmmError::VmNotCreated
+            | VmmError::VmAlreadyBooted
+            | VmmError::VmNotBooted
+            | VmmError::VmNotRunning
+            | VmmError::VmNotPaused
+            | VmmError::ReclaimDisabled => ApiError::Conflict(text),
+            VmmError::Device(DeviceError::NoSuchDevice(_)) => ApiError::BadRequest(text),
+            VmmError::Vm(_) | VmmError::Device(_) | VmmError::Reply(_) => ApiError::Internal(text),
         }
     }
 }

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use thiserror::Error;
 
-pub const PAGE_SIZE: usize = 4096;
+/// A page in the store: `vio::spec::PAGE_SIZE` as a buffer length.
+pub const PAGE_SIZE: usize = vio::spec::PAGE_SIZE as usize;
 const UNIT: usize = 512;
 const CLASSES: usize = PAGE_SIZE / UNIT;
 

@@ -1,0 +1,355 @@
+//! The snoop thread: it owns every queue's snoop engine, serves the doorbells and the poll of
+//! queues with requests in flight, and applies the queue changes the vCPU path posts.
+//!
+//! What a vCPU and this thread share, and for how long:
+//! - the command list: a vCPU pushes a queue enable or a reset, under a lock held for the push;
+//! - each queue's gate, a generation number: this thread holds it across one publish and the
+//!   ring write that goes with it; a vCPU holds it to retire the queue (bump the generation,
+//!   zero the shadow slot). Neither holds it across I/O or a fault-in;
+//! - the shadow page (atomics).
+//!
+//! The engines, their in-flight pins and their fault-ins and DMA maps are this thread's alone, so
+//! a guest's queue enable or reset never waits behind a slow fault-in; a retired engine can no
+//! longer publish or write the old ring, and its pins are dropped when the thread next wakes.
+//! Counters (API thread) read the engines under each queue's own lock.
+
+use crate::vfio_user::VfioUserClient;
+use log::warn;
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vio::spec::{SLOT_AVAIL_EVENT, SLOT_AVAIL_IDX, SLOT_USED_FLAGS};
+use vio::{
+    DmaWindow, LatencyHistogram, LogLimiter, PageError, QueueLayout, SnoopHost, SnoopQueue,
+    SnoopStats, WalkLimits,
+};
+use vm_memory::GuestMemory;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::shadow::ShadowPage;
+
+static SNOOP_LOG: LogLimiter = LogLimiter::new(10, 10_000);
+
+/// A queue change from the vCPU path, applied by the snoop thread in order.
+pub(super) enum Command {
+    /// Snoop queue `q` from index 0. The vCPU has acquired the vring's pages (`ring_pages`),
+    /// which the engine holds until it is torn down.
+    Enable {
+        q: u16,
+        layout: QueueLayout,
+        event_idx: bool,
+        generation: u64,
+        ring_pages: Vec<u64>,
+    },
+    /// The device was reset: stop snooping every queue.
+    Reset,
+}
+
+/// How the VMM rings the device after publishing.
+pub(super) enum DeviceKick {
+    Fd(EventFd),
+    /// No doorbell fd from the device: a region write, as a base-protocol client would.
+    Region(u64, u16),
+}
+
+#[derive(Default)]
+pub(super) struct QueueSlot {
+    pub snoop: Option<SnoopQueue>,
+    generation: u64,
+    /// Vring pages held while the queue is enabled.
+    ring_pages: Vec<u64>,
+    /// Stats of earlier incarnations (before a device reset).
+    pub past: SnoopStats,
+    pub faultin_ns: LatencyHistogram,
+}
+
+pub(super) struct Snoop<M> {
+    pub id: String,
+    pub mem: Arc<M>,
+    pub window: Arc<DmaWindow>,
+    pub client: Arc<VfioUserClient>,
+    pub shadow: ShadowPage,
+    pub kicks: Vec<DeviceKick>,
+    gates: Vec<Mutex<u64>>,
+    commands: Mutex<Vec<Command>>,
+    pub queues: Vec<Mutex<QueueSlot>>,
+    /// Enables whose vring could not be set up (bad size, pages outside RAM).
+    pub ring_errors: Vec<AtomicU64>,
+    poll: Duration,
+    stop: AtomicBool,
+    wake: EventFd,
+    pub polls: AtomicU64,
+}
+
+struct QueueHost<'a, M> {
+    snoop: &'a Snoop<M>,
+    q: u16,
+    generation: u64,
+    hist: &'a LatencyHistogram,
+}
+
+impl<M> SnoopHost for QueueHost<'_, M> {
+    fn acquire(&self, gfn: u64) -> Result<bool, PageError> {
+        let t0 = Instant::now();
+        let r = self.snoop.window.acquire(gfn);
+        if let Ok(true) = r {
+            self.hist.record(t0.elapsed().as_nanos() as u64);
+        }
+        r
+    }
+    fn release(&self, gfn: u64) {
+        self.snoop.window.release(gfn);
+    }
+    fn publish(&self, idx: u16, then: &dyn Fn()) -> bool {
+        let gate = self.snoop.gates[usize::from(self.q)].lock().unwrap();
+        if *gate != self.generation {
+            return false;
+        }
+        self.snoop
+            .shadow
+            .field(self.q, SLOT_AVAIL_IDX)
+            .store(idx, Ordering::Release);
+        then();
+        true
+    }
+    fn device_suppression(&self) -> Option<(u16, u16)> {
+        let shadow = &self.snoop.shadow;
+        Some((
+            shadow
+                .field(self.q, SLOT_USED_FLAGS)
+                .load(Ordering::Acquire),
+            shadow
+                .field(self.q, SLOT_AVAIL_EVENT)
+                .load(Ordering::Acquire),
+        ))
+    }
+    fn kick(&self) {
+        let r = match &self.snoop.kicks[usize::from(self.q)] {
+            DeviceKick::Fd(fd) => fd.write(1),
+            DeviceKick::Region(off, q) => self
+                .snoop
+                .client
+                .region_write(0, *off, &q.to_le_bytes())
+                .map_err(std::io::Error::other),
+        };
+        if let Err(e) = r {
+            if SNOOP_LOG.hit() {
+                warn!("{}: kicking queue {}: {e}", self.snoop.id, self.q);
+            }
+        }
+    }
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: String,
+        mem: Arc<M>,
+        window: Arc<DmaWindow>,
+        client: Arc<VfioUserClient>,
+        shadow: ShadowPage,
+        kicks: Vec<DeviceKick>,
+        poll: Duration,
+    ) -> std::io::Result<Self> {
+        let nq = kicks.len();
+        Ok(Snoop {
+            id,
+            mem,
+            window,
+            client,
+            shadow,
+            kicks,
+            gates: (0..nq).map(|_| Mutex::new(0)).collect(),
+            commands: Mutex::new(Vec::new()),
+            queues: (0..nq).map(|_| Mutex::new(QueueSlot::default())).collect(),
+            ring_errors: (0..nq).map(|_| AtomicU64::new(0)).collect(),
+            poll,
+            stop: AtomicBool::new(false),
+            wake: EventFd::new(libc::EFD_NONBLOCK)?,
+            polls: AtomicU64::new(0),
+        })
+    }
+
+    pub fn queue_count(&self) -> u16 {
+        self.kicks.len() as u16
+    }
+
+    /// vCPU path: queue `q`'s current engine may no longer publish or write its ring, and the
+    /// device reads index 0 from the shadow slot. Returns the queue's new generation.
+    pub fn retire(&self, q: u16) -> u64 {
+        let mut gate = self.gates[usize::from(q)].lock().unwrap();
+        *gate += 1;
+        for off in [SLOT_AVAIL_IDX, SLOT_USED_FLAGS, SLOT_AVAIL_EVENT] {
+            self.shadow.field(q, off).store(0, Ordering::Release);
+        }
+        *gate
+    }
+
+    /// vCPU path: hands a queue change to the snoop thread.
+    pub fn post(&self, cmd: Command) {
+        self.commands.lock().unwrap().push(cmd);
+        // A full eventfd counter still wakes the thread.
+        let _ = self.wake.write(1);
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.wake.write(1);
+    }
+
+    fn host<'a>(&'a self, q: u16, slot: &'a QueueSlot) -> QueueHost<'a, M> {
+        QueueHost {
+            snoop: self,
+            q,
+            generation: slot.generation,
+            hist: &slot.faultin_ns,
+        }
+    }
+
+    /// Applies the vCPU path's queue changes, in the order they were made.
+    fn apply_commands(&self) {
+        let commands = std::mem::take(&mut *self.commands.lock().unwrap());
+        for cmd in commands {
+            match cmd {
+                Command::Reset => {
+                    for q in 0..self.queue_count() {
+                        self.teardown(q, &mut self.queues[usize::from(q)].lock().unwrap());
+                    }
+                }
+                Command::Enable {
+                    q,
+                    layout,
+                    event_idx,
+                    generation,
+                    ring_pages,
+                } => {
+                    let mut slot = self.queues[usize::from(q)].lock().unwrap();
+                    self.teardown(q, &mut slot);
+                    slot.ring_pages = ring_pages;
+                    slot.generation = generation;
+                    let sq =
+                        SnoopQueue::new(layout, 0, WalkLimits::default()).with_event_idx(event_idx);
+                    // The device now writes its suppression to the shadow page; the guest
+                    // sees ours. Unless the guest has moved on already.
+                    if self
+                        .host(q, &slot)
+                        .publish(0, &|| sq.state_suppression(&*self.mem))
+                    {
+                        slot.snoop = Some(sq);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops snooping queue `q`: in-flight pins and the vring are released.
+    fn teardown(&self, q: u16, slot: &mut QueueSlot) {
+        if let Some(mut sq) = slot.snoop.take() {
+            sq.release_all(&self.host(q, slot));
+            slot.past.add(&sq.stats);
+            slot.past.shadow_idx = sq.stats.shadow_idx;
+        }
+        for p in slot.ring_pages.drain(..) {
+            self.window.release(p);
+        }
+    }
+
+    /// After the thread has stopped: drops every pin it or a pending command holds.
+    pub fn shutdown(&self) {
+        for cmd in std::mem::take(&mut *self.commands.lock().unwrap()) {
+            if let Command::Enable { ring_pages, .. } = cmd {
+                ring_pages.into_iter().for_each(|p| self.window.release(p));
+            }
+        }
+        for q in 0..self.queue_count() {
+            self.teardown(q, &mut self.queues[usize::from(q)].lock().unwrap());
+        }
+    }
+
+    /// Handles the doorbells in `kicked`, reaps completions, and re-checks queues with requests
+    /// in flight. Returns whether any queue still needs polling.
+    fn service(&self, kicked: &[bool], polling: bool) -> bool {
+        let mut again = false;
+        for (i, slot) in self.queues.iter().enumerate() {
+            let mut slot = slot.lock().unwrap();
+            let slot = &mut *slot;
+            let Some(mut sq) = slot.snoop.take() else {
+                continue;
+            };
+            let kicked = kicked.get(i).copied().unwrap_or(false);
+            again |= sq.service(&*self.mem, &self.host(i as u16, slot), kicked, polling);
+            if let Some(e) = sq.last_error.take() {
+                if SNOOP_LOG.hit() {
+                    warn!("{}: queue {i}: {}", self.id, vio::error_chain(&e));
+                }
+            }
+            slot.snoop = Some(sq);
+        }
+        again
+    }
+
+    pub fn run(self: Arc<Self>, doorbells: Vec<Arc<EventFd>>) {
+        if let Err(e) = self.event_loop(&doorbells) {
+            log::error!("{}: snoop thread: {e}", self.id);
+        }
+    }
+
+    fn event_loop(&self, doorbells: &[Arc<EventFd>]) -> std::io::Result<()> {
+        let epoll = Epoll::new()?;
+        let mut timer = TimerFd::new()?;
+        let wake_token = doorbells.len() as u64;
+        let fds = doorbells
+            .iter()
+            .map(|fd| fd.as_raw_fd())
+            .chain([self.wake.as_raw_fd(), timer.as_raw_fd()]);
+        for (token, fd) in fds.enumerate() {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token as u64),
+            )?;
+        }
+        let mut events = vec![EpollEvent::default(); doorbells.len() + 2];
+        let mut armed = false;
+        while !self.stop.load(Ordering::Acquire) {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            let mut kicked = vec![false; doorbells.len()];
+            let mut polling = false;
+            for ev in &events[..n] {
+                let t = ev.data();
+                if t < wake_token {
+                    let _ = doorbells[t as usize].read();
+                    kicked[t as usize] = true;
+                } else if t == wake_token {
+                    let _ = self.wake.read();
+                } else {
+                    let _ = timer.wait();
+                    polling = true;
+                    self.polls.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            // A doorbell seen here was rung after the queue change that preceded it was
+            // posted, so the change is applied first.
+            self.apply_commands();
+            // While anything is in flight the device may have consumed entries the guest made
+            // available without a doorbell (event-idx), and completions must be reaped: poll.
+            let again = self.service(&kicked, polling);
+            if again != armed {
+                if again {
+                    timer.reset(self.poll, Some(self.poll))?;
+                } else {
+                    timer.clear()?;
+                }
+                armed = again;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,65 @@
+//! Pages pinned for requests in flight on a snooping (`vio`) device: the snoop engine pins each
+//! page of a request before the device may see it (`Residency::pin`, which also brings the page
+//! back if it was reclaimed) and unpins it on completion. Pins are per page and short-lived;
+//! reclaim skips a pinned page, and DMA-evicts an unpinned one from every snooping device's
+//! window before it takes the page's contents.
+
+use super::*;
+
+impl Reclaimer {
+    /// A snooping device's DMA window: reclaim DMA-unmaps pages from it before taking them.
+    pub fn add_window(&self, w: &Arc<DmaWindow>) {
+        let mut windows = self.windows.lock().unwrap();
+        windows.retain(|w| w.strong_count() > 0);
+        windows.push(Arc::downgrade(w));
+    }
+
+    pub(super) fn inflight_pinned(&self, page: u64) -> bool {
+        self.inflight_pins[page as usize].load(Ordering::Relaxed) != 0
+    }
+}
+
+impl Residency for Reclaimer {
+    fn pin(&self, gfn: u64) -> Result<bool, PageError> {
+        let page = gfn
+            .checked_mul(PAGE)
+            .and_then(|gpa| self.page_of_guest(gpa))
+            .ok_or(PageError::OutsideRam(gfn))?;
+        // Everything that can fail is looked up before the page is pinned and locked, so an
+        // error leaves neither behind.
+        let host = self.host_addr(page).ok_or(PageError::OutsideRam(gfn))? as *mut libc::c_void;
+        let pins = &self.inflight_pins[page as usize];
+        if pins.fetch_add(1, Ordering::SeqCst) == u16::MAX {
+            pins.fetch_sub(1, Ordering::SeqCst);
+            return Err(PageError::TooManyPins(gfn));
+        }
+        // Dekker with `lock_run`: we publish the pin, then look at the page; it marks the page
+        // busy, then looks at the pins. Either it saw our pin and backs off, or we see its busy
+        // mark here and wait for the page to be reclaimed, then bring it back.
+        let st = self.lock_page(page);
+        let restored = st & RECLAIMED != 0;
+        if restored {
+            let mut buf = Box::new([0u8; PAGE_SIZE]);
+            self.restore(page, host, &mut buf);
+            self.stats.dma_faultins.fetch_add(1, Ordering::Relaxed);
+        }
+        // A device access is an access: the page is not cold.
+        self.pages[page as usize].fetch_or(ACCESSED, Ordering::AcqRel);
+        self.unlock_page(page);
+        if restored {
+            // A vCPU may be faulting on the page too; it finds it present now.
+            let _ = self.uffd.wake(host, PAGE_SIZE);
+        }
+        Ok(restored)
+    }
+
+    fn unpin(&self, gfn: u64) {
+        if let Some(page) = self.page_of_guest(gfn * PAGE) {
+            let pins = &self.inflight_pins[page as usize];
+            if pins.fetch_sub(1, Ordering::SeqCst) == 0 {
+                pins.fetch_add(1, Ordering::SeqCst);
+                warn!("Unpin of unpinned guest page {gfn:#x}");
+            }
+        }
+    }
+}
