@@ -8,8 +8,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 use thiserror::Error;
 use vmm::config::{
-    parse_reclaim, ConfigError, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, OptionParser,
-    PayloadConfig, UserDeviceConfig, VioConfig, VmConfig,
+    ConfigError, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, OptionParser, ReclaimConfig,
+    UserDeviceConfig, VmConfig,
 };
 use vmm::{error_chain, Vmm, VmmExit};
 
@@ -142,50 +142,28 @@ fn command() -> Command {
 
 fn build_config(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
     let kernel = m.get_one::<String>("kernel").ok_or(ConfigError::NoKernel)?;
-    let config = VmConfig {
-        payload: PayloadConfig {
-            kernel: PathBuf::from(kernel),
-            cmdline: m.get_one::<String>("cmdline").cloned().unwrap_or_default(),
-        },
-        memory: m.get_one::<String>("memory").map_or(
-            Ok(MemoryConfig {
-                size: 512 << 20,
-                shared: false,
-                reclaim: false,
-            }),
-            |s| MemoryConfig::parse(s),
-        )?,
-        cpus: m.get_one::<String>("cpus").map_or(
-            Ok(CpusConfig {
-                boot_vcpus: 1,
-                max_vcpus: 1,
-            }),
-            |s| CpusConfig::parse(s),
-        )?,
-        disks: m
-            .get_many::<String>("disk")
-            .into_iter()
-            .flatten()
-            .map(|s| DiskConfig::parse(s))
-            .collect::<Result<_, _>>()?,
-        reclaim: m
-            .get_one::<String>("reclaim")
-            .map_or(Ok(Default::default()), |s| parse_reclaim(s))?,
-        user_devices: m
-            .get_many::<String>("user-device")
-            .into_iter()
-            .flatten()
-            .map(|s| UserDeviceConfig::parse(s))
-            .chain(
-                m.get_many::<String>("vio")
-                    .into_iter()
-                    .flatten()
-                    .map(|s| VioConfig::parse_device(s)),
-            )
-            .collect::<Result<_, _>>()?,
-        serial: ConsoleMode::parse("serial", m.get_one::<String>("serial").unwrap())?,
-        console: ConsoleMode::parse("console", m.get_one::<String>("console").unwrap())?,
-    };
+    let all = |flag: &str| m.get_many::<String>(flag).into_iter().flatten();
+    let mut config = VmConfig::new(PathBuf::from(kernel));
+    config.payload.cmdline = m.get_one::<String>("cmdline").cloned().unwrap_or_default();
+    if let Some(s) = m.get_one::<String>("memory") {
+        config.memory = MemoryConfig::parse(s)?;
+    }
+    if let Some(s) = m.get_one::<String>("cpus") {
+        config.cpus = CpusConfig::parse(s)?;
+    }
+    if let Some(s) = m.get_one::<String>("reclaim") {
+        config.reclaim = ReclaimConfig::parse(s)?;
+    }
+    config.disks = all("disk")
+        .map(|s| DiskConfig::parse(s))
+        .collect::<Result<_, _>>()?;
+    config.user_devices = all("user-device")
+        .map(|s| UserDeviceConfig::parse(s))
+        .chain(all("vio").map(|s| UserDeviceConfig::parse_vio(s)))
+        .collect::<Result<_, _>>()?;
+    config.serial = ConsoleMode::parse("serial", m.get_one::<String>("serial").unwrap())?;
+    config.console = ConsoleMode::parse("console", m.get_one::<String>("console").unwrap())?;
+    config.normalize();
     config.validate()?;
     Ok(config)
 }

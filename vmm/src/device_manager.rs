@@ -427,7 +427,7 @@ impl DeviceManager {
             Arc::new(group),
             ioevents.clone(),
             &mut alloc,
-            u.io_fds,
+            u.io_fds(),
         )
         .map(|d| UserDevice::Passthrough(Arc::new(Mutex::new(d))))
         .map_err(|e| err(e.into()))

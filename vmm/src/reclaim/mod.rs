@@ -39,12 +39,13 @@ use log::{debug, warn};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use store::{Store, StoreError, PAGE_SIZE};
 use thiserror::Error;
+
+pub use crate::config::{Compression, ReclaimConfig};
 use userfaultfd::{Event, FaultKind, RegisterMode, Uffd, UffdBuilder};
 use vfio::DmaMapping;
 use vio::spec::PAGE_SIZE as PAGE;
@@ -65,35 +66,6 @@ pub enum ReclaimError {
     Store(#[from] StoreError),
     #[error("Failed to start the fault thread")]
     Thread(#[source] std::io::Error),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ReclaimConfig {
-    /// Policy period; 0 disables the background reclaimer (only `vm.reclaim` reclaims).
-    pub interval_ms: u64,
-    /// A page is cold when it was not accessed for this long.
-    pub idle_ms: u64,
-    /// The policy reclaims until this share of guest RAM is reclaimed.
-    pub target_pct: u8,
-    pub store_dir: PathBuf,
-    pub compress: bool,
-    pub store_max_bytes: u64,
-    /// Added to every restore (fault-latency experiments).
-    pub fault_latency_us: u64,
-}
-
-impl Default for ReclaimConfig {
-    fn default() -> Self {
-        ReclaimConfig {
-            interval_ms: 0,
-            idle_ms: 1000,
-            target_pct: 50,
-            store_dir: std::env::temp_dir(),
-            compress: true,
-            store_max_bytes: u64::MAX,
-            fault_latency_us: 0,
-        }
-    }
 }
 
 /// A range of guest RAM as this process maps it.
@@ -179,7 +151,8 @@ impl Reclaimer {
             )
             .map_err(ReclaimError::Register)?;
         }
-        let store = Store::create(&cfg.store_dir, cfg.compress, cfg.store_max_bytes)?;
+        let lz4 = cfg.compress == Compression::Lz4;
+        let store = Store::create(&cfg.store_dir, lz4, cfg.store_max_bytes)?;
         let r = Arc::new(Reclaimer {
             memfd,
             ranges,

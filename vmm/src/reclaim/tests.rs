@@ -264,7 +264,7 @@ fn pinned_pages_are_skipped_unless_unsafe() {
 #[test]
 fn a_full_store_reclaims_what_fits_and_loses_nothing() {
     let cfg = ReclaimConfig {
-        compress: false,
+        compress: Compression::None,
         store_max_bytes: 4 * PAGE,
         ..Default::default()
     };

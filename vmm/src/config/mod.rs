@@ -1,0 +1,385 @@
+//! The VM configuration: one model for the command line and the REST API, as in Cloud
+//! Hypervisor. The types serialise to (and parse from) Cloud Hypervisor's JSON `VmConfig`
+//! schema, with VIO's additions (`memory.reclaim`, `reclaim`, `user_devices[].vio`); the CLI's
+//! `--flag key=value,...` options are parsed into the same types (`cli`). Defaults and value
+//! checks are written once, here, and both paths use them.
+
+mod cli;
+mod compat;
+
+pub use cli::{parse_size, OptionParser};
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("Error parsing --{flag} \"{value}\": {reason}")]
+    Parse {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("--kernel is required")]
+    NoKernel,
+    #[error("Kernel {0} does not exist")]
+    KernelMissing(PathBuf),
+    #[error("Disk image {0} does not exist")]
+    DiskMissing(PathBuf),
+    #[error("--user-device requires --memory shared=on (the device maps guest RAM)")]
+    UserDeviceNeedsSharedMemory,
+    #[error("Invalid {field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("Invalid VM configuration: {0}")]
+    Json(String),
+}
+
+pub(crate) fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_string(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PayloadConfig {
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryConfig {
+    pub size: u64,
+    pub shared: bool,
+    /// Guest memory reclaim (VIO); needs `shared`.
+    pub reclaim: bool,
+}
+
+impl MemoryConfig {
+    pub const DEFAULT_SIZE: u64 = 512 << 20;
+
+    fn check(&self) -> Result<(), String> {
+        if self.size < (16 << 20) || !self.size.is_multiple_of(4096) {
+            return Err("size must be at least 16M and a multiple of 4K".into());
+        }
+        if self.size > (1 << 40) {
+            return Err("size must be at most 1T".into());
+        }
+        if self.reclaim && !self.shared {
+            return Err(
+                "reclaim needs shared memory (reclaim frees pages of the shared memfd)".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            size: Self::DEFAULT_SIZE,
+            shared: false,
+            reclaim: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CpusConfig {
+    pub boot_vcpus: u8,
+    /// 0 while unset: then as many as `boot_vcpus` (`normalize`).
+    pub max_vcpus: u8,
+}
+
+impl CpusConfig {
+    fn normalize(&mut self) {
+        if self.max_vcpus == 0 {
+            self.max_vcpus = self.boot_vcpus;
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.boot_vcpus == 0 {
+            return Err("boot must be at least 1".into());
+        }
+        if self.max_vcpus != 0 && self.max_vcpus < self.boot_vcpus {
+            return Err("max must not be below boot".into());
+        }
+        Ok(())
+    }
+}
+
+impl Default for CpusConfig {
+    fn default() -> Self {
+        CpusConfig {
+            boot_vcpus: 1,
+            max_vcpus: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub readonly: bool,
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default = "DiskConfig::default_num_queues")]
+    pub num_queues: u16,
+    #[serde(default = "DiskConfig::default_queue_size")]
+    pub queue_size: u16,
+}
+
+impl DiskConfig {
+    fn default_num_queues() -> u16 {
+        1
+    }
+
+    fn default_queue_size() -> u16 {
+        virtio_devices::block::DEFAULT_QUEUE_SIZE
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.num_queues == 0 || self.num_queues > 16 {
+            return Err("num_queues must be 1..16".into());
+        }
+        if !self.queue_size.is_power_of_two() || !(2..=32768).contains(&self.queue_size) {
+            return Err("queue_size must be a power of two, 2..32768".into());
+        }
+        Ok(())
+    }
+}
+
+/// A passthrough device served by another process over vfio-user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserDeviceConfig {
+    pub socket: PathBuf,
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Register the device's doorbell fds as KVM ioeventfds (off: doorbells go through the
+    /// VMM as region writes, as with a client that only speaks the base protocol). Unset: on
+    /// for plain passthrough; a `vio` device owns its doorbells.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_fds: Option<bool>,
+    /// Put VIO in front of the device (`--vio`); plain passthrough when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vio: Option<VioConfig>,
+}
+
+impl UserDeviceConfig {
+    pub fn io_fds(&self) -> bool {
+        self.io_fds.unwrap_or(self.vio.is_none())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VioMode {
+    /// IOPA-Snoop: the device reads a shadow available index the VMM advances once every page
+    /// of a request is resident and DMA-mapped; guest memory stays reclaimable.
+    Snoop,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VioConfig {
+    pub mode: VioMode,
+    /// How often queues with requests in flight are re-checked, in microseconds.
+    #[serde(default = "VioConfig::default_poll_us")]
+    pub poll_us: u64,
+}
+
+impl VioConfig {
+    pub const DEFAULT_POLL_US: u64 = 1000;
+
+    fn default_poll_us() -> u64 {
+        Self::DEFAULT_POLL_US
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if !(1..=1_000_000).contains(&self.poll_us) {
+            return Err("poll_us must be 1..1000000".into());
+        }
+        Ok(())
+    }
+}
+
+/// How reclaimed pages are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Lz4,
+    None,
+}
+
+/// The reclaim policy and its page store (`--reclaim`, JSON `reclaim`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReclaimConfig {
+    /// Policy period; 0 disables the background reclaimer (only `vm.reclaim` reclaims).
+    pub interval_ms: u64,
+    /// A page is cold when it was not accessed for this long.
+    pub idle_ms: u64,
+    /// The policy reclaims until this share of guest RAM is reclaimed.
+    pub target_pct: u8,
+    /// The directory the page store's file goes in.
+    #[serde(rename = "store")]
+    pub store_dir: PathBuf,
+    pub compress: Compression,
+    /// The store's capacity in bytes.
+    #[serde(rename = "store_max")]
+    pub store_max_bytes: u64,
+    /// Added to every restore (fault-latency experiments).
+    pub fault_latency_us: u64,
+}
+
+impl ReclaimConfig {
+    fn check(&self) -> Result<(), String> {
+        if self.target_pct > 100 {
+            return Err("target_pct must be 0..100".into());
+        }
+        if !self.store_dir.is_dir() {
+            return Err(format!(
+                "store directory {} does not exist",
+                self.store_dir.display()
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for ReclaimConfig {
+    fn default() -> Self {
+        ReclaimConfig {
+            interval_ms: 0,
+            idle_ms: 1000,
+            target_pct: 50,
+            store_dir: std::env::temp_dir(),
+            compress: Compression::Lz4,
+            store_max_bytes: u64::MAX,
+            fault_latency_us: 0,
+        }
+    }
+}
+
+/// Where a console's output goes. In JSON, Cloud Hypervisor's `{"mode": "Off|Tty|Null|File",
+/// "file": PATH}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "compat::Console", into = "compat::Console")]
+pub enum ConsoleMode {
+    Off,
+    Tty,
+    Null,
+    File(PathBuf),
+}
+
+impl ConsoleMode {
+    fn default_serial() -> Self {
+        ConsoleMode::Null
+    }
+
+    fn default_console() -> Self {
+        ConsoleMode::Off
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub payload: PayloadConfig,
+    #[serde(default)]
+    pub cpus: CpusConfig,
+    #[serde(default)]
+    pub memory: MemoryConfig,
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    #[serde(default)]
+    pub user_devices: Vec<UserDeviceConfig>,
+    #[serde(default = "ConsoleMode::default_serial")]
+    pub serial: ConsoleMode,
+    #[serde(default = "ConsoleMode::default_console")]
+    pub console: ConsoleMode,
+    /// The reclaim policy; used when `memory.reclaim` is on.
+    #[serde(default)]
+    pub reclaim: ReclaimConfig,
+}
+
+impl VmConfig {
+    /// A configuration booting `kernel` with every default.
+    pub fn new(kernel: PathBuf) -> Self {
+        VmConfig {
+            payload: PayloadConfig {
+                kernel,
+                cmdline: String::new(),
+            },
+            cpus: CpusConfig::default(),
+            memory: MemoryConfig::default(),
+            disks: Vec::new(),
+            user_devices: Vec::new(),
+            serial: ConsoleMode::default_serial(),
+            console: ConsoleMode::default_console(),
+            reclaim: ReclaimConfig::default(),
+        }
+    }
+
+    /// Fills in what defaults to another field.
+    pub fn normalize(&mut self) {
+        self.cpus.normalize();
+    }
+
+    /// Checks every value, and what can only be checked against the host (files exist).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.cpus.check().map_err(|r| invalid("cpus", r))?;
+        self.memory.check().map_err(|r| invalid("memory", r))?;
+        for (i, d) in self.disks.iter().enumerate() {
+            d.check().map_err(|r| invalid(&format!("disks[{i}]"), r))?;
+        }
+        for (i, u) in self.user_devices.iter().enumerate() {
+            if let Some(v) = &u.vio {
+                v.check()
+                    .map_err(|r| invalid(&format!("user_devices[{i}].vio"), r))?;
+            }
+        }
+        self.reclaim.check().map_err(|r| invalid("reclaim", r))?;
+        if !self.payload.kernel.is_file() {
+            return Err(ConfigError::KernelMissing(self.payload.kernel.clone()));
+        }
+        for d in &self.disks {
+            if !d.path.exists() {
+                return Err(ConfigError::DiskMissing(d.path.clone()));
+            }
+        }
+        if !self.user_devices.is_empty() && !self.memory.shared {
+            return Err(ConfigError::UserDeviceNeedsSharedMemory);
+        }
+        Ok(())
+    }
+
+    /// Parses and checks a `vm.create` body.
+    pub fn from_json(body: &str) -> Result<Self, ConfigError> {
+        let mut v: serde_json::Value =
+            serde_json::from_str(body).map_err(|e| ConfigError::Json(e.to_string()))?;
+        compat::strip_unsupported(&mut v)?;
+        let mut config: VmConfig =
+            serde_json::from_value(v).map_err(|e| ConfigError::Json(e.to_string()))?;
+        config.normalize();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The configuration in Cloud Hypervisor's JSON schema (as `vm.info` reports it).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("config serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,324 @@
+//! The configuration model, its CLI syntax and its JSON form.
+
+use super::*;
+use std::path::PathBuf;
+
+fn reason(e: ConfigError) -> String {
+    e.to_string()
+}
+
+#[test]
+fn sizes() {
+    assert_eq!(parse_size("512M"), Ok(512 << 20));
+    assert_eq!(parse_size("2G"), Ok(2 << 30));
+    assert_eq!(parse_size("4096"), Ok(4096));
+    assert!(parse_size("12X").is_err());
+    assert!(parse_size("M").is_err());
+    assert!(parse_size("").is_err());
+    assert!(parse_size("99999999999T").is_err());
+}
+
+#[test]
+fn memory() {
+    assert_eq!(
+        MemoryConfig::parse("size=1G,shared=on").unwrap(),
+        MemoryConfig {
+            size: 1 << 30,
+            shared: true,
+            reclaim: false
+        }
+    );
+    assert!(
+        MemoryConfig::parse("size=1G,shared=on,reclaim=on")
+            .unwrap()
+            .reclaim
+    );
+    assert!(
+        reason(MemoryConfig::parse("size=1G,reclaim=on").unwrap_err())
+            .contains("needs shared memory")
+    );
+    assert!(!MemoryConfig::parse("size=64M").unwrap().shared);
+    let e = reason(MemoryConfig::parse("size=12X").unwrap_err());
+    assert!(
+        e.contains("--memory") && e.contains("size=12X") && e.contains("invalid size"),
+        "{e}"
+    );
+    assert!(reason(MemoryConfig::parse("size=1M").unwrap_err()).contains("at least 16M"));
+    assert!(
+        reason(MemoryConfig::parse("size=64M,shared=maybe").unwrap_err()).contains("on or off")
+    );
+    assert!(reason(MemoryConfig::parse("sise=64M").unwrap_err()).contains("unknown key \"sise\""));
+    assert!(reason(MemoryConfig::parse("64M").unwrap_err()).contains("expected key=value"));
+}
+
+#[test]
+fn cpus() {
+    assert_eq!(
+        CpusConfig::parse("boot=2").unwrap(),
+        CpusConfig {
+            boot_vcpus: 2,
+            max_vcpus: 2
+        }
+    );
+    let e = reason(CpusConfig::parse("boot=0").unwrap_err());
+    assert!(
+        e.contains("--cpus") && e.contains("boot must be at least 1"),
+        "{e}"
+    );
+    assert!(reason(CpusConfig::parse("boot=x").unwrap_err()).contains("must be a number"));
+    assert!(
+        reason(CpusConfig::parse("boot=4,max=2").unwrap_err()).contains("max must not be below")
+    );
+    assert!(CpusConfig::parse("boot=300").is_err());
+}
+
+#[test]
+fn disks() {
+    let d = DiskConfig::parse("path=/tmp/x.img,readonly=on,id=disk0").unwrap();
+    assert_eq!(d.path, PathBuf::from("/tmp/x.img"));
+    assert!(d.readonly);
+    assert_eq!(d.id.as_deref(), Some("disk0"));
+    assert!(reason(DiskConfig::parse("readonly=on").unwrap_err()).contains("path is required"));
+    assert!(
+        reason(DiskConfig::parse("path=a,queue_size=100").unwrap_err()).contains("power of two")
+    );
+    assert!(reason(DiskConfig::parse("path=a,path=b").unwrap_err()).contains("given twice"));
+    assert!(reason(DiskConfig::parse("path=a,colour=red").unwrap_err()).contains("unknown key"));
+}
+
+#[test]
+fn reclaim_options() {
+    let r = ReclaimConfig::parse("interval_ms=100,idle_ms=200,target_pct=60,compress=none,store_max=1G,fault_latency_us=5000").unwrap();
+    assert_eq!(
+        (r.interval_ms, r.idle_ms, r.target_pct, r.compress),
+        (100, 200, 60, Compression::None)
+    );
+    assert_eq!((r.store_max_bytes, r.fault_latency_us), (1 << 30, 5000));
+    for (bad, want) in [
+        ("target_pct=101", "0..100"),
+        ("compress=zip", "lz4 or none"),
+        ("store=/nonexistent/dir", "does not exist"),
+        ("interval=5", "unknown key"),
+    ] {
+        assert!(
+            reason(ReclaimConfig::parse(bad).unwrap_err()).contains(want),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn user_devices() {
+    let u = UserDeviceConfig::parse("socket=/tmp/v.sock,id=dpu0").unwrap();
+    assert_eq!(
+        u,
+        UserDeviceConfig {
+            socket: "/tmp/v.sock".into(),
+            id: Some("dpu0".into()),
+            io_fds: None,
+            vio: None,
+        }
+    );
+    let v = UserDeviceConfig::parse_vio("socket=/tmp/v.sock,id=v0,poll_us=50").unwrap();
+    assert_eq!(
+        v.vio,
+        Some(VioConfig {
+            mode: VioMode::Snoop,
+            poll_us: 50
+        })
+    );
+    assert_eq!(v.id.as_deref(), Some("v0"));
+    for (bad, want) in [
+        ("socket=/s,mode=elastic", "mode must be snoop"),
+        ("socket=/s,poll_us=0", "1..1000000"),
+        ("socket=/s,poll_us=x", "poll_us"),
+        ("mode=snoop", "socket is required"),
+    ] {
+        assert!(
+            reason(UserDeviceConfig::parse_vio(bad).unwrap_err()).contains(want),
+            "{bad}"
+        );
+    }
+    let cfg = VmConfig::from_json(&format!(r#"{{"payload":{{"kernel":"{}"}},"memory":{{"size":67108864,"shared":true}},"user_devices":[{{"socket":"/tmp/x.sock","vio":{{"mode":"snoop"}}}}]}}"#, kernel())).unwrap();
+    assert_eq!(
+        cfg.user_devices[0].vio.unwrap().poll_us,
+        VioConfig::DEFAULT_POLL_US
+    );
+    assert_eq!(cfg.to_json()["user_devices"][0]["vio"]["mode"], "snoop");
+    assert!(VmConfig::from_json(&format!(r#"{{"payload":{{"kernel":"{}"}},"memory":{{"size":67108864,"shared":true}},"user_devices":[{{"socket":"/tmp/x.sock","vio":{{"mode":"fast"}}}}]}}"#, kernel())).is_err());
+    assert!(u.io_fds() && !v.io_fds(), "a vio device owns its doorbells");
+    assert!(!UserDeviceConfig::parse("socket=/s,io_fds=off")
+        .unwrap()
+        .io_fds());
+    assert!(reason(UserDeviceConfig::parse("id=x").unwrap_err()).contains("socket is required"));
+    assert!(
+        reason(UserDeviceConfig::parse("socket=/s,bus=1").unwrap_err()).contains("unknown key")
+    );
+    let mut cfg = VmConfig::from_json(&format!(r#"{{"payload":{{"kernel":"{}"}},"memory":{{"size":67108864,"shared":true}},"user_devices":[{{"socket":"/tmp/x.sock"}}]}}"#, kernel())).unwrap();
+    assert_eq!(cfg.user_devices.len(), 1);
+    cfg.memory.shared = false;
+    assert_eq!(
+        cfg.validate(),
+        Err(ConfigError::UserDeviceNeedsSharedMemory)
+    );
+}
+
+#[test]
+fn serial() {
+    assert_eq!(
+        ConsoleMode::parse("serial", "tty").unwrap(),
+        ConsoleMode::Tty
+    );
+    assert_eq!(
+        ConsoleMode::parse("serial", "off").unwrap(),
+        ConsoleMode::Off
+    );
+    assert_eq!(
+        ConsoleMode::parse("serial", "file=/tmp/s").unwrap(),
+        ConsoleMode::File("/tmp/s".into())
+    );
+    assert!(reason(ConsoleMode::parse("serial", "pty").unwrap_err()).contains("expected key=value"));
+    assert!(ConsoleMode::parse("serial", "file=").is_err());
+}
+
+fn kernel() -> String {
+    std::env::current_exe().unwrap().display().to_string()
+}
+
+#[test]
+fn json_round_trip() {
+    let body = format!(
+        r#"{{"payload":{{"kernel":"{}","cmdline":"a=b"}},"cpus":{{"boot_vcpus":2,"max_vcpus":2}},
+            "memory":{{"size":268435456,"shared":true}},"serial":{{"mode":"Tty"}},"console":{{"mode":"Off"}},
+            "rng":{{"src":"/dev/urandom"}},"net":null,"devices":[]}}"#,
+        kernel()
+    );
+    let c = VmConfig::from_json(&body).unwrap();
+    assert_eq!(c.cpus.boot_vcpus, 2);
+    assert_eq!(
+        c.memory,
+        MemoryConfig {
+            size: 256 << 20,
+            shared: true,
+            reclaim: false
+        }
+    );
+    assert_eq!(c.serial, ConsoleMode::Tty);
+    let again = VmConfig::from_json(&c.to_json().to_string()).unwrap();
+    assert_eq!(again, c);
+}
+
+#[test]
+fn json_errors() {
+    let k = kernel();
+    let bad = [
+        ("{", "Invalid VM configuration"),
+        (r#"{"payload":{}}"#, "missing field `kernel`"),
+        (
+            &format!(r#"{{"payload":{{"kernel":"{k}"}},"colour":1}}"#),
+            "unknown field `colour`",
+        ),
+        (
+            &format!(r#"{{"payload":{{"kernel":"{k}","bogus":1}}}}"#),
+            "unknown field `bogus`",
+        ),
+        (
+            &format!(r#"{{"payload":{{"kernel":"{k}"}},"net":[{{"tap":"t0"}}]}}"#),
+            "net: not supported",
+        ),
+        (
+            &format!(r#"{{"payload":{{"kernel":"{k}"}},"memory":{{"size":1024}}}}"#),
+            "at least 16M",
+        ),
+        (
+            &format!(r#"{{"payload":{{"kernel":"{k}"}},"cpus":{{"boot_vcpus":0}}}}"#),
+            "at least 1",
+        ),
+        (
+            &format!(r#"{{"payload":{{"kernel":"{k}"}},"serial":{{"mode":"Pty"}}}}"#),
+            "console mode \"Pty\" is not supported",
+        ),
+        (
+            &format!(r#"{{"payload":{{"kernel":"{k}"}},"memory":{{"size":"big"}}}}"#),
+            "Invalid VM configuration",
+        ),
+        (r#"{"payload":{"kernel":"/nonexistent"}}"#, "does not exist"),
+    ];
+    for (body, want) in bad {
+        let e = VmConfig::from_json(body).unwrap_err().to_string();
+        assert!(e.contains(want), "{body}: {e}");
+    }
+}
+
+#[test]
+fn missing_files() {
+    let cfg = VmConfig::new("/nonexistent/kernel".into());
+    assert_eq!(
+        cfg.validate(),
+        Err(ConfigError::KernelMissing("/nonexistent/kernel".into()))
+    );
+}
+
+/// One model: what the CLI builds and what `vm.create` parses are the same values, reclaim
+/// policy included, and `vm.info`'s JSON parses back to the same configuration.
+#[test]
+fn cli_and_json_build_the_same_config() {
+    let k = kernel();
+    let dir = std::env::temp_dir();
+    let mut cli = VmConfig::new(k.clone().into());
+    cli.memory = MemoryConfig::parse("size=256M,shared=on,reclaim=on").unwrap();
+    cli.cpus = CpusConfig::parse("boot=2").unwrap();
+    cli.reclaim = ReclaimConfig::parse(&format!(
+        "interval_ms=100,idle_ms=200,target_pct=60,store={},compress=none,store_max=1G",
+        dir.display()
+    ))
+    .unwrap();
+    cli.user_devices
+        .push(UserDeviceConfig::parse_vio("socket=/tmp/v.sock,id=v0,poll_us=50").unwrap());
+    cli.serial = ConsoleMode::Null;
+    let json = VmConfig::from_json(&format!(
+        r#"{{"payload":{{"kernel":"{k}"}},"cpus":{{"boot_vcpus":2}},
+            "memory":{{"size":268435456,"shared":true,"reclaim":true}},
+            "reclaim":{{"interval_ms":100,"idle_ms":200,"target_pct":60,"store":"{}",
+                        "compress":"none","store_max":1073741824}},
+            "user_devices":[{{"socket":"/tmp/v.sock","id":"v0","vio":{{"mode":"snoop","poll_us":50}}}}]}}"#,
+        dir.display()
+    ))
+    .unwrap();
+    assert_eq!(json, cli);
+    assert_eq!(
+        VmConfig::from_json(&cli.to_json().to_string()).unwrap(),
+        cli
+    );
+    assert_eq!(cli.to_json()["reclaim"]["target_pct"], 60);
+    for (body, want) in [
+        (
+            r#""reclaim":{"target_pct":101}"#,
+            "target_pct must be 0..100",
+        ),
+        (r#""reclaim":{"compress":"zip"}"#, "unknown variant `zip`"),
+        (
+            r#""reclaim":{"store":"/nonexistent/dir"}"#,
+            "does not exist",
+        ),
+        (r#""reclaim":{"interval":5}"#, "unknown field `interval`"),
+    ] {
+        let e = VmConfig::from_json(&format!(r#"{{"payload":{{"kernel":"{k}"}},{body}}}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{body}: {e}");
+    }
+}
+
+#[test]
+fn defaults_are_the_models() {
+    let c = VmConfig::from_json(&format!(r#"{{"payload":{{"kernel":"{}"}}}}"#, kernel())).unwrap();
+    assert_eq!(c.memory, MemoryConfig::default());
+    assert_eq!(c.memory.size, 512 << 20);
+    assert_eq!((c.cpus.boot_vcpus, c.cpus.max_vcpus), (1, 1));
+    assert_eq!(c.reclaim, ReclaimConfig::default());
+    assert_eq!(
+        MemoryConfig::parse("shared=on").unwrap().size,
+        MemoryConfig::DEFAULT_SIZE
+    );
+}
