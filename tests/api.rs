@@ -12,10 +12,6 @@ use std::time::{Duration, Instant};
 
 const CH_REMOTE: &str = env!("CARGO_BIN_EXE_ch-remote");
 
-fn socket_path(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("vio-api-{}-{name}.sock", std::process::id()))
-}
-
 fn ch_remote(sock: &Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(CH_REMOTE)
         .arg("--api-socket")
@@ -49,18 +45,15 @@ fn state(sock: &Path) -> String {
         .to_string()
 }
 
-fn start_vmm(sock: &Path) -> Vm {
-    let vm = Vm::spawn(&[
-        "--api-socket".into(),
-        format!("path={}", sock.display()),
-        "-v".into(),
-    ]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(sock).is_err() {
-        assert!(Instant::now() < deadline, "API socket never appeared");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    vm
+/// A VMM with only an API socket, waiting for `vm.create`.
+fn start_vmm(name: &str) -> (Vm, PathBuf) {
+    let vm = VmBuilder::new(&format!("api-{name}"))
+        .no_payload()
+        .verbose()
+        .spawn();
+    vm.wait_api(Duration::from_secs(10));
+    let sock = vm.api_path().to_path_buf();
+    (vm, sock)
 }
 
 fn write_config(dir: &Path, disk: &TmpDisk, cmdline: &str) -> PathBuf {
@@ -93,17 +86,16 @@ fn lifecycle_through_ch_remote() {
     if !kvm_available("lifecycle_through_ch_remote") {
         return;
     }
-    let sock = socket_path("lifecycle");
     let disk = TmpDisk::new("api-life", 64 << 20);
     let cfg = write_config(
         &std::env::temp_dir(),
         &disk,
         "vio.workload=blk-verify vio.ops=100000000 vio.qd=16",
     );
-    let mut vm = start_vmm(&sock);
+    let (mut vm, sock) = start_vmm("lifecycle");
 
     let ping = ok_json(&sock, &["ping"]);
-    assert_eq!(ping["pid"].as_u64(), Some(u64::from(vm_pid(&sock))));
+    assert_eq!(ping["pid"].as_u64(), Some(u64::from(vm.pid())));
     assert!(
         ping["version"].is_string()
             && ping["build_version"].is_string()
@@ -160,11 +152,6 @@ fn lifecycle_through_ch_remote() {
     assert!(out.status.success(), "{}", out.describe());
     assert!(!out.stderr.contains("panicked"), "{}", out.describe());
     let _ = std::fs::remove_file(&cfg);
-    let _ = std::fs::remove_file(&sock);
-}
-
-fn vm_pid(sock: &Path) -> u32 {
-    ok_json(sock, &["ping"])["pid"].as_u64().unwrap() as u32
 }
 
 /// A pause while requests are in flight shows up in the guest's latency, and the run still
@@ -174,7 +161,6 @@ fn pause_gap_is_visible_to_the_guest() {
     if !kvm_available("pause_gap_is_visible_to_the_guest") {
         return;
     }
-    let sock = socket_path("gap");
     let disk = TmpDisk::new("api-gap", 64 << 20);
     let cfg = write_config(
         &std::env::temp_dir(),
@@ -183,7 +169,7 @@ fn pause_gap_is_visible_to_the_guest() {
         // the test thread is slow to see the first progress line (a loaded CI box).
         "vio.workload=blk-verify vio.ops=1500000 vio.rate=200000 vio.qd=16 vio.seed=5",
     );
-    let mut vm = start_vmm(&sock);
+    let (mut vm, sock) = start_vmm("gap");
     ok(&sock, &["create", cfg.to_str().unwrap()]);
     ok(&sock, &["boot"]);
     vm.wait_line("VIO-GUEST-PROGRESS", Duration::from_secs(60))
@@ -232,8 +218,7 @@ fn every_error_class_and_the_server_keeps_serving() {
     if !kvm_available("every_error_class_and_the_server_keeps_serving") {
         return;
     }
-    let sock = socket_path("errors");
-    let vm = start_vmm(&sock);
+    let (vm, sock) = start_vmm("errors");
     let kernel = guest_elf();
     let k = kernel.display();
 
@@ -388,12 +373,11 @@ fn every_error_class_and_the_server_keeps_serving() {
     let out = vm.finish(Duration::from_secs(30));
     assert!(out.status.success(), "{}", out.describe());
     assert!(!out.stderr.contains("panicked"), "{}", out.describe());
-    let _ = std::fs::remove_file(&sock);
 }
 
 #[test]
 fn ch_remote_reports_errors() {
-    let sock = socket_path("nobody");
+    let sock = std::env::temp_dir().join(format!("vio-api-{}-nobody.sock", std::process::id()));
     let (okay, _, err) = ch_remote(&sock, &["ping"]);
     assert!(!okay);
     assert!(err.contains("Failed to connect"), "{err}");

@@ -16,7 +16,10 @@ fn blk_verify(name: &str, qd: u32, indirect: u32, event_idx: u32) {
     let ops = 20_000;
     let cmdline =
         format!("vio.workload=blk-verify vio.ops={ops} vio.qd={qd} vio.indirect={indirect} vio.event_idx={event_idx} vio.seed=7");
-    let out = run(&boot_args("size=512M", &cmdline, &[&disk]), TIMEOUT);
+    let out = VmBuilder::new(name)
+        .cmdline(&cmdline)
+        .disk(&disk)
+        .run(TIMEOUT);
     assert!(out.status.success(), "{}", out.describe());
     let r = out.result();
     assert_eq!(r["workload"], "blk-verify");
@@ -83,7 +86,11 @@ fn blk_verify_detects_corruption() {
     // 16 blocks: every one is written within the first second and read again after.
     let disk = TmpDisk::new("corrupt", 16 * 4096);
     let cmdline = "vio.workload=blk-verify vio.ops=300000 vio.qd=1 vio.rate=50000 vio.seed=3";
-    let mut vm = Vm::spawn(&boot_args("size=256M", cmdline, &[&disk]));
+    let mut vm = VmBuilder::new("corrupt")
+        .memory("size=256M")
+        .cmdline(cmdline)
+        .disk(&disk)
+        .spawn();
     vm.wait_line("VIO-GUEST-PROGRESS", Duration::from_secs(60))
         .expect("guest makes progress");
     std::fs::write(&disk.path, vec![0xa5u8; 16 * 4096]).unwrap();
@@ -100,14 +107,10 @@ fn mem_verify_64m() {
     if !kvm_available("mem_verify_64m") {
         return;
     }
-    let out = run(
-        &boot_args(
-            "size=256M",
-            "vio.workload=mem-verify vio.mem_mb=64 vio.rounds=3 vio.idle_ms=20",
-            &[],
-        ),
-        TIMEOUT,
-    );
+    let out = VmBuilder::new("mem64")
+        .memory("size=256M")
+        .cmdline("vio.workload=mem-verify vio.mem_mb=64 vio.rounds=3 vio.idle_ms=20")
+        .run(TIMEOUT);
     assert!(out.status.success(), "{}", out.describe());
     let r = out.result();
     assert_eq!(r["workload"], "mem-verify");
@@ -120,10 +123,10 @@ fn mem_verify_larger_than_ram_is_an_error() {
     if !kvm_available("mem_verify_larger_than_ram_is_an_error") {
         return;
     }
-    let out = run(
-        &boot_args("size=64M", "vio.workload=mem-verify vio.mem_mb=128", &[]),
-        TIMEOUT,
-    );
+    let out = VmBuilder::new("mem-too-large")
+        .memory("size=64M")
+        .cmdline("vio.workload=mem-verify vio.mem_mb=128")
+        .run(TIMEOUT);
     assert!(
         out.status.success(),
         "guest reports the error and powers off: {}",
@@ -144,10 +147,10 @@ fn guest_triple_fault_exits_nonzero() {
     if !kvm_available("guest_triple_fault_exits_nonzero") {
         return;
     }
-    let out = run(
-        &boot_args("size=64M", "vio.workload=triple-fault", &[]),
-        TIMEOUT,
-    );
+    let out = VmBuilder::new("triple-fault")
+        .memory("size=64M")
+        .cmdline("vio.workload=triple-fault")
+        .run(TIMEOUT);
     assert_eq!(out.status.code(), Some(1), "{}", out.describe());
     assert!(out.stderr.contains("triple fault"), "{}", out.describe());
 }
@@ -158,13 +161,12 @@ fn two_vcpus_boot() {
         return;
     }
     let disk = TmpDisk::new("smp", 8 << 20);
-    let mut args = boot_args(
-        "size=128M",
-        "vio.workload=blk-verify vio.ops=2000 vio.qd=4",
-        &[&disk],
-    );
-    args.extend(["--cpus".to_string(), "boot=2".to_string()]);
-    let out = run(&args, TIMEOUT);
+    let out = VmBuilder::new("smp")
+        .memory("size=128M")
+        .cmdline("vio.workload=blk-verify vio.ops=2000 vio.qd=4")
+        .disk(&disk)
+        .flag("--cpus", "boot=2")
+        .run(TIMEOUT);
     assert!(out.status.success(), "{}", out.describe());
     assert_eq!(u(&out.result(), "mismatches"), 0);
 }
@@ -175,13 +177,11 @@ fn readonly_disk_fails_writes_only() {
         return;
     }
     let disk = TmpDisk::new("ro", 8 << 20);
-    let mut args = boot_args(
-        "size=128M",
-        "vio.workload=blk-verify vio.ops=1000 vio.qd=1 vio.write_pct=50",
-        &[],
-    );
-    args.extend(["--disk".to_string(), format!("{},readonly=on", disk.arg())]);
-    let out = run(&args, TIMEOUT);
+    let out = VmBuilder::new("ro")
+        .memory("size=128M")
+        .cmdline("vio.workload=blk-verify vio.ops=1000 vio.qd=1 vio.write_pct=50")
+        .flag("--disk", &format!("{},readonly=on", disk.arg()))
+        .run(TIMEOUT);
     assert!(out.status.success(), "{}", out.describe());
     let r = out.result();
     // Every write fails with IOERR (plus the final flush is fine); reads succeed.
@@ -195,13 +195,11 @@ fn boot_progress_is_logged() {
     if !kvm_available("boot_progress_is_logged") {
         return;
     }
-    let mut args = boot_args(
-        "size=64M",
-        "vio.workload=mem-verify vio.mem_mb=1 vio.rounds=1",
-        &[],
-    );
-    args.push("-v".into());
-    let out = run(&args, TIMEOUT);
+    let out = VmBuilder::new("progress")
+        .memory("size=64M")
+        .cmdline("vio.workload=mem-verify vio.mem_mb=1 vio.rounds=1")
+        .verbose()
+        .run(TIMEOUT);
     assert!(out.status.success(), "{}", out.describe());
     assert!(
         out.stderr.contains("Guest boot progress: code 0x40"),

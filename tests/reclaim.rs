@@ -4,14 +4,9 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(180);
-
-fn api_sock(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("vio-reclaim-{}-{name}.sock", std::process::id()))
-}
 
 /// mem-verify over 75% of RAM while the policy reclaimer runs and vm.reclaim is called every
 /// 100 ms: every page verifies, pages really come back through faults, and the host gets the
@@ -21,20 +16,13 @@ fn mem_verify_under_reclaim() {
     if !kvm_available("mem_verify_under_reclaim") {
         return;
     }
-    let sock = api_sock("mem");
-    let mut args = boot_args(
-        "size=512M,shared=on,reclaim=on",
-        "vio.workload=mem-verify vio.mem_mb=384 vio.rounds=2 vio.idle_ms=2500",
-        &[],
-    );
-    args.extend([
-        "--reclaim".into(),
-        "interval_ms=200,idle_ms=300,target_pct=70".into(),
-        "--api-socket".into(),
-        sock.display().to_string(),
-        "-v".into(),
-    ]);
-    let mut vm = Vm::spawn(&args);
+    let mut vm = VmBuilder::new("reclaim-mem")
+        .memory("size=512M,shared=on,reclaim=on")
+        .cmdline("vio.workload=mem-verify vio.mem_mb=384 vio.rounds=2 vio.idle_ms=2500")
+        .reclaim("interval_ms=200,idle_ms=300,target_pct=70")
+        .api_socket()
+        .verbose()
+        .spawn();
     vm.wait_line("VIO-GUEST-BOOT", Duration::from_secs(60))
         .expect("guest boots");
     let pid = vm_pid(&vm);
@@ -43,7 +31,7 @@ fn mem_verify_under_reclaim() {
     let start = Instant::now();
     let mut calls = 0;
     while start.elapsed() < TIMEOUT {
-        let (status, body) = api(&sock, "PUT", "vm.reclaim", r#"{"bytes": 67108864}"#);
+        let (status, body) = vm.api("PUT", "vm.reclaim", r#"{"bytes": 67108864}"#);
         if status == 0 {
             break; // the VMM exited
         }
@@ -78,7 +66,6 @@ fn mem_verify_under_reclaim() {
         reclaimed >= working_set,
         "reclaimed {reclaimed} bytes in all"
     );
-    let _ = std::fs::remove_file(&sock);
 }
 
 fn vm_pid(vm: &Vm) -> u32 {
@@ -92,21 +79,19 @@ fn blk_verify_emulated_under_reclaim() {
     if !kvm_available("blk_verify_emulated_under_reclaim") {
         return;
     }
-    let sock = api_sock("blk");
     let disk = TmpDisk::new("reclaim-blk", 64 << 20);
-    let cmdline = "vio.workload=blk-verify vio.ops=200000 vio.qd=16 vio.pool_pages=8192 vio.rate=60000 vio.seed=8";
-    let mut args = boot_args("size=512M,shared=on,reclaim=on", cmdline, &[&disk]);
-    args.extend([
-        "--api-socket".into(),
-        sock.display().to_string(),
-        "-v".into(),
-    ]);
-    let mut vm = Vm::spawn(&args);
+    let mut vm = VmBuilder::new("reclaim-blk")
+        .memory("size=512M,shared=on,reclaim=on")
+        .cmdline("vio.workload=blk-verify vio.ops=200000 vio.qd=16 vio.pool_pages=8192 vio.rate=60000 vio.seed=8")
+        .disk(&disk)
+        .api_socket()
+        .verbose()
+        .spawn();
     vm.wait_line("VIO-GUEST-BOOT", Duration::from_secs(60))
         .expect("guest boots");
     let mut reclaimed = 0u64;
     loop {
-        let (status, body) = api(&sock, "PUT", "vm.reclaim", r#"{"bytes": 268435456}"#);
+        let (status, body) = vm.api("PUT", "vm.reclaim", r#"{"bytes": 268435456}"#);
         if status == 0 {
             break;
         }
@@ -124,7 +109,6 @@ fn blk_verify_emulated_under_reclaim() {
     assert!(reclaimed > 64 << 20, "reclaimed only {reclaimed}");
     let m = logged_counters(&out.stderr, "memory");
     assert!(m["cpu_refaults"].as_u64().unwrap() > 0, "{m}");
-    let _ = std::fs::remove_file(&sock);
 }
 
 #[test]
@@ -138,21 +122,74 @@ fn reclaim_requires_shared_memory_and_enablement() {
     if !kvm_available("reclaim_requires_shared_memory_and_enablement") {
         return;
     }
-    let sock = api_sock("off");
-    let mut args = boot_args(
-        "size=128M,shared=on",
-        "vio.workload=mem-verify vio.mem_mb=8 vio.rounds=1000 vio.idle_ms=10",
-        &[],
-    );
-    args.extend(["--api-socket".into(), sock.display().to_string()]);
-    let mut vm = Vm::spawn(&args);
+    let mut vm = VmBuilder::new("reclaim-off")
+        .memory("size=128M,shared=on")
+        .cmdline("vio.workload=mem-verify vio.mem_mb=8 vio.rounds=1000 vio.idle_ms=10")
+        .api_socket()
+        .spawn();
     vm.wait_line("VIO-GUEST-BOOT", Duration::from_secs(30))
         .unwrap();
-    let (status, body) = api(&sock, "PUT", "vm.reclaim", r#"{"bytes": 4096}"#);
+    let (status, body) = vm.api("PUT", "vm.reclaim", r#"{"bytes": 4096}"#);
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("not enabled"), "{body}");
-    assert_eq!(api(&sock, "PUT", "vm.reclaim", r#"{"byte": 1}"#).0, 400);
-    assert_eq!(api(&sock, "PUT", "vmm.shutdown", "").0, 204);
+    assert_eq!(vm.api("PUT", "vm.reclaim", r#"{"byte": 1}"#).0, 400);
+    assert_eq!(vm.api("PUT", "vmm.shutdown", "").0, 204);
     let _ = vm.finish(TIMEOUT);
-    let _ = std::fs::remove_file(&sock);
+}
+
+/// A VM created through the API (`vm.create` JSON) with a reclaim policy: the policy is the one
+/// the JSON asked for (`vm.info` reports it) and it acts on its own, with no `vm.reclaim` call,
+/// up to its target and no further (30% of RAM, where the default would take 50%).
+#[test]
+fn reclaim_policy_set_through_the_api_acts() {
+    if !kvm_available("reclaim_policy_set_through_the_api_acts") {
+        return;
+    }
+    const RAM: u64 = 256 << 20;
+    let mut vm = VmBuilder::new("reclaim-api").no_payload().verbose().spawn();
+    vm.wait_api(Duration::from_secs(10));
+    let config = serde_json::json!({
+        "payload": {
+            "kernel": guest_elf(),
+            "cmdline": "vio.workload=mem-verify vio.mem_mb=160 vio.rounds=1 vio.idle_ms=8000",
+        },
+        "memory": {"size": RAM, "shared": true, "reclaim": true},
+        "reclaim": {"interval_ms": 100, "idle_ms": 200, "target_pct": 30},
+        "serial": {"mode": "Tty"},
+    });
+    let (status, body) = vm.api("PUT", "vm.create", &config.to_string());
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = vm.api("GET", "vm.info", "");
+    assert_eq!(status, 200, "{body}");
+    let info: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(info["config"]["reclaim"]["target_pct"], 30, "{info}");
+    assert_eq!(vm.api("PUT", "vm.boot", "").0, 204);
+    vm.wait_line("VIO-GUEST-BOOT", Duration::from_secs(60))
+        .expect("guest boots");
+    let mut most = 0;
+    loop {
+        let (status, body) = vm.api("GET", "vm.counters", "");
+        if status != 200 {
+            break; // the guest powered off
+        }
+        let c: Value = serde_json::from_str(&body).unwrap();
+        most = most.max(c["memory"]["reclaimed_bytes"].as_u64().unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = vm.finish(TIMEOUT);
+    assert!(out.status.success(), "{}", out.describe());
+    let r = out.result();
+    assert_eq!(u(&r, "mismatches"), 0, "{r}");
+    // The policy works in whole pages.
+    let target = (RAM * 30 / 100).next_multiple_of(4096);
+    assert!(
+        most >= 60 << 20,
+        "the policy reclaimed at most {most} bytes of the idle 160 MiB"
+    );
+    assert!(
+        most <= target,
+        "{most} bytes reclaimed: past the 30% target ({target})"
+    );
+    let m = logged_counters(&out.stderr, "memory");
+    assert_eq!(m["reclaim_runs"].as_u64().map(|n| n > 0), Some(true), "{m}");
 }

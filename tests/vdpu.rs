@@ -15,13 +15,16 @@ fn passthrough_blk_verify(name: &str, qd: u32, indirect: u32, io_fds: bool) -> (
     let cmdline = format!(
         "vio.workload=blk-verify vio.ops=20000 vio.qd={qd} vio.indirect={indirect} vio.seed=11"
     );
-    let mut args = boot_args("size=512M,shared=on", &cmdline, &[]);
-    args.extend([
-        "--user-device".into(),
-        vdpu.arg(if io_fds { "" } else { ",io_fds=off" }),
-        "-v".into(),
-    ]);
-    let out = run(&args, TIMEOUT);
+    let out = VmBuilder::new(name)
+        .memory("size=512M,shared=on")
+        .cmdline(&cmdline)
+        .device(
+            "--user-device",
+            &vdpu,
+            if io_fds { "" } else { ",io_fds=off" },
+        )
+        .verbose()
+        .run(TIMEOUT);
     assert!(out.status.success(), "{}", out.describe());
     let r = out.result();
     assert_eq!(u(&r, "ops"), 20_000);
@@ -113,19 +116,13 @@ fn vdpu_killed_mid_run() {
     }
     let disk = TmpDisk::new("kill", 64 << 20);
     let mut vdpu = Vdpu::start("kill", &disk);
-    let api = std::env::temp_dir().join(format!("vio-kill-{}.sock", std::process::id()));
-    let mut args = boot_args(
-        "size=256M,shared=on",
-        "vio.workload=blk-verify vio.ops=100000000 vio.qd=8",
-        &[],
-    );
-    args.extend([
-        "--user-device".into(),
-        vdpu.arg(""),
-        "--api-socket".into(),
-        api.display().to_string(),
-    ]);
-    let mut vm = Vm::spawn(&args);
+    let mut vm = VmBuilder::new("kill")
+        .memory("size=256M,shared=on")
+        .cmdline("vio.workload=blk-verify vio.ops=100000000 vio.qd=8")
+        .device("--user-device", &vdpu, "")
+        .api_socket()
+        .spawn();
+    let api = vm.api_path().to_path_buf();
     vm.wait_line("VIO-GUEST-PROGRESS", Duration::from_secs(60))
         .expect("guest runs");
     vdpu.child.kill().unwrap();
@@ -163,7 +160,6 @@ fn vdpu_killed_mid_run() {
         out.describe()
     );
     assert!(!out.stderr.contains("panicked"), "{}", out.describe());
-    let _ = std::fs::remove_file(&api);
 }
 
 /// The problem VIO solves, shown: pages the guest uses for DMA are unmapped from the device
@@ -176,22 +172,17 @@ fn dma_unmap_mid_run_causes_iopf() {
     }
     let disk = TmpDisk::new("iopf", 64 << 20);
     let vdpu = Vdpu::start("iopf", &disk);
-    let api_sock = std::env::temp_dir().join(format!("vio-iopf-{}.sock", std::process::id()));
-    let cmdline = "vio.workload=blk-verify vio.ops=600000 vio.qd=16 vio.pool_pages=2048 vio.seed=4";
-    let mut args = boot_args("size=512M,shared=on", cmdline, &[]);
-    args.extend([
-        "--user-device".into(),
-        vdpu.arg(""),
-        "--api-socket".into(),
-        api_sock.display().to_string(),
-        "-v".into(),
-    ]);
-    let mut vm = Vm::spawn(&args);
+    let mut vm = VmBuilder::new("iopf")
+        .memory("size=512M,shared=on")
+        .cmdline("vio.workload=blk-verify vio.ops=600000 vio.qd=16 vio.pool_pages=2048 vio.seed=4")
+        .device("--user-device", &vdpu, "")
+        .api_socket()
+        .verbose()
+        .spawn();
     vm.wait_line("VIO-GUEST-INFO", Duration::from_secs(60))
         .expect("guest drives the device");
     // Data buffers are spread over all of RAM; the rings sit low. Revoke the upper half.
-    let (status, resp) = api(
-        &api_sock,
+    let (status, resp) = vm.api(
         "PUT",
         "vm.dma-unmap",
         r#"{"id":"dpu0","iova":268435456,"size":268435456}"#,
@@ -217,7 +208,6 @@ fn dma_unmap_mid_run_causes_iopf() {
         (256 << 20..512 << 20).contains(&iova),
         "faults are in the unmapped range: {iova:#x}"
     );
-    let _ = std::fs::remove_file(&api_sock);
 }
 
 /// The service-time model: every request takes at least `latency_us`, and requests overlap.
@@ -229,13 +219,11 @@ fn vdpu_latency_model() {
     let disk = TmpDisk::new("lat", 16 << 20);
     let vdpu = Vdpu::start_with("lat", &disk, ",latency_us=2000");
     let run_qd = |qd: u32| {
-        let mut args = boot_args(
-            "size=256M,shared=on",
-            &format!("vio.workload=blk-verify vio.ops=400 vio.qd={qd}"),
-            &[],
-        );
-        args.extend(["--user-device".into(), vdpu.arg("")]);
-        let out = run(&args, TIMEOUT);
+        let out = VmBuilder::new(&format!("lat{qd}"))
+            .memory("size=256M,shared=on")
+            .cmdline(&format!("vio.workload=blk-verify vio.ops=400 vio.qd={qd}"))
+            .device("--user-device", &vdpu, "")
+            .run(TIMEOUT);
         assert!(out.status.success(), "{}", out.describe());
         let r = out.result();
         assert_eq!(u(&r, "mismatches"), 0);
@@ -260,6 +248,10 @@ fn vdpu_latency_model() {
 /// Reclaim under plain passthrough: every DMA-mapped page is pinned, so nothing is reclaimed and
 /// the report says why. With the unsafe switch cold pages are DMA-unmapped and reclaimed anyway:
 /// the device hits IOPFs it cannot resolve and the guest sees I/O errors.
+///
+/// Deterministic: the guest is paced so that most of its 4096 data buffers go untouched for a
+/// whole sampling round (cold), and the test reclaims them and keeps doing so until the device
+/// has faulted on one, which it must as soon as the guest reuses a reclaimed buffer.
 #[test]
 fn reclaim_under_passthrough() {
     if !kvm_available("reclaim_under_passthrough") {
@@ -267,28 +259,34 @@ fn reclaim_under_passthrough() {
     }
     let disk = TmpDisk::new("reclaim-pt", 64 << 20);
     let vdpu = Vdpu::start("reclaim-pt", &disk);
-    let api_path = std::env::temp_dir().join(format!("vio-rpt-{}.sock", std::process::id()));
-    let cmdline = "vio.workload=blk-verify vio.ops=400000 vio.qd=16 vio.pool_pages=4096 vio.seed=2";
-    let mut args = boot_args("size=512M,shared=on,reclaim=on", cmdline, &[]);
-    // Sampling only (target 0): the policy finds cold pages but reclaims nothing itself.
-    args.extend([
-        "--reclaim".into(),
-        "interval_ms=100,idle_ms=200,target_pct=0".into(),
-    ]);
-    args.extend([
-        "--user-device".into(),
-        vdpu.arg(""),
-        "--api-socket".into(),
-        api_path.display().to_string(),
-        "-v".into(),
-    ]);
-    let mut vm = Vm::spawn(&args);
+    let mut vm = VmBuilder::new("reclaim-pt")
+        .memory("size=512M,shared=on,reclaim=on")
+        .cmdline("vio.workload=blk-verify vio.ops=30000 vio.rate=2000 vio.qd=16 vio.pool_pages=4096 vio.seed=2")
+        // Sampling only (target 0): the policy finds cold pages but reclaims nothing itself.
+        .reclaim("interval_ms=100,idle_ms=200,target_pct=0")
+        .device("--user-device", &vdpu, "")
+        .api_socket()
+        .verbose()
+        .spawn();
     vm.wait_line("VIO-GUEST-INFO", Duration::from_secs(60))
         .expect("guest drives the device");
-    std::thread::sleep(Duration::from_millis(700));
-    let (status, body) = api(&api_path, "PUT", "vm.reclaim", r#"{"bytes": 268435456}"#);
-    assert_eq!(status, 200, "{body}");
-    let rep: Value = serde_json::from_str(&body).unwrap();
+    let reclaim = |body: &str| -> Value {
+        let (status, resp) = vm.api("PUT", "vm.reclaim", body);
+        assert_eq!(status, 200, "{resp}");
+        serde_json::from_str(&resp).unwrap()
+    };
+    // Two sampling rounds, so that "cold" means something.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let counters = || -> Value {
+        let (status, body) = vm.api("GET", "vm.counters", "");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    while counters()["memory"]["sample_runs"].as_u64().unwrap() < 3 {
+        assert!(Instant::now() < deadline, "the policy never sampled");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rep = reclaim(r#"{"bytes": 268435456}"#);
     assert_eq!(rep["reclaimed_bytes"].as_u64(), Some(0), "{rep}");
     assert!(rep["skipped_pinned_bytes"].as_u64().unwrap() > 0, "{rep}");
     assert!(
@@ -298,16 +296,18 @@ fn reclaim_under_passthrough() {
             .contains("passthrough device dpu0"),
         "{rep}"
     );
-    // Few enough that only cold pages go (idle data buffers, not the vrings the guest keeps hot).
-    let (status, body) = api(
-        &api_path,
-        "PUT",
-        "vm.reclaim",
-        r#"{"bytes": 1048576, "unsafe_unmap_dma": true}"#,
-    );
-    assert_eq!(status, 200, "{body}");
-    let rep: Value = serde_json::from_str(&body).unwrap();
-    assert!(rep["reclaimed_bytes"].as_u64().unwrap() > 0, "{rep}");
+    // Cold pages only: idle data buffers, not the vrings the guest keeps hot.
+    let mut taken = 0;
+    while counters()["dpu0"]["iopf"].as_u64().unwrap() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the device never touched a reclaimed page ({taken} bytes reclaimed)"
+        );
+        let rep = reclaim(r#"{"bytes": 268435456, "unsafe_unmap_dma": true}"#);
+        taken += rep["reclaimed_bytes"].as_u64().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(taken > 0);
     let out = vm.finish(TIMEOUT);
     assert!(out.status.success(), "{}", out.describe());
     let r = out.result();
@@ -317,5 +317,4 @@ fn reclaim_under_passthrough() {
     assert!(c["iopf"].as_u64().unwrap() > 0, "{c}");
     let m = logged_counters(&out.stderr, "memory");
     assert!(m["pinned_bytes"].as_u64().unwrap() > 0, "{m}");
-    let _ = std::fs::remove_file(&api_path);
 }

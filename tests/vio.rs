@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,31 +65,24 @@ struct Run {
     stderr: String,
 }
 
-fn api_path(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("vio-{name}-{}.sock", std::process::id()))
-}
-
 /// blk-verify against vdpu as `dev_flag` (`--vio` or `--user-device`), with reclaim churn when
 /// `churn` is Some(unsafe_unmap_dma).
 fn blk_verify(name: &str, dev_flag: &str, cmdline: &str, churn: Option<bool>) -> Run {
     let disk = TmpDisk::new(name, 64 << 20);
     let vdpu = Vdpu::start(name, &disk);
-    let api = api_path(name);
-    let mut args = boot_args("size=512M,shared=on,reclaim=on", cmdline, &[]);
-    args.extend([
-        dev_flag.into(),
-        vdpu.arg(""),
-        "--api-socket".into(),
-        api.display().to_string(),
-        "-v".into(),
-    ]);
-    let mut vm = Vm::spawn(&args);
+    let mut vm = VmBuilder::new(name)
+        .memory("size=512M,shared=on,reclaim=on")
+        .cmdline(cmdline)
+        .device(dev_flag, &vdpu, "")
+        .api_socket()
+        .verbose()
+        .spawn();
     vm.wait_line("VIO-GUEST-INFO", Duration::from_secs(60))
         .expect("guest drives the device");
-    let churn = churn.map(|unsafe_unmap_dma| Churn::start(&api, vm.pid(), unsafe_unmap_dma));
+    let churn =
+        churn.map(|unsafe_unmap_dma| Churn::start(vm.api_path(), vm.pid(), unsafe_unmap_dma));
     let out = vm.finish(TIMEOUT);
     let passes = churn.map(Churn::finish).unwrap_or_default();
-    let _ = std::fs::remove_file(&api);
     assert!(out.status.success(), "{}", out.describe());
     Run {
         result: out.line_json("VIO-GUEST-RESULT").unwrap_or_default(),
@@ -280,23 +273,18 @@ fn vio_and_passthrough_devices_survive_a_reboot() {
         let name = format!("reboot{}", flag.len());
         let disk = TmpDisk::new(&name, 64 << 20);
         let vdpu = Vdpu::start(&name, &disk);
-        let api_sock = api_path(&name);
-        let cmd = "vio.workload=blk-verify vio.ops=150000 vio.rate=50000 vio.qd=16 vio.seed=12";
-        let mut args = boot_args("size=512M,shared=on,reclaim=on", cmd, &[]);
-        args.extend([
-            flag.into(),
-            vdpu.arg(""),
-            "--api-socket".into(),
-            api_sock.display().to_string(),
-            "-v".into(),
-        ]);
-        let mut vm = Vm::spawn(&args);
+        let mut vm = VmBuilder::new(&name)
+            .memory("size=512M,shared=on,reclaim=on")
+            .cmdline("vio.workload=blk-verify vio.ops=150000 vio.rate=50000 vio.qd=16 vio.seed=12")
+            .device(flag, &vdpu, "")
+            .api_socket()
+            .verbose()
+            .spawn();
         vm.wait_line("VIO-GUEST-PROGRESS", Duration::from_secs(60))
             .expect("guest drives the device");
-        let (status, body) = api(&api_sock, "PUT", "vm.reboot", "");
+        let (status, body) = vm.api("PUT", "vm.reboot", "");
         assert_eq!(status, 204, "{flag}: {body}");
         let out = vm.finish(TIMEOUT);
-        let _ = std::fs::remove_file(&api_sock);
         assert!(out.status.success(), "{flag}: {}", out.describe());
         assert_eq!(
             out.stdout

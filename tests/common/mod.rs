@@ -78,12 +78,14 @@ fn unique() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
-/// A running VMM whose serial output (stdout) is read line by line.
+/// A running VMM whose serial output (stdout) is read line by line. Dropping it kills the VMM
+/// if it still runs and removes its API socket, so a failing test leaves nothing behind.
 pub struct Vm {
     pub child: Child,
     lines: Receiver<String>,
-    stderr: std::thread::JoinHandle<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
     pub stdout: Vec<String>,
+    api: Option<PathBuf>,
 }
 
 pub struct Outcome {
@@ -156,13 +158,33 @@ impl Vm {
         Vm {
             child,
             lines,
-            stderr,
+            stderr: Some(stderr),
             stdout: Vec::new(),
+            api: None,
         }
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The API socket (the VM was built with `VmBuilder::api_socket`).
+    pub fn api_path(&self) -> &Path {
+        self.api.as_deref().expect("the VM has an API socket")
+    }
+
+    /// One request to the VM's API socket: (status, body); status 0 once the VMM is gone.
+    pub fn api(&self, method: &str, endpoint: &str, body: &str) -> (u16, String) {
+        api(self.api_path(), method, endpoint, body)
+    }
+
+    /// Waits until the API socket accepts connections.
+    pub fn wait_api(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while std::os::unix::net::UnixStream::connect(self.api_path()).is_err() {
+            assert!(Instant::now() < deadline, "API socket never appeared");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits for a stdout line starting with `prefix`.
@@ -192,7 +214,7 @@ impl Vm {
             if Instant::now() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                let stderr = self.stderr.join().unwrap_or_default();
+                let stderr = self.stderr.take().unwrap().join().unwrap_or_default();
                 panic!(
                     "VMM did not exit within {timeout:?}\nstdout:\n{}\nstderr:\n{stderr}",
                     self.stdout.join("\n")
@@ -203,12 +225,136 @@ impl Vm {
         while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(2)) {
             self.stdout.push(l);
         }
-        let stderr = self.stderr.join().unwrap_or_default();
+        let stderr = self.stderr.take().unwrap().join().unwrap_or_default();
         Outcome {
             status,
-            stdout: self.stdout,
+            stdout: std::mem::take(&mut self.stdout),
             stderr,
         }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if let Some(p) = &self.api {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A VMM command line for the test guest: memory, command line, devices, flags, API socket.
+pub struct VmBuilder {
+    name: String,
+    memory: String,
+    cmdline: String,
+    flags: Vec<(String, String)>,
+    payload: bool,
+    api: bool,
+    verbose: bool,
+}
+
+impl VmBuilder {
+    /// `name` tells this VM's files apart from other tests'.
+    pub fn new(name: &str) -> Self {
+        VmBuilder {
+            name: name.to_string(),
+            memory: "size=512M".into(),
+            cmdline: String::new(),
+            flags: Vec::new(),
+            payload: true,
+            api: false,
+            verbose: false,
+        }
+    }
+
+    pub fn memory(mut self, memory: &str) -> Self {
+        self.memory = memory.into();
+        self
+    }
+
+    pub fn cmdline(mut self, cmdline: &str) -> Self {
+        self.cmdline = cmdline.into();
+        self
+    }
+
+    /// Any other `--flag value`.
+    pub fn flag(mut self, flag: &str, value: &str) -> Self {
+        self.flags.push((flag.into(), value.into()));
+        self
+    }
+
+    pub fn disk(self, disk: &TmpDisk) -> Self {
+        let arg = disk.arg();
+        self.flag("--disk", &arg)
+    }
+
+    /// `vdpu` passed through as `flag` (`--user-device` or `--vio`), id `dpu0`, plus `extra`
+    /// options (",io_fds=off").
+    pub fn device(self, flag: &str, vdpu: &Vdpu, extra: &str) -> Self {
+        let arg = vdpu.arg(extra);
+        self.flag(flag, &arg)
+    }
+
+    pub fn reclaim(self, policy: &str) -> Self {
+        self.flag("--reclaim", policy)
+    }
+
+    pub fn api_socket(mut self) -> Self {
+        self.api = true;
+        self
+    }
+
+    /// No kernel: the VMM waits for `vm.create` and `vm.boot` on its API socket.
+    pub fn no_payload(mut self) -> Self {
+        self.payload = false;
+        self.api_socket()
+    }
+
+    /// `-v`: the VMM logs each device's counters when it stops the VM (`logged_counters`).
+    pub fn verbose(mut self) -> Self {
+        self.verbose = true;
+        self
+    }
+
+    fn api_path(&self) -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "vio-test-{}-{}.sock",
+            std::process::id(),
+            self.name
+        ))
+    }
+
+    pub fn args(&self) -> Vec<String> {
+        let mut a = if self.payload {
+            boot_args(&self.memory, &self.cmdline, &[])
+        } else {
+            Vec::new()
+        };
+        for (f, v) in &self.flags {
+            a.extend([f.clone(), v.clone()]);
+        }
+        if self.api {
+            a.extend(["--api-socket".into(), self.api_path().display().to_string()]);
+        }
+        if self.verbose {
+            a.push("-v".into());
+        }
+        a
+    }
+
+    pub fn spawn(self) -> Vm {
+        let mut vm = Vm::spawn(&self.args());
+        vm.api = self.api.then(|| self.api_path());
+        vm
+    }
+
+    /// Runs the VM to completion.
+    pub fn run(self, timeout: Duration) -> Outcome {
+        self.spawn().finish(timeout)
     }
 }
 

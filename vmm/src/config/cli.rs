@@ -4,7 +4,7 @@
 
 use super::{
     Compression, ConfigError, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, ReclaimConfig,
-    UserDeviceConfig, VioConfig, VioMode,
+    Refused, UserDeviceConfig, VioConfig, VioMode,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -50,8 +50,12 @@ impl OptionParser {
     }
 
     /// The model's check of a parsed value, as an error about this option.
-    fn checked<T>(&self, v: T, check: impl Fn(&T) -> Result<(), String>) -> Result<T, ConfigError> {
-        check(&v).map_err(|r| self.error(&r))?;
+    fn checked<T>(
+        &self,
+        v: T,
+        check: impl Fn(&T) -> Result<(), Refused>,
+    ) -> Result<T, ConfigError> {
+        check(&v).map_err(|r| self.error(&r.reason))?;
         Ok(v)
     }
 

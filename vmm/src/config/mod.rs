@@ -35,6 +35,27 @@ pub enum ConfigError {
     Json(String),
 }
 
+/// A value a check refused: the field (within its part of the configuration) and why.
+#[derive(Debug)]
+pub(crate) struct Refused {
+    field: &'static str,
+    reason: String,
+}
+
+fn refuse(field: &'static str, reason: impl Into<String>) -> Result<(), Refused> {
+    Err(Refused {
+        field,
+        reason: reason.into(),
+    })
+}
+
+impl Refused {
+    /// As an error about `part.field` of the JSON configuration.
+    fn at(self, part: &str) -> ConfigError {
+        invalid(&format!("{part}.{}", self.field), self.reason)
+    }
+}
+
 pub(crate) fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.to_string(),
@@ -62,16 +83,17 @@ pub struct MemoryConfig {
 impl MemoryConfig {
     pub const DEFAULT_SIZE: u64 = 512 << 20;
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), Refused> {
         if self.size < (16 << 20) || !self.size.is_multiple_of(4096) {
-            return Err("size must be at least 16M and a multiple of 4K".into());
+            return refuse("size", "size must be at least 16M and a multiple of 4K");
         }
         if self.size > (1 << 40) {
-            return Err("size must be at most 1T".into());
+            return refuse("size", "size must be at most 1T");
         }
         if self.reclaim && !self.shared {
-            return Err(
-                "reclaim needs shared memory (reclaim frees pages of the shared memfd)".into(),
+            return refuse(
+                "reclaim",
+                "reclaim needs shared=on (reclaim frees pages of the shared memfd)",
             );
         }
         Ok(())
@@ -103,12 +125,12 @@ impl CpusConfig {
         }
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), Refused> {
         if self.boot_vcpus == 0 {
-            return Err("boot must be at least 1".into());
+            return refuse("boot_vcpus", "boot must be at least 1");
         }
         if self.max_vcpus != 0 && self.max_vcpus < self.boot_vcpus {
-            return Err("max must not be below boot".into());
+            return refuse("max_vcpus", "max must not be below boot");
         }
         Ok(())
     }
@@ -146,12 +168,12 @@ impl DiskConfig {
         virtio_devices::block::DEFAULT_QUEUE_SIZE
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), Refused> {
         if self.num_queues == 0 || self.num_queues > 16 {
-            return Err("num_queues must be 1..16".into());
+            return refuse("num_queues", "num_queues must be 1..16");
         }
         if !self.queue_size.is_power_of_two() || !(2..=32768).contains(&self.queue_size) {
-            return Err("queue_size must be a power of two, 2..32768".into());
+            return refuse("queue_size", "queue_size must be a power of two, 2..32768");
         }
         Ok(())
     }
@@ -204,9 +226,9 @@ impl VioConfig {
         Self::DEFAULT_POLL_US
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), Refused> {
         if !(1..=1_000_000).contains(&self.poll_us) {
-            return Err("poll_us must be 1..1000000".into());
+            return refuse("poll_us", "poll_us must be 1..1000000");
         }
         Ok(())
     }
@@ -242,15 +264,18 @@ pub struct ReclaimConfig {
 }
 
 impl ReclaimConfig {
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), Refused> {
         if self.target_pct > 100 {
-            return Err("target_pct must be 0..100".into());
+            return refuse("target_pct", "target_pct must be 0..100");
         }
         if !self.store_dir.is_dir() {
-            return Err(format!(
-                "store directory {} does not exist",
-                self.store_dir.display()
-            ));
+            return refuse(
+                "store",
+                format!(
+                    "store directory {} does not exist",
+                    self.store_dir.display()
+                ),
+            );
         }
         Ok(())
     }
@@ -337,18 +362,18 @@ impl VmConfig {
 
     /// Checks every value, and what can only be checked against the host (files exist).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.cpus.check().map_err(|r| invalid("cpus", r))?;
-        self.memory.check().map_err(|r| invalid("memory", r))?;
+        self.cpus.check().map_err(|r| r.at("cpus"))?;
+        self.memory.check().map_err(|r| r.at("memory"))?;
         for (i, d) in self.disks.iter().enumerate() {
-            d.check().map_err(|r| invalid(&format!("disks[{i}]"), r))?;
+            d.check().map_err(|r| r.at(&format!("disks[{i}]")))?;
         }
         for (i, u) in self.user_devices.iter().enumerate() {
             if let Some(v) = &u.vio {
                 v.check()
-                    .map_err(|r| invalid(&format!("user_devices[{i}].vio"), r))?;
+                    .map_err(|r| r.at(&format!("user_devices[{i}].vio")))?;
             }
         }
-        self.reclaim.check().map_err(|r| invalid("reclaim", r))?;
+        self.reclaim.check().map_err(|r| r.at("reclaim"))?;
         if !self.payload.kernel.is_file() {
             return Err(ConfigError::KernelMissing(self.payload.kernel.clone()));
         }

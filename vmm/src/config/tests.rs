@@ -34,8 +34,7 @@ fn memory() {
             .reclaim
     );
     assert!(
-        reason(MemoryConfig::parse("size=1G,reclaim=on").unwrap_err())
-            .contains("needs shared memory")
+        reason(MemoryConfig::parse("size=1G,reclaim=on").unwrap_err()).contains("needs shared=on")
     );
     assert!(!MemoryConfig::parse("size=64M").unwrap().shared);
     let e = reason(MemoryConfig::parse("size=12X").unwrap_err());
