@@ -38,7 +38,8 @@ impl BootInfo {
     /// # Safety
     /// `addr` must be the hvm_start_info pointer the loader passed in %ebx.
     pub unsafe fn parse(addr: u64) -> Result<BootInfo, &'static str> {
-        let si = &*(addr as *const StartInfo);
+        // SAFETY: the caller passes the loader's start-info pointer, identity-mapped.
+        let si = unsafe { &*(addr as *const StartInfo) };
         if si.magic != START_INFO_MAGIC {
             return Err("bad hvm_start_info magic");
         }
@@ -51,7 +52,9 @@ impl BootInfo {
         if si.cmdline_paddr != 0 {
             let p = si.cmdline_paddr as *const u8;
             while info.cmdline_len < info.cmdline.len() - 1 {
-                let b = *p.add(info.cmdline_len);
+                // SAFETY: the loader's NUL-terminated command line, read up to the NUL or the
+                // buffer's length, whichever comes first.
+                let b = unsafe { *p.add(info.cmdline_len) };
                 if b == 0 {
                     break;
                 }
@@ -62,7 +65,8 @@ impl BootInfo {
         if si.version >= 1 && si.memmap_paddr != 0 {
             let entries = si.memmap_paddr as *const MemmapEntry;
             for i in 0..si.memmap_entries as usize {
-                let e = &*entries.add(i);
+                // SAFETY: the loader's memory map holds `memmap_entries` entries.
+                let e = unsafe { &*entries.add(i) };
                 if e.type_ == E820_RAM && e.size != 0 && info.ram_count < MAX_RANGES {
                     info.ram[info.ram_count] = (e.addr, e.addr + e.size);
                     info.ram_count += 1;
