@@ -23,8 +23,6 @@ pub enum PageError {
     OutsideRam(u64),
     #[error("Guest page {0:#x} has too many pins")]
     TooManyPins(u64),
-    #[error("Failed to bring guest page {0:#x} back")]
-    Restore(u64, #[source] SourceError),
     #[error("Failed to DMA-map guest pages {0:#x}+{1}")]
     Map(u64, u64, #[source] SourceError),
     #[error("Failed to DMA-unmap guest pages {0:#x}+{1}")]

@@ -50,8 +50,6 @@ pub enum DeviceError {
     UserDevice(String, #[source] UserDeviceError),
     #[error("No passthrough device {0}")]
     NoSuchDevice(String),
-    #[error("Failed to register an ioeventfd")]
-    IoEvent(#[source] io::Error),
 }
 
 /// Why a vfio-user device could not be added.
