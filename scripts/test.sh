@@ -18,13 +18,18 @@ done
 
 echo "== build"
 scripts/build-guest.sh
+# The Linux guest's initramfs (Debian's busybox-static, our linux-verify); its tests skip
+# loudly when the shared kernel (../shared/linux/vmlinux) is absent.
+scripts/build-initramfs.sh
 cargo build --workspace --release --locked
 
 echo "== format and lint"
 cargo fmt --all -- --check
 (cd guest && cargo fmt -- --check)
+(cd guest/linux-verify && cargo fmt -- --check)
 cargo clippy --workspace --all-targets --release --locked -- -D warnings
 (cd guest && cargo clippy --release --locked -- -D warnings)
+(cd guest/linux-verify && cargo clippy --release --locked -- -D warnings)
 
 echo "== tests"
 cargo test --workspace --release --locked

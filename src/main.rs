@@ -74,6 +74,12 @@ fn command() -> Command {
                 .help("Payload command line"),
         )
         .arg(
+            Arg::new("initramfs")
+                .long("initramfs")
+                .value_name("PATH")
+                .help("Initramfs handed to the payload (PVH module)"),
+        )
+        .arg(
             Arg::new("memory")
                 .long("memory")
                 .value_name("size=<size>,shared=on|off")
@@ -145,6 +151,7 @@ fn build_config(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
     let all = |flag: &str| m.get_many::<String>(flag).into_iter().flatten();
     let mut config = VmConfig::new(PathBuf::from(kernel));
     config.payload.cmdline = m.get_one::<String>("cmdline").cloned().unwrap_or_default();
+    config.payload.initramfs = m.get_one::<String>("initramfs").map(PathBuf::from);
     if let Some(s) = m.get_one::<String>("memory") {
         config.memory = MemoryConfig::parse(s)?;
     }

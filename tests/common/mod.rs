@@ -252,6 +252,7 @@ pub struct VmBuilder {
     memory: String,
     cmdline: String,
     flags: Vec<(String, String)>,
+    kernel: Option<PathBuf>,
     payload: bool,
     api: bool,
     verbose: bool,
@@ -265,10 +266,17 @@ impl VmBuilder {
             memory: "size=512M".into(),
             cmdline: String::new(),
             flags: Vec::new(),
+            kernel: None,
             payload: true,
             api: false,
             verbose: false,
         }
+    }
+
+    /// Another payload than the test guest (the Linux kernel).
+    pub fn kernel(mut self, kernel: &Path) -> Self {
+        self.kernel = Some(kernel.to_path_buf());
+        self
     }
 
     pub fn memory(mut self, memory: &str) -> Self {
@@ -330,7 +338,11 @@ impl VmBuilder {
 
     pub fn args(&self) -> Vec<String> {
         let mut a = if self.payload {
-            boot_args(&self.memory, &self.cmdline, &[])
+            let mut a = boot_args(&self.memory, &self.cmdline, &[]);
+            if let Some(k) = &self.kernel {
+                a[1] = k.display().to_string();
+            }
+            a
         } else {
             Vec::new()
         };
@@ -492,4 +504,60 @@ pub fn memfd_allocated(pid: u32) -> Option<u64> {
         }
     }
     None
+}
+
+/// The Linux guest kernel (`../shared/linux/vmlinux`, or `VIO_LINUX_KERNEL`); `None`, said
+/// loudly, when it is absent.
+pub fn linux_kernel(test: &str) -> Option<PathBuf> {
+    let p = std::env::var_os("VIO_LINUX_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("../shared/linux/vmlinux"));
+    if p.is_file() {
+        return Some(p);
+    }
+    eprintln!(
+        "\n*** SKIPPED {test}: the Linux guest kernel {} is not present ***\n",
+        p.display()
+    );
+    None
+}
+
+/// The Linux guest's initramfs, built by scripts/build-initramfs.sh.
+pub fn linux_initramfs() -> PathBuf {
+    let p = workspace().join("build/linux-initramfs.cpio");
+    assert!(
+        p.is_file(),
+        "{} missing: run scripts/build-initramfs.sh",
+        p.display()
+    );
+    p
+}
+
+/// What the shared kernel needs on this machine's KVM (../shared/linux/README.md), warnings
+/// and worse on the console, and the workload's parameters.
+pub fn linux_cmdline(workload: &str) -> String {
+    format!(
+        "console=ttyS0 noxsave clearcpuid=popcnt,smap,fsgsbase,rdpid,rdtscp,114,erms,fsrm,pcid,invpcid nopti loglevel=5 panic=-1 {workload}"
+    )
+}
+
+/// Console lines that mean the guest kernel is unhappy: a WARN or BUG splat, an oops, a
+/// panic, a hung task, an I/O error.
+pub fn kernel_trouble(stdout: &[String]) -> Vec<&String> {
+    const BAD: &[&str] = &[
+        "cut here",
+        "WARNING: CPU",
+        "Oops",
+        "BUG:",
+        "Kernel panic",
+        "Call Trace",
+        "blocked for more than",
+        "hung_task",
+        "I/O error",
+        "blk_update_request",
+    ];
+    stdout
+        .iter()
+        .filter(|l| BAD.iter().any(|b| l.contains(b)))
+        .collect()
 }

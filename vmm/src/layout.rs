@@ -9,6 +9,11 @@ pub const MEMMAP_START: u64 = 0x7000;
 pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 4096;
 pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables (RSDP first), below 1 MiB outside the E820 RAM map, as in Cloud Hypervisor.
+pub const RSDP_START: u64 = 0xa0000;
+pub const ACPI_TABLES_MAX_SIZE: u64 = 0x10000;
+/// The PVH module list (the initramfs entry).
+pub const MODLIST_START: u64 = 0x6040;
 pub const HIGH_RAM_START: u64 = 0x10_0000;
 
 /// RAM stops below the 32-bit device hole and continues at 4 GiB.

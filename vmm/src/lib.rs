@@ -1,5 +1,6 @@
 //! The VIO virtual machine monitor: VM lifecycle, configuration, vCPUs, guest memory and devices.
 
+pub mod acpi;
 pub mod api;
 pub mod config;
 pub mod cpu;

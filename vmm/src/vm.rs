@@ -9,7 +9,9 @@ use crate::memory_manager::{MemoryError, MemoryManager};
 use kvm_ioctls::{Kvm, VmFd};
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, Cmdline, KernelLoader};
 use std::collections::BTreeMap;
@@ -17,7 +19,7 @@ use std::fs::File;
 use std::sync::Arc;
 use std::time::Instant;
 use thiserror::Error;
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 
 const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
 const E820_RAM: u32 = 1;
@@ -45,6 +47,14 @@ pub enum VmError {
     NoPvhEntry,
     #[error("Invalid kernel command line")]
     Cmdline(#[source] linux_loader::cmdline::Error),
+    #[error("Failed to open initramfs {0}")]
+    Initramfs(String, #[source] std::io::Error),
+    #[error("Failed to load initramfs {0}")]
+    LoadInitramfs(String, #[source] vm_memory::GuestMemoryError),
+    #[error("The initramfs ({0} bytes) does not fit in low RAM above the kernel")]
+    InitramfsTooLarge(u64),
+    #[error("Failed to write the ACPI tables")]
+    Acpi(#[source] vm_memory::GuestMemoryError),
     #[error("Failed to write boot information")]
     BootParams(#[source] linux_loader::configurator::Error),
 }
@@ -112,11 +122,51 @@ impl Vm {
         }
         load_cmdline(mem.as_ref(), GuestAddress(layout::CMDLINE_START), &cmdline)
             .map_err(VmError::LoadKernel)?;
-        self.write_start_info()?;
+        let initramfs = self.load_initramfs(r.kernel_end)?;
+        let rsdp = crate::acpi::create_acpi_tables(
+            mem.as_ref(),
+            self.config.cpus.boot_vcpus,
+            self.config.memory.size,
+        )
+        .map_err(VmError::Acpi)?;
+        self.write_start_info(initramfs, rsdp)?;
         Ok(entry.0)
     }
 
-    fn write_start_info(&self) -> Result<(), VmError> {
+    /// Loads the initramfs at the top of low RAM (as Cloud Hypervisor does), above the kernel.
+    fn load_initramfs(&self, kernel_end: u64) -> Result<Option<hvm_modlist_entry>, VmError> {
+        let Some(path) = &self.config.payload.initramfs else {
+            return Ok(None);
+        };
+        let err = |e| VmError::Initramfs(path.display().to_string(), e);
+        let mut f = File::open(path).map_err(err)?;
+        let size = f.metadata().map_err(err)?.len();
+        let low_end = self
+            .config
+            .memory
+            .size
+            .min(layout::MEM_32BIT_RESERVED_START);
+        let at = low_end
+            .checked_sub(size)
+            .map(|a| a & !(vio::spec::PAGE_SIZE - 1))
+            .filter(|&a| a >= kernel_end)
+            .ok_or(VmError::InitramfsTooLarge(size))?;
+        self.memory
+            .memory()
+            .read_exact_volatile_from(GuestAddress(at), &mut f, size as usize)
+            .map_err(|e| VmError::LoadInitramfs(path.display().to_string(), e))?;
+        Ok(Some(hvm_modlist_entry {
+            paddr: at,
+            size,
+            ..Default::default()
+        }))
+    }
+
+    fn write_start_info(
+        &self,
+        initramfs: Option<hvm_modlist_entry>,
+        rsdp: GuestAddress,
+    ) -> Result<(), VmError> {
         let mut memmap = vec![hvm_memmap_table_entry {
             addr: 0,
             size: layout::EBDA_START,
@@ -145,16 +195,27 @@ impl Vm {
             type_: E820_RESERVED,
             reserved: 0,
         });
+        let modules: Vec<hvm_modlist_entry> = initramfs.into_iter().collect();
         let start_info = hvm_start_info {
             magic: XEN_HVM_START_MAGIC_VALUE,
             version: 1,
             cmdline_paddr: layout::CMDLINE_START,
             memmap_paddr: layout::MEMMAP_START,
             memmap_entries: memmap.len() as u32,
+            nr_modules: modules.len() as u32,
+            modlist_paddr: if modules.is_empty() {
+                0
+            } else {
+                layout::MODLIST_START
+            },
+            rsdp_paddr: rsdp.0,
             ..Default::default()
         };
         let mut params = BootParams::new(&start_info, GuestAddress(layout::PVH_INFO_START));
         params.set_sections(&memmap, GuestAddress(layout::MEMMAP_START));
+        if !modules.is_empty() {
+            params.set_modules(&modules, GuestAddress(layout::MODLIST_START));
+        }
         PvhBootConfigurator::write_bootparams(&params, self.memory.memory().as_ref())
             .map_err(VmError::BootParams)
     }

@@ -36,7 +36,6 @@ const UNSUPPORTED: &[&str] = &[
 /// Fields inside an object (`*` for each element of an array), and why they cannot be set.
 const UNSUPPORTED_NESTED: &[(&str, &str, &str)] = &[
     ("payload", "firmware", "not supported (PVH kernels only)"),
-    ("payload", "initramfs", "not supported (PVH kernels only)"),
     ("memory", "mergeable", "not supported"),
     ("memory", "hugepages", "not supported"),
     ("memory", "hotplug_size", "not supported"),

@@ -25,6 +25,8 @@ pub enum ConfigError {
     NoKernel,
     #[error("Kernel {0} does not exist")]
     KernelMissing(PathBuf),
+    #[error("Initramfs {0} does not exist")]
+    InitramfsMissing(PathBuf),
     #[error("Disk image {0} does not exist")]
     DiskMissing(PathBuf),
     #[error("--user-device requires --memory shared=on (the device maps guest RAM)")]
@@ -69,6 +71,9 @@ pub struct PayloadConfig {
     pub kernel: PathBuf,
     #[serde(default)]
     pub cmdline: String,
+    /// Handed to the kernel as the PVH start info's first module.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initramfs: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -344,6 +349,7 @@ impl VmConfig {
             payload: PayloadConfig {
                 kernel,
                 cmdline: String::new(),
+                initramfs: None,
             },
             cpus: CpusConfig::default(),
             memory: MemoryConfig::default(),
@@ -376,6 +382,9 @@ impl VmConfig {
         self.reclaim.check().map_err(|r| r.at("reclaim"))?;
         if !self.payload.kernel.is_file() {
             return Err(ConfigError::KernelMissing(self.payload.kernel.clone()));
+        }
+        if let Some(i) = self.payload.initramfs.as_ref().filter(|i| !i.is_file()) {
+            return Err(ConfigError::InitramfsMissing(i.clone()));
         }
         for d in &self.disks {
             if !d.path.exists() {
