@@ -11,10 +11,18 @@ use common::*;
 use serde_json::Value;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(900);
+
+/// One Linux VM at a time: each keeps a core busy emulating its kernel, and the time test
+/// measures host seconds.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
 const BOOT: Duration = Duration::from_secs(400);
 
 /// Linux with `workload`, 256 MiB of shared RAM (`reclaim=on` where a test reclaims: it makes
@@ -81,6 +89,7 @@ fn linux_verify_on_the_emulated_disk() {
     let Some(kernel) = linux_kernel("linux_verify_on_the_emulated_disk") else {
         return;
     };
+    let _one = one_at_a_time();
     let disk = TmpDisk::new("linux-emu", 64 << 20);
     let out = linux(
         "linux-emu",
@@ -137,6 +146,7 @@ fn linux_under_vio_survives_churn_that_breaks_passthrough() {
     else {
         return;
     };
+    let _one = one_at_a_time();
     for flag in ["--vio", "--user-device"] {
         let name = format!("linux{}", flag.len());
         let disk = TmpDisk::new(&name, 64 << 20);
@@ -204,6 +214,7 @@ fn linux_time_and_reboot() {
     let Some(kernel) = linux_kernel("linux_time_and_reboot") else {
         return;
     };
+    let _one = one_at_a_time();
     let mut vm = linux(
         "linux-time",
         &kernel,

@@ -321,3 +321,24 @@ fn defaults_are_the_models() {
         MemoryConfig::DEFAULT_SIZE
     );
 }
+
+#[test]
+fn initramfs_in_both_front_doors() {
+    let k = kernel();
+    let c = VmConfig::from_json(&format!(
+        r#"{{"payload":{{"kernel":"{k}","initramfs":"{k}"}}}}"#
+    ))
+    .unwrap();
+    assert_eq!(
+        c.payload.initramfs.as_deref(),
+        Some(std::path::Path::new(&k))
+    );
+    assert_eq!(c.to_json()["payload"]["initramfs"], k.as_str());
+    let e = VmConfig::from_json(&format!(
+        r#"{{"payload":{{"kernel":"{k}","initramfs":"/nonexistent.cpio"}}}}"#
+    ))
+    .unwrap_err();
+    assert_eq!(e, ConfigError::InitramfsMissing("/nonexistent.cpio".into()));
+    let none = VmConfig::from_json(&format!(r#"{{"payload":{{"kernel":"{k}"}}}}"#)).unwrap();
+    assert!(none.to_json()["payload"].get("initramfs").is_none());
+}
