@@ -135,8 +135,8 @@ fn churn(vm: &Vm, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
 /// unsafe switch, which under VIO has nothing pinned to force): every block verifies and the
 /// device never faults. The same churn under plain passthrough: the device faults (the
 /// contrast; the guest's request then never completes, so the VM is shut down through the API
-/// once the fault is seen). At queue depth 1: deeper queues on vdpu stall Linux's I/O (an open
-/// finding, see docs/testing.md).
+/// once the fault is seen). At queue depth 1: deeper queues on vdpu sometimes stall Linux's I/O
+/// (an open finding, see docs/testing.md).
 #[test]
 fn linux_under_vio_survives_churn_that_breaks_passthrough() {
     if !kvm_available("linux_under_vio_survives_churn_that_breaks_passthrough") {
