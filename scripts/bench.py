@@ -20,6 +20,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VMM = os.path.join(ROOT, "target/release/vio-hypervisor")
 GUEST = os.path.join(ROOT, "guest/target/x86_64-unknown-linux-gnu/release/vio-guest")
+LINUX = os.environ.get("VIO_LINUX_KERNEL", os.path.join(os.path.dirname(ROOT), "shared/linux/vmlinux"))
+INITRAMFS = os.path.join(ROOT, "build/linux-initramfs.cpio")
+# What the shared kernel needs on this machine (its README); tests/common/mod.rs has the same.
+LINUX_CMDLINE = ("console=ttyS0 noxsave clearcpuid=popcnt,smap,fsgsbase,rdpid,rdtscp,114,erms,fsrm,pcid,invpcid "
+                 "nopti loglevel=5 panic=-1")
 PROGRESS = re.compile(r"Guest boot progress: code 0x40 at ([0-9.]+) ms")
 
 
@@ -269,13 +274,62 @@ def vio_suite(runs):
     return rows
 
 
+def linux_suite(runs):
+    """Linux's own virtio-blk driver (linux-verify, O_DIRECT, one thread per slot) on the emulated
+    disk, on vdpu passed through and on vdpu under VIO; configurations interleaved."""
+    if not os.path.exists(LINUX):
+        sys.exit(f"no Linux kernel at {LINUX} (set VIO_LINUX_KERNEL)")
+    subprocess.run([os.path.join(ROOT, "scripts/build-initramfs.sh")], check=True, stdout=subprocess.DEVNULL)
+    rows = []
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
+        disk = os.path.join(d, "disk.img")
+        with open(disk, "wb") as f:
+            f.truncate(64 << 20)
+        configs = [("emulated virtio-blk", None), ("vdpu passthrough", "--user-device"), ("vdpu under vio (snoop)", "--vio")]
+        for qd in (1, 16):
+            cmdline = f"{LINUX_CMDLINE} vio.workload=blk-verify vio.ops={300 if qd == 1 else 200} vio.qd={qd} vio.seed=1 vio.stall_s=120"
+            got = {name: [] for name, _ in configs}
+            shown = {}
+            for rep in range(runs):
+                for name, flag in configs:
+                    print(f"linux: qd={qd} {name} run {rep + 1}/{runs}", file=sys.stderr, flush=True)
+                    args = [VMM, "-v", "--kernel", LINUX, "--initramfs", INITRAMFS, "--memory", "size=256M,shared=on",
+                            "--serial", "tty", "--console", "off", "--cmdline", cmdline]
+                    if flag is None:
+                        args += ["--disk", f"path={disk}"]
+                        r = run_linux(args)
+                        shown[name] = shlex.join(args).replace(d + "/", "$TMPFS/")
+                    else:
+                        with Vdpu(disk) as v:
+                            args += [flag, f"socket={v.sock}"]
+                            r = run_linux(args)
+                            shown[name] = shown_with_vdpu(shlex.join(args), d, v)
+                    got[name].append(r)
+            base = med([r["ops"] * 1e9 / r["elapsed_ns"] for r in got["vdpu passthrough"]])
+            for name, _ in configs:
+                iops = med([r["ops"] * 1e9 / r["elapsed_ns"] for r in got[name]])
+                p50 = med([r["lat_p50_ns"] for r in got[name]]) / 1e6
+                rows.append((f"Linux qd={qd}, {name}", f"{iops:.1f} IOPS (p50 {p50:.0f} ms), {iops / base:.2f}x of passthrough",
+                             shown[name].replace(ROOT + "/", "")))
+    return rows
+
+
+def run_linux(args):
+    p = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    if p.returncode != 0 or "VIO-GUEST-RESULT " not in p.stdout:
+        sys.exit(f"Linux run failed ({p.returncode}): {p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+    r = json.loads(p.stdout.split("VIO-GUEST-RESULT ", 1)[1].splitlines()[0])
+    assert r["mismatches"] == 0 and r["io_errors"] == 0, r
+    return r
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("suite", choices=["foundation", "vdpu", "reclaim", "vio"])
+    ap.add_argument("suite", choices=["foundation", "vdpu", "reclaim", "vio", "linux"])
     ap.add_argument("--runs", type=int, default=5)
     a = ap.parse_args()
     build()
-    rows = {"foundation": foundation, "vdpu": vdpu_suite, "reclaim": reclaim_suite, "vio": vio_suite}[a.suite](a.runs)
+    rows = {"foundation": foundation, "vdpu": vdpu_suite, "reclaim": reclaim_suite, "vio": vio_suite, "linux": linux_suite}[a.suite](a.runs)
     print(f"Median of {a.runs} runs, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs\n")
     print("| what | result |\n|---|---|")
     for what, val, _ in rows:

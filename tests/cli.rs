@@ -129,7 +129,7 @@ fn bad_vio_devices() {
             "--vio",
             "socket=/tmp/x.sock,mode=elastic",
         ],
-        &["--vio", "mode must be snoop"],
+        &["--vio", "mode must be snoop, passthrough or auto"],
     );
     fails_with(
         &[

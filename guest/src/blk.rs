@@ -37,6 +37,50 @@ struct Params {
     stall_s: u64,
     segs: u64,
     bad_every: u64,
+    phases: Phases,
+}
+
+/// `vio.phases=RATE:DURATION,...`: the rate (ops/s, 0 = as fast as possible) changes over
+/// time, e.g. `500:3s,0:3s,500:3s`; the run ends with the last phase (`vio.ops` still caps it).
+#[derive(Clone, Copy, Default)]
+struct Phases {
+    /// (rate, end in ns since the start)
+    list: [(u64, u64); 8],
+    len: usize,
+}
+
+impl Phases {
+    fn parse(raw: Option<&str>) -> Result<Phases, &'static str> {
+        const BAD: &str = "vio.phases must be RATE:DURATION(s|ms),... (up to 8)";
+        let mut p = Phases::default();
+        let Some(raw) = raw else {
+            return Ok(p);
+        };
+        let mut end = 0u64;
+        for item in raw.split(',') {
+            let (rate, dur) = item.split_once(':').ok_or(BAD)?;
+            let rate = rate.parse::<u64>().map_err(|_| BAD)?;
+            let ns = if let Some(ms) = dur.strip_suffix("ms") {
+                ms.parse::<u64>().map_err(|_| BAD)?.checked_mul(1_000_000)
+            } else if let Some(sec) = dur.strip_suffix('s') {
+                sec.parse::<u64>().map_err(|_| BAD)?.checked_mul(1_000_000_000)
+            } else {
+                None
+            };
+            end = end.checked_add(ns.ok_or(BAD)?).ok_or(BAD)?;
+            *p.list.get_mut(p.len).ok_or(BAD)? = (rate, end);
+            p.len += 1;
+        }
+        Ok(p)
+    }
+
+    /// The phase in force `ns` after the start: its index and rate; `None` once all are over.
+    fn at(&self, ns: u64) -> Option<(usize, u64)> {
+        self.list[..self.len]
+            .iter()
+            .position(|&(_, end)| ns < end)
+            .map(|i| (i, self.list[i].0))
+    }
 }
 
 impl Params {
@@ -54,6 +98,7 @@ impl Params {
             stall_s: info.param_u64("vio.stall_s", 30)?,
             segs: info.param_u64("vio.segs", 1)?,
             bad_every: info.param_u64("vio.bad_every", 0)?,
+            phases: Phases::parse(info.param("vio.phases"))?,
         };
         if p.segs == 0 || p.segs > MAX_SEGS || !p.bs.is_multiple_of(p.segs) {
             return Err("vio.segs must be 1..64 and divide vio.bs");
@@ -309,16 +354,31 @@ pub fn run(
     let mut nfree = p.qd;
     let mut rng = Rng::new(p.seed);
     let mut submitted = 0u64;
-    let tick_per_op = (clock.khz * 1000).checked_div(p.rate).unwrap_or(0);
+    let ticks_per_op = |rate: u64| (clock.khz * 1000).checked_div(rate).unwrap_or(0);
+    let mut tick_per_op = ticks_per_op(p.rate);
     let mut next_submit = rdtsc();
     let start = rdtsc();
     let mut last_progress = start;
     let mut idle_since = rdtsc();
+    let mut phase = None;
+    let mut phases_over = false;
 
-    while report.ops < p.ops {
+    while report.ops < p.ops && !(phases_over && nfree == p.qd) {
         let old = disk.vq.avail_idx();
         let mut pushed = false;
-        while nfree > 0 && submitted < p.ops {
+        if p.phases.len > 0 && !phases_over {
+            let now = rdtsc();
+            match p.phases.at(clock.ns(now - start)) {
+                None => phases_over = true,
+                Some((i, rate)) if phase != Some(i) => {
+                    phase = Some(i);
+                    tick_per_op = ticks_per_op(rate);
+                    next_submit = now;
+                }
+                Some(_) => {}
+            }
+        }
+        while nfree > 0 && submitted < p.ops && !phases_over {
             let now = rdtsc();
             if tick_per_op != 0 {
                 if now < next_submit {

@@ -28,6 +28,21 @@ fn command() -> Command {
         .subcommand(simple("boot", "Boot a created VM"))
         .subcommand(simple("delete", "Delete a VM"))
         .subcommand(simple("shutdown-vmm", "Shut the VMM down"))
+        .subcommand(simple(
+            "vio-info",
+            "Mode, request rate, queues and last switch of every vio device",
+        ))
+        .subcommand(
+            Command::new("vio-mode")
+                .about("Run a vio device snooped, passed through, or switched by its request rate")
+                .arg(Arg::new("id").required(true).value_name("id"))
+                .arg(
+                    Arg::new("mode")
+                        .required(true)
+                        .value_parser(["snoop", "passthrough", "auto"])
+                        .value_name("mode"),
+                ),
+        )
         .subcommand(
             Command::new("reclaim")
                 .about("Reclaim up to <size> of the coldest guest memory now")
@@ -70,6 +85,13 @@ fn run(m: &ArgMatches) -> Result<String, String> {
         "boot" => ("PUT", "vm.boot", None),
         "delete" => ("PUT", "vm.delete", None),
         "shutdown-vmm" => ("PUT", "vmm.shutdown", None),
+        "vio-info" => ("GET", "vm.vio-info", None),
+        "vio-mode" => {
+            let id = sub.get_one::<String>("id").expect("required");
+            let mode = sub.get_one::<String>("mode").expect("required");
+            let body = serde_json::json!({ "id": id, "mode": mode });
+            ("PUT", "vm.vio-mode", Some(body.to_string()))
+        }
         "reclaim" => {
             let raw = sub.get_one::<String>("size").expect("required");
             let bytes = vmm::config::parse_size(raw).map_err(|e| format!("Invalid size: {e}"))?;

@@ -19,7 +19,7 @@ use vm_memory::bitmap::BS;
 use vm_memory::guest_memory::{GuestMemorySliceIterator, Result as MemResult};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{
-    GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryRegion, GuestRegionMmap,
+    Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryRegion, GuestRegionMmap,
     MemoryRegionAddress, Permissions, VolatileSlice,
 };
 
@@ -339,10 +339,21 @@ impl Iommu {
 }
 
 impl ShadowIndex for Iommu {
-    fn redirect(&self, avail_idx_addr: u64, shadow: Option<u64>) {
+    fn redirect(&self, avail_idx_addr: u64, shadow: Option<u64>, capture: bool) {
+        // Under the write lock no device access is in progress, so no read of the index can
+        // fall between the copy and the redirect.
         let mut cur = self.current.write().unwrap();
         cur.redirects.retain(|&(from, _)| from != avail_idx_addr);
         if let Some(to) = shadow {
+            if capture {
+                let snap: &Snapshot = &cur;
+                let copied = snap
+                    .read_obj::<u16>(GuestAddress(avail_idx_addr))
+                    .and_then(|v| snap.write_obj(v, GuestAddress(to)));
+                if let Err(e) = copied {
+                    warn!("Capturing the available index at {avail_idx_addr:#x}: {e}");
+                }
+            }
             cur.redirects.push((avail_idx_addr, to));
         }
     }
@@ -491,7 +502,6 @@ impl GuestMemory for Snapshot {
 mod tests {
     use super::*;
     use std::io::Write;
-    use vm_memory::Bytes;
 
     fn memfd(pages: u64) -> Arc<File> {
         let mut f = tempfile();
@@ -654,7 +664,7 @@ mod tests {
         v.write_obj(7u16, GuestAddress(0x102)).unwrap();
         v.write_obj(3u16, GuestAddress(PAGE_SIZE)).unwrap();
         drop(v);
-        iommu.redirect(0x102, Some(PAGE_SIZE));
+        iommu.redirect(0x102, Some(PAGE_SIZE), false);
         let v = iommu.view();
         assert_eq!(
             v.read_obj::<u16>(GuestAddress(0x102)).unwrap(),
@@ -675,16 +685,26 @@ mod tests {
             3,
             "redirects survive DMA maps"
         );
-        iommu.redirect(0x102, Some(8 * PAGE_SIZE));
+        iommu.redirect(0x102, Some(8 * PAGE_SIZE), false);
         assert!(
             iommu.view().read_obj::<u16>(GuestAddress(0x102)).is_err(),
             "an unmapped shadow is an IOPF"
         );
-        iommu.redirect(0x102, None);
+        iommu.redirect(0x102, None, false);
         assert_eq!(
             iommu.view().read_obj::<u16>(GuestAddress(0x102)).unwrap(),
             7,
             "switched back"
+        );
+        iommu.redirect(0x102, Some(PAGE_SIZE), true);
+        assert_eq!(
+            iommu.view().read_obj::<u16>(GuestAddress(0x102)).unwrap(),
+            7,
+            "a capture carries the guest's index over to the shadow"
+        );
+        assert_eq!(
+            iommu.view().read_obj::<u16>(GuestAddress(PAGE_SIZE)).unwrap(),
+            7
         );
     }
 

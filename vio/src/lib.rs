@@ -3,6 +3,7 @@
 //! index, and the DMA window that keeps mapped pages resident. Free of KVM: everything works on
 //! vm-memory's `GuestMemory`, so it is testable on plain memory.
 
+pub mod elastic;
 pub mod pages;
 pub mod snoop;
 pub mod spec;

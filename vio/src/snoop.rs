@@ -125,6 +125,38 @@ impl SnoopQueue {
         }
     }
 
+    /// Takes over a running queue whose device has been reading the guest's ring (passthrough
+    /// to snoop): it has been shown entries up to `exposed` and has completed up to `used`. The
+    /// requests still in flight are among the last `size` heads made available (a device may
+    /// complete out of order), so the pages of all of them are pinned as in flight; those
+    /// already completed are released when the guest reuses their heads, or at teardown.
+    /// Nothing is published and nothing is counted as snooped: the device had all of it.
+    pub fn adopt<M: GuestMemory>(
+        layout: QueueLayout,
+        used: u16,
+        exposed: u16,
+        limits: WalkLimits,
+        mem: &M,
+        host: &dyn SnoopHost,
+    ) -> Self {
+        let mut sq = Self::new(layout, exposed, limits);
+        sq.last_used = used;
+        if used != exposed {
+            let from = exposed.wrapping_sub(layout.size);
+            let r = sq.walker.walk(mem, &sq.layout, from, exposed);
+            for (head, pages) in r.per_chain {
+                let pinned: BTreeSet<u64> = pages
+                    .into_iter()
+                    .filter(|&p| host.acquire(p).is_ok())
+                    .collect();
+                if let Some(old) = sq.inflight.insert(head, pinned) {
+                    old.iter().for_each(|&p| host.release(p));
+                }
+            }
+        }
+        sq
+    }
+
     fn guest_avail<M: GuestMemory>(&self, mem: &M) -> Option<u16> {
         let v = mem
             .read_obj::<u16>(GuestAddress(self.layout.avail_ring + 2))
@@ -436,6 +468,42 @@ mod tests {
         let kicks = *h.kicks.borrow();
         q.on_kick(&m, &h);
         assert_eq!(*h.kicks.borrow(), kicks);
+    }
+
+    /// Passthrough to snoop: the device was shown heads 0..5 on its own and completed two of
+    /// them out of order; the three in flight stay pinned until their completions, and the
+    /// engine publishes only what comes after.
+    #[test]
+    fn adopting_a_running_queue_pins_what_the_device_still_holds() {
+        let m = mem();
+        let h = Host::default();
+        for i in 0..5 {
+            post(&m, i, i);
+        }
+        set_avail(&m, 5);
+        complete(&m, 1, 3);
+        complete(&m, 2, 0);
+        let mut q = SnoopQueue::adopt(Q, 2, 5, WalkLimits::default(), &m, &h);
+        assert!(h.published.borrow().is_empty(), "nothing published");
+        assert_eq!(q.stats.chains, 0, "nothing counted as snooped");
+        for gfn in [0x11u64, 0x12, 0x14] {
+            assert!(h.pins.borrow().contains_key(&gfn), "in flight: {gfn:#x}");
+        }
+        complete(&m, 3, 1);
+        complete(&m, 4, 2);
+        complete(&m, 5, 4);
+        q.reap_used(&m, &h);
+        for gfn in [0x11u64, 0x12, 0x14] {
+            assert!(!h.pins.borrow().contains_key(&gfn), "completed: {gfn:#x}");
+        }
+        // A head completed before the switch is released when the guest reuses it.
+        post(&m, 5, 3);
+        set_avail(&m, 6);
+        assert_eq!(q.on_kick(&m, &h), 6);
+        assert_eq!(*h.published.borrow(), vec![6]);
+        assert_eq!(h.pins.borrow().get(&0x13), Some(&1), "{:?}", h.pins.borrow());
+        q.release_all(&h);
+        assert!(h.pins.borrow().is_empty(), "{:?}", h.pins.borrow());
     }
 
     #[test]

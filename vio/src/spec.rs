@@ -15,7 +15,7 @@
 //! | [`REG_VERSION`]    | u32           | RO     | [`VERSION`]                                |
 //! | [`REG_NUM_QUEUES`] | u32           | RO     | queues the device has                      |
 //! | [`queue_reg`]`(n)` | u64 shadow    | RW     | IOVA of queue *n*'s shadow slot            |
-//! | `+` [`QUEUE_CONTROL`] | u32 control | RW     | [`CTRL_SHADOW_INDEX`], [`CTRL_SUPPRESSION`] |
+//! | `+` [`QUEUE_CONTROL`] | u32 control | RW     | [`CTRL_SHADOW_INDEX`], [`CTRL_SUPPRESSION`], [`CTRL_CAPTURE`] |
 //!
 //! Shadow slot (in memory the client owns and DMA-maps for the device), one per queue, every
 //! field a naturally aligned u16:
@@ -29,6 +29,15 @@
 //! Ordering: the client writes a queue's shadow IOVA before setting its control bits, and sets
 //! them after the queue's ring addresses are final (after `queue_enable`); a control write of 0
 //! returns the queue to the guest's ring. A device reset clears every queue's registers.
+//!
+//! Switching a running queue (elastic passthrough, version 2): a control write of 0 hands the
+//! queue to the guest's ring; the device then reads indices the client never published, so the
+//! client must have made all of guest RAM reachable first. A write of [`CTRL_SHADOW_INDEX`] |
+//! [`CTRL_CAPTURE`] takes a running queue back: before the device reads the shadow slot, it
+//! copies the guest's `avail->idx` there, atomically with respect to its own reads of the
+//! index, so the index it sees never goes backwards. The completion of the write (the
+//! vfio-user reply) is the device's acknowledgement; the client reads the captured index from
+//! the slot after it, and owns the slot from then on.
 
 /// The page size both ends assume for DMA mappings and the shadow page.
 pub const PAGE_SIZE: u64 = 4096;
@@ -37,7 +46,8 @@ pub const PAGE_SIZE: u64 = 4096;
 pub const CAP_CFG_TYPE: u8 = 0x80;
 /// "VIHS", little endian.
 pub const MAGIC: u32 = 0x5348_4956;
-pub const VERSION: u32 = 1;
+/// 2: [`CTRL_CAPTURE`] (running queues can be switched between the shadow and the ring).
+pub const VERSION: u32 = 2;
 
 pub const REG_MAGIC: u64 = 0x0;
 pub const REG_VERSION: u64 = 0x4;
@@ -53,6 +63,9 @@ pub const QUEUE_CONTROL: u64 = 0x8;
 pub const CTRL_SHADOW_INDEX: u32 = 1;
 /// Control bit 1: write `used->flags` and `avail_event` to the shadow slot.
 pub const CTRL_SUPPRESSION: u32 = 2;
+/// Control bit 2, with [`CTRL_SHADOW_INDEX`]: first copy the guest's `avail->idx` into the
+/// slot (a running queue switching back to the shadow index). Reads back as 0.
+pub const CTRL_CAPTURE: u32 = 4;
 
 /// One cache line per queue's shadow slot.
 pub const SLOT_STRIDE: u64 = 64;

@@ -1,6 +1,6 @@
 //! Creates and wires the VM's devices: legacy ports, PCI segment 0 and virtio-pci disks.
 
-use crate::config::{ConsoleMode, UserDeviceConfig, VmConfig};
+use crate::config::{ConsoleMode, UserDeviceConfig, VioMode, VmConfig};
 use crate::devices::{
     AcpiPmTimer, AcpiShutdown, DebugPort, ExitNotifier, LineWriter, SerialDevice, I8042,
 };
@@ -19,8 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use thiserror::Error;
 use vfio::vfio_user::{VfioUserClient, VfioUserPciDevice};
-use vfio::vio::{VioOptions, VioPciDevice};
+use vfio::vio::{SwitchReport, VioInfo, VioOptions, VioPciDevice};
 use vfio::{DmaBacking, DmaMapping};
+use vio::elastic::{Mode, Setting, Thresholds};
 use vio::spec::PAGE_SIZE;
 use virtio_devices::block::{Block, BlockConfig, RawFile};
 use virtio_devices::transport::{
@@ -50,6 +51,10 @@ pub enum DeviceError {
     UserDevice(String, #[source] UserDeviceError),
     #[error("No passthrough device {0}")]
     NoSuchDevice(String),
+    #[error("Device {0} is not a vio device")]
+    NotVio(String),
+    #[error("Device {0}")]
+    Switch(String, #[source] vfio::vio::SwitchError),
 }
 
 /// Why a vfio-user device could not be added.
@@ -382,9 +387,19 @@ impl DeviceManager {
                 inner,
                 ram.memory(),
                 window,
+                ram.regions()
+                    .iter()
+                    .map(|r| (r.guest_addr / PAGE_SIZE, r.size / PAGE_SIZE))
+                    .collect(),
                 ioevents.clone(),
                 VioOptions {
                     poll: std::time::Duration::from_micros(vio.poll_us),
+                    setting: vio_setting(vio.mode),
+                    thresholds: Thresholds {
+                        iops_high: vio.iops_high,
+                        iops_low: vio.iops_low,
+                        dwell: std::time::Duration::from_millis(vio.dwell_ms),
+                    },
                 },
             )
             .map_err(|e| err(e.into()))?;
@@ -451,6 +466,31 @@ impl DeviceManager {
         all
     }
 
+    /// Sets how `vio` device `id` runs; a fixed mode switches now (and reports the switch).
+    pub fn vio_mode(&self, id: &str, mode: VioMode) -> Result<Option<SwitchReport>, DeviceError> {
+        let handle = match self.user.iter().find(|d| d.id() == id) {
+            None => return Err(DeviceError::NoSuchDevice(id.to_string())),
+            Some(UserDevice::Passthrough(_)) => return Err(DeviceError::NotVio(id.to_string())),
+            // The device lock is not held across the switch: the guest keeps using the device.
+            Some(UserDevice::Vio(d)) => d.lock().unwrap().handle(),
+        };
+        handle
+            .set(vio_setting(mode))
+            .map_err(|e| DeviceError::Switch(id.to_string(), e))
+    }
+
+    /// `vm.vio-info`: every `vio` device's mode, rate and queues.
+    pub fn vio_info(&self) -> Vec<VioInfo> {
+        self.user
+            .iter()
+            .filter_map(|d| match d {
+                UserDevice::Vio(d) => Some(d.lock().unwrap().handle()),
+                UserDevice::Passthrough(_) => None,
+            })
+            .map(|h| h.info())
+            .collect()
+    }
+
     /// Revokes passthrough device `id`'s DMA access to [iova, iova+size).
     pub fn dma_unmap(&self, id: &str, iova: u64, size: u64) -> Result<(), DeviceError> {
         let dev = self
@@ -481,6 +521,14 @@ impl DeviceManager {
             d.lock().unwrap().reset();
         }
         let _ = self.serial_irq.read();
+    }
+}
+
+pub fn vio_setting(mode: VioMode) -> Setting {
+    match mode {
+        VioMode::Snoop => Setting::Fixed(Mode::Snoop),
+        VioMode::Passthrough => Setting::Fixed(Mode::Passthrough),
+        VioMode::Auto => Setting::Auto,
     }
 }
 

@@ -291,6 +291,18 @@ impl Vm {
         self.devices.dma_unmap(id, iova, size)
     }
 
+    pub fn vio_mode(
+        &self,
+        id: &str,
+        mode: crate::config::VioMode,
+    ) -> Result<Option<vfio::vio::SwitchReport>, DeviceError> {
+        self.devices.vio_mode(id, mode)
+    }
+
+    pub fn vio_info(&self) -> Vec<vfio::vio::VioInfo> {
+        self.devices.vio_info()
+    }
+
     pub fn memory_manager(&self) -> &MemoryManager {
         &self.memory
     }

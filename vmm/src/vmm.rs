@@ -202,6 +202,17 @@ impl Vmm {
                 vm.dma_unmap(&id, iova, size)?;
                 Ok(None)
             }
+            ApiRequest::VmVioMode { id, mode } => {
+                let vm = self.vm.as_ref().ok_or(VmmError::VmNotBooted)?;
+                let report = vm.vio_mode(&id, mode)?;
+                Ok(Some(json!({ "id": id, "mode": mode, "switch": report })))
+            }
+            ApiRequest::VmVioInfo => {
+                let vm = self.vm.as_ref().ok_or(VmmError::VmNotBooted)?;
+                Ok(Some(
+                    serde_json::to_value(vm.vio_info()).map_err(VmmError::Reply)?,
+                ))
+            }
             ApiRequest::VmCounters => {
                 let vm = self.vm.as_ref().ok_or(VmmError::VmNotBooted)?;
                 Ok(Some(

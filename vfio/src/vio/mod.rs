@@ -14,20 +14,27 @@
 //!
 //! One concern per file: `caps` (finding and hiding the VIO capability), `shadow` (the shadow
 //! page), `common_cfg` (what the guest's common-configuration writes mean here), `snoop` (the
-//! snoop thread and what it shares with the vCPU path), `counters`. This file is the PCI
-//! device: it routes the guest's accesses and owns the doorbells.
+//! snoop thread and what it shares with the vCPU path), `doorbells` (where the guest's
+//! doorbells go), `elastic` (switching between snoop and passthrough), `counters`. This file
+//! is the PCI device: it routes the guest's accesses.
 
 mod caps;
 mod common_cfg;
 mod counters;
+mod doorbells;
+mod elastic;
 mod shadow;
 mod snoop;
+
+pub use elastic::{QueueInfo, SwitchError, SwitchReport, VioHandle, VioInfo};
 
 use crate::vfio_user::protocol::PCI_CONFIG_REGION_INDEX;
 use crate::vfio_user::{ClientError, VfioUserClient, VfioUserPciDevice};
 use crate::{DmaBacking, DmaMapping};
 use caps::Caps;
 use common_cfg::{CommonCfgView, CommonWrite};
+use doorbells::Doorbells;
+use elastic::Elastic;
 use log::{info, warn};
 use pci::{BarReprogram, IoEventRegistrar, PciBarRegion, PciDevice};
 use shadow::ShadowPage;
@@ -38,6 +45,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use thiserror::Error;
+use vio::elastic::{Mode, Setting, Thresholds};
 use vio::spec::{self, PAGE_SIZE};
 use vio::{DmaWindow, QueueLayout};
 use virtio_devices::transport::pci_common_config::offset;
@@ -66,6 +74,8 @@ pub enum VioDeviceError {
     Doorbell(#[source] std::io::Error),
     #[error("Failed to start the snoop thread")]
     Thread(#[source] std::io::Error),
+    #[error("Failed to start in passthrough mode")]
+    Switch(#[source] SwitchError),
 }
 
 /// Options of a `vio` device.
@@ -73,14 +83,14 @@ pub enum VioDeviceError {
 pub struct VioOptions {
     /// How often queues with requests in flight are re-checked.
     pub poll: Duration,
+    /// Snoop, passthrough, or chosen by the request rate.
+    pub setting: Setting,
+    pub thresholds: Thresholds,
 }
 
 pub struct VioPciDevice<M: GuestMemory + Send + Sync + 'static> {
     inner: VfioUserPciDevice,
     caps: Caps,
-    registrar: Arc<dyn IoEventRegistrar>,
-    /// The doorbells the guest rings (the VMM's), by queue: BAR 0 offset and eventfd.
-    doorbells: Vec<(u64, Arc<EventFd>)>,
     snoop: Arc<Snoop<M>>,
     thread: Option<JoinHandle<()>>,
     common: CommonCfgView,
@@ -90,11 +100,13 @@ pub struct VioPciDevice<M: GuestMemory + Send + Sync + 'static> {
 impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
     /// Puts IOPA-Snoop in front of `inner`, whose doorbell fds must not be registered with the
     /// hypervisor (the VMM's own take their place). `window` is the device's DMA window onto
-    /// guest RAM; nothing of guest RAM needs to be mapped yet.
+    /// guest RAM, whose page runs (first page frame, count) are `ram`; nothing of guest RAM
+    /// needs to be mapped yet.
     pub fn new(
         inner: VfioUserPciDevice,
         mem: Arc<M>,
         window: Arc<DmaWindow>,
+        ram: Vec<(u64, u64)>,
         registrar: Arc<dyn IoEventRegistrar>,
         opts: VioOptions,
     ) -> Result<Self, VioDeviceError> {
@@ -115,12 +127,20 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
         if magic != u64::from(spec::MAGIC) {
             return Err(VioDeviceError::NoShadowIndex);
         }
+        let version = read(caps.vio.bar, caps.vio.offset + spec::REG_VERSION, 4)? as u32;
         let c = caps.common;
         let nq = read(c.bar, c.offset + offset::NUM_QUEUES, 2)? as u16;
         if nq > spec::MAX_QUEUES {
             return Err(VioDeviceError::TooManyQueues(nq));
         }
         let (doorbells, kicks) = Self::doorbells(&inner, &caps, nq)?;
+        let doorbells = Doorbells::new(registrar, doorbells);
+        let elastic = Elastic::new(
+            Setting::Fixed(Mode::Snoop),
+            opts.thresholds,
+            version,
+            usize::from(nq),
+        );
 
         let shadow = ShadowPage::new().map_err(VioDeviceError::ShadowPage)?;
         client
@@ -134,33 +154,61 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
                 },
             )
             .map_err(VioDeviceError::ShadowMap)?;
-        let snoop = Snoop::new(id.clone(), mem, window, client, shadow, kicks, opts.poll)
-            .map_err(VioDeviceError::Doorbell)?;
+        let control = (caps.vio.bar as u32, caps.vio.offset);
+        let snoop = Snoop::new(
+            id.clone(),
+            mem,
+            window,
+            client,
+            shadow,
+            kicks,
+            doorbells,
+            control,
+            ram,
+            elastic,
+            opts.poll,
+        )
+        .map_err(VioDeviceError::Doorbell)?;
         let snoop = Arc::new(snoop);
         let mut dev = VioPciDevice {
             inner,
             caps,
-            registrar,
-            doorbells,
             snoop: snoop.clone(),
             thread: None,
             common: CommonCfgView::default(),
             guest_vio_accesses: 0,
         };
-        dev.register_doorbells(dev.bar0())
+        let bar0 = dev.bar0();
+        snoop
+            .doorbells
+            .lock()
+            .unwrap()
+            .move_to(bar0)
             .map_err(VioDeviceError::Doorbell)?;
-        let fds = dev.doorbells.iter().map(|(_, f)| f.clone()).collect();
         dev.thread = Some(
             std::thread::Builder::new()
                 .name(format!("{id}-snoop"))
-                .spawn(move || snoop.run(fds))
+                .spawn(move || snoop.run())
                 .map_err(VioDeviceError::Thread)?,
         );
+        // Before the guest enables a queue: a fixed passthrough device is all mapped from the
+        // start, and auto mode starts snooped.
+        if opts.setting != Setting::Fixed(Mode::Snoop) {
+            dev.handle()
+                .set(opts.setting)
+                .map_err(VioDeviceError::Switch)?;
+        }
         info!(
-            "{id}: vio (snoop) with {nq} queue(s), shadow page at IOVA {SHADOW_IOVA:#x}, poll {:?}",
+            "{id}: vio ({}) with {nq} queue(s), shadow page at IOVA {SHADOW_IOVA:#x}, poll {:?}, extension version {version}",
+            opts.setting.name(),
             opts.poll
         );
         Ok(dev)
+    }
+
+    /// The handle the API switches the device's mode through.
+    pub fn handle(&self) -> VioHandle<M> {
+        VioHandle(self.snoop.clone())
     }
 
     /// Each queue's doorbell: the VMM's eventfd the guest rings at the queue's notify address,
@@ -170,7 +218,7 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
         inner: &VfioUserPciDevice,
         caps: &Caps,
         nq: u16,
-    ) -> Result<(Vec<(u64, Arc<EventFd>)>, Vec<DeviceKick>), VioDeviceError> {
+    ) -> Result<(Vec<(u64, Arc<EventFd>, Option<EventFd>)>, Vec<DeviceKick>), VioDeviceError> {
         let client = inner.client();
         let c = caps.common;
         let mut device_fds: BTreeMap<u64, EventFd> = inner
@@ -190,12 +238,18 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
             client.region_read(c.bar as u32, c.offset + offset::QUEUE_NOTIFY_OFF, &mut b)?;
             let at =
                 caps.notify.offset + u64::from(u16::from_le_bytes(b)) * u64::from(caps.notify_mult);
-            kicks.push(match device_fds.remove(&at) {
+            let device_fd = device_fds.remove(&at);
+            let passthrough_fd = device_fd
+                .as_ref()
+                .map(EventFd::try_clone)
+                .transpose()
+                .map_err(VioDeviceError::Doorbell)?;
+            kicks.push(match device_fd {
                 Some(fd) => DeviceKick::Fd(fd),
                 None => DeviceKick::Region(at, q),
             });
             let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(VioDeviceError::Doorbell)?;
-            doorbells.push((at, Arc::new(fd)));
+            doorbells.push((at, Arc::new(fd), passthrough_fd));
         }
         client.region_write(
             c.bar as u32,
@@ -211,19 +265,6 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
 
     fn bar_base(&self, index: usize) -> u64 {
         self.inner.bar(index).map(|b| b.addr).unwrap_or(0)
-    }
-
-    fn register_doorbells(&self, base: u64) -> std::io::Result<()> {
-        for (off, fd) in &self.doorbells {
-            self.registrar.register(fd, base + off)?;
-        }
-        Ok(())
-    }
-
-    fn unregister_doorbells(&self, base: u64) {
-        for (off, fd) in &self.doorbells {
-            let _ = self.registrar.unregister(fd, base + off);
-        }
     }
 
     pub fn id(&self) -> &str {
@@ -310,8 +351,13 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
                 }
             }
         }
-        if let Err(e) = self.program_shadow(q) {
-            warn!("{}: programming queue {q}'s shadow index: {e}", self.id());
+        // Programmed and posted under the doorbell lock: the snoop thread applies the enable
+        // in the mode it was programmed for (a switch applies pending enables first).
+        let doorbells = self.snoop.doorbells.lock().unwrap();
+        if doorbells.mode == Mode::Snoop {
+            if let Err(e) = self.program_shadow(q) {
+                warn!("{}: programming queue {q}'s shadow index: {e}", self.id());
+            }
         }
         self.snoop.post(Command::Enable {
             q,
@@ -320,6 +366,7 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
             generation,
             ring_pages,
         });
+        drop(doorbells);
     }
 
     /// Points queue `q` of the device at its shadow slot (IOVA first, then control: `vio::spec`).
@@ -405,7 +452,7 @@ impl<M: GuestMemory + Send + Sync + 'static> PciDevice for VioPciDevice<M> {
             if self.caps.notify.contains(bar, offset, data.len()) {
                 // A doorbell that reached the VMM instead of the eventfd (not yet registered,
                 // or an odd-sized write): same path.
-                if let Some((_, fd)) = self.doorbells.iter().find(|(o, _)| *o == offset) {
+                if let Some(fd) = self.snoop.doorbells.lock().unwrap().vmm_fd_at(offset) {
                     let _ = fd.write(1);
                 }
                 return;
@@ -430,8 +477,7 @@ impl<M: GuestMemory + Send + Sync + 'static> PciDevice for VioPciDevice<M> {
 
     fn move_bar(&mut self, old_base: u64, new_base: u64) -> std::io::Result<()> {
         if self.inner.bar_index(new_base) == Some(0) {
-            self.unregister_doorbells(old_base);
-            self.register_doorbells(new_base)?;
+            self.snoop.doorbells.lock().unwrap().move_to(new_base)?;
         }
         self.inner.move_bar(old_base, new_base)
     }
@@ -444,6 +490,6 @@ impl<M: GuestMemory + Send + Sync + 'static> Drop for VioPciDevice<M> {
             let _ = t.join();
         }
         self.snoop.shutdown();
-        self.unregister_doorbells(self.bar0());
+        self.snoop.doorbells.lock().unwrap().unregister_all();
     }
 }

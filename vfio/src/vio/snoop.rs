@@ -29,9 +29,15 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::doorbells::Doorbells;
+use super::elastic::{Elastic, SwitchReply};
 use super::shadow::ShadowPage;
+use vio::elastic::Mode;
 
 static SNOOP_LOG: LogLimiter = LogLimiter::new(10, 10_000);
+
+/// How often the request rate is sampled (auto mode and `vm.vio-info`).
+const SAMPLE_PERIOD: Duration = Duration::from_millis(100);
 
 /// A queue change from the vCPU path, applied by the snoop thread in order.
 pub(super) enum Command {
@@ -46,6 +52,8 @@ pub(super) enum Command {
     },
     /// The device was reset: stop snooping every queue.
     Reset,
+    /// Switch the device to `to` (the API); the outcome goes to `reply`.
+    Switch { to: Mode, reply: SwitchReply },
 }
 
 /// How the VMM rings the device after publishing.
@@ -57,8 +65,11 @@ pub(super) enum DeviceKick {
 
 #[derive(Default)]
 pub(super) struct QueueSlot {
+    /// The engine, while the queue is enabled and the device snooped.
     pub snoop: Option<SnoopQueue>,
-    generation: u64,
+    /// The enabled queue's ring and whether it uses event-idx, in either mode.
+    pub ring: Option<(QueueLayout, bool)>,
+    pub generation: u64,
     /// Vring pages held while the queue is enabled.
     ring_pages: Vec<u64>,
     /// Stats of earlier incarnations (before a device reset).
@@ -73,6 +84,13 @@ pub(super) struct Snoop<M> {
     pub client: Arc<VfioUserClient>,
     pub shadow: ShadowPage,
     pub kicks: Vec<DeviceKick>,
+    /// Where the guest's doorbells go; held across a mode switch.
+    pub doorbells: Mutex<Doorbells>,
+    /// The VIO control block: BAR index and offset.
+    pub control: (u32, u64),
+    /// Guest RAM as runs of page frame numbers (first, count).
+    pub ram: Vec<(u64, u64)>,
+    pub elastic: Mutex<Elastic>,
     gates: Vec<Mutex<u64>>,
     commands: Mutex<Vec<Command>>,
     pub queues: Vec<Mutex<QueueSlot>>,
@@ -84,14 +102,14 @@ pub(super) struct Snoop<M> {
     pub polls: AtomicU64,
 }
 
-struct QueueHost<'a, M> {
+pub(super) struct QueueHost<'a, M> {
     snoop: &'a Snoop<M>,
     q: u16,
     generation: u64,
     hist: &'a LatencyHistogram,
 }
 
-impl<M> SnoopHost for QueueHost<'_, M> {
+impl<M: GuestMemory + Send + Sync + 'static> SnoopHost for QueueHost<'_, M> {
     fn acquire(&self, gfn: u64) -> Result<bool, PageError> {
         let t0 = Instant::now();
         let r = self.snoop.window.acquire(gfn);
@@ -104,16 +122,7 @@ impl<M> SnoopHost for QueueHost<'_, M> {
         self.snoop.window.release(gfn);
     }
     fn publish(&self, idx: u16, then: &dyn Fn()) -> bool {
-        let gate = self.snoop.gates[usize::from(self.q)].lock().unwrap();
-        if *gate != self.generation {
-            return false;
-        }
-        self.snoop
-            .shadow
-            .field(self.q, SLOT_AVAIL_IDX)
-            .store(idx, Ordering::Release);
-        then();
-        true
+        self.snoop.publish(self.q, self.generation, idx, then)
     }
     fn device_suppression(&self) -> Option<(u16, u16)> {
         let shadow = &self.snoop.shadow;
@@ -127,19 +136,7 @@ impl<M> SnoopHost for QueueHost<'_, M> {
         ))
     }
     fn kick(&self) {
-        let r = match &self.snoop.kicks[usize::from(self.q)] {
-            DeviceKick::Fd(fd) => fd.write(1),
-            DeviceKick::Region(off, q) => self
-                .snoop
-                .client
-                .region_write(0, *off, &q.to_le_bytes())
-                .map_err(std::io::Error::other),
-        };
-        if let Err(e) = r {
-            if SNOOP_LOG.hit() {
-                warn!("{}: kicking queue {}: {e}", self.snoop.id, self.q);
-            }
-        }
+        self.snoop.kick(self.q);
     }
 }
 
@@ -152,6 +149,10 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
         client: Arc<VfioUserClient>,
         shadow: ShadowPage,
         kicks: Vec<DeviceKick>,
+        doorbells: Doorbells,
+        control: (u32, u64),
+        ram: Vec<(u64, u64)>,
+        elastic: Elastic,
         poll: Duration,
     ) -> std::io::Result<Self> {
         let nq = kicks.len();
@@ -162,6 +163,10 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
             client,
             shadow,
             kicks,
+            doorbells: Mutex::new(doorbells),
+            control,
+            ram,
+            elastic: Mutex::new(elastic),
             gates: (0..nq).map(|_| Mutex::new(0)).collect(),
             commands: Mutex::new(Vec::new()),
             queues: (0..nq).map(|_| Mutex::new(QueueSlot::default())).collect(),
@@ -200,7 +205,41 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
         let _ = self.wake.write(1);
     }
 
-    fn host<'a>(&'a self, q: u16, slot: &'a QueueSlot) -> QueueHost<'a, M> {
+    /// Writes queue `q`'s shadow index, then `then`, unless the queue was retired since
+    /// `generation`.
+    pub fn publish(&self, q: u16, generation: u64, idx: u16, then: &dyn Fn()) -> bool {
+        let gate = self.gates[usize::from(q)].lock().unwrap();
+        if *gate != generation {
+            return false;
+        }
+        self.shadow
+            .field(q, SLOT_AVAIL_IDX)
+            .store(idx, Ordering::Release);
+        then();
+        true
+    }
+
+    /// Rings queue `q`'s doorbell on the device.
+    pub fn kick(&self, q: u16) {
+        let r = match &self.kicks[usize::from(q)] {
+            DeviceKick::Fd(fd) => fd.write(1),
+            DeviceKick::Region(off, q) => self
+                .client
+                .region_write(0, *off, &q.to_le_bytes())
+                .map_err(std::io::Error::other),
+        };
+        if let Err(e) = r {
+            if SNOOP_LOG.hit() {
+                warn!("{}: kicking queue {q}: {e}", self.id);
+            }
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.doorbells.lock().unwrap().mode
+    }
+
+    pub(super) fn host<'a>(&'a self, q: u16, slot: &'a QueueSlot) -> QueueHost<'a, M> {
         QueueHost {
             snoop: self,
             q,
@@ -209,37 +248,76 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
         }
     }
 
-    /// Applies the vCPU path's queue changes, in the order they were made.
+    /// Applies the vCPU path's queue changes, in the order they were made, and the mode
+    /// switches asked for. A queue's enable was programmed for the mode in force when it was
+    /// posted, which is the mode now: a switch applies the commands before it changes mode.
     fn apply_commands(&self) {
         let commands = std::mem::take(&mut *self.commands.lock().unwrap());
         for cmd in commands {
+            if let Command::Switch { to, reply } = cmd {
+                let r = self.switch(to);
+                let _ = reply.send(r);
+                continue;
+            }
+            self.apply(cmd);
+        }
+    }
+
+    /// The queue commands already posted (a switch takes them first, under the doorbell lock).
+    pub(super) fn apply_queue_commands(&self, mode: Mode) {
+        let mut commands = self.commands.lock().unwrap();
+        let mut later = Vec::new();
+        for cmd in std::mem::take(&mut *commands) {
             match cmd {
-                Command::Reset => {
-                    for q in 0..self.queue_count() {
-                        self.teardown(q, &mut self.queues[usize::from(q)].lock().unwrap());
-                    }
-                }
-                Command::Enable {
-                    q,
-                    layout,
-                    event_idx,
-                    generation,
-                    ring_pages,
-                } => {
+                Command::Switch { .. } => later.push(cmd),
+                cmd => self.apply_in(cmd, mode),
+            }
+        }
+        // Switches asked for meanwhile run after this one, in order.
+        later.append(&mut commands);
+        *commands = later;
+    }
+
+    fn apply(&self, cmd: Command) {
+        self.apply_in(cmd, self.mode())
+    }
+
+    fn apply_in(&self, cmd: Command, mode: Mode) {
+        match cmd {
+            Command::Reset => {
+                for q in 0..self.queue_count() {
                     let mut slot = self.queues[usize::from(q)].lock().unwrap();
                     self.teardown(q, &mut slot);
-                    slot.ring_pages = ring_pages;
-                    slot.generation = generation;
-                    let sq =
-                        SnoopQueue::new(layout, 0, WalkLimits::default()).with_event_idx(event_idx);
-                    // The device now writes its suppression to the shadow page; the guest
-                    // sees ours. Unless the guest has moved on already.
-                    if self
-                        .host(q, &slot)
-                        .publish(0, &|| sq.state_suppression(&*self.mem))
-                    {
-                        slot.snoop = Some(sq);
-                    }
+                    slot.ring = None;
+                }
+            }
+            // Never here: the callers take switches out of the list first.
+            Command::Switch { .. } => {}
+            Command::Enable {
+                q,
+                layout,
+                event_idx,
+                generation,
+                ring_pages,
+            } => {
+                let mut slot = self.queues[usize::from(q)].lock().unwrap();
+                self.teardown(q, &mut slot);
+                slot.ring_pages = ring_pages;
+                slot.generation = generation;
+                slot.ring = Some((layout, event_idx));
+                if mode == Mode::Passthrough {
+                    // The device reads the guest's ring itself; all of RAM is mapped.
+                    return;
+                }
+                let sq =
+                    SnoopQueue::new(layout, 0, WalkLimits::default()).with_event_idx(event_idx);
+                // The device now writes its suppression to the shadow page; the guest
+                // sees ours. Unless the guest has moved on already.
+                if self
+                    .host(q, &slot)
+                    .publish(0, &|| sq.state_suppression(&*self.mem))
+                {
+                    slot.snoop = Some(sq);
                 }
             }
         }
@@ -276,10 +354,15 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
         for (i, slot) in self.queues.iter().enumerate() {
             let mut slot = slot.lock().unwrap();
             let slot = &mut *slot;
+            let kicked = kicked.get(i).copied().unwrap_or(false);
             let Some(mut sq) = slot.snoop.take() else {
+                // Passed through: a doorbell the VMM still sees (the device has no doorbell
+                // fd, or it was rung during a switch) is the device's.
+                if kicked && slot.ring.is_some() {
+                    self.kick(i as u16);
+                }
                 continue;
             };
-            let kicked = kicked.get(i).copied().unwrap_or(false);
             again |= sq.service(&*self.mem, &self.host(i as u16, slot), kicked, polling);
             if let Some(e) = sq.last_error.take() {
                 if SNOOP_LOG.hit() {
@@ -291,7 +374,8 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
         again
     }
 
-    pub fn run(self: Arc<Self>, doorbells: Vec<Arc<EventFd>>) {
+    pub fn run(self: Arc<Self>) {
+        let doorbells = self.doorbells.lock().unwrap().vmm_fds();
         if let Err(e) = self.event_loop(&doorbells) {
             log::error!("{}: snoop thread: {e}", self.id);
         }
@@ -300,11 +384,15 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
     fn event_loop(&self, doorbells: &[Arc<EventFd>]) -> std::io::Result<()> {
         let epoll = Epoll::new()?;
         let mut timer = TimerFd::new()?;
+        let mut sampler = TimerFd::new()?;
+        sampler.reset(SAMPLE_PERIOD, Some(SAMPLE_PERIOD))?;
         let wake_token = doorbells.len() as u64;
-        let fds = doorbells
-            .iter()
-            .map(|fd| fd.as_raw_fd())
-            .chain([self.wake.as_raw_fd(), timer.as_raw_fd()]);
+        let timer_token = wake_token + 1;
+        let fds = doorbells.iter().map(|fd| fd.as_raw_fd()).chain([
+            self.wake.as_raw_fd(),
+            timer.as_raw_fd(),
+            sampler.as_raw_fd(),
+        ]);
         for (token, fd) in fds.enumerate() {
             epoll.ctl(
                 ControlOperation::Add,
@@ -312,7 +400,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
                 EpollEvent::new(EventSet::IN, token as u64),
             )?;
         }
-        let mut events = vec![EpollEvent::default(); doorbells.len() + 2];
+        let mut events = vec![EpollEvent::default(); doorbells.len() + 3];
         let mut armed = false;
         while !self.stop.load(Ordering::Acquire) {
             let n = match epoll.wait(-1, &mut events) {
@@ -329,10 +417,13 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
                     kicked[t as usize] = true;
                 } else if t == wake_token {
                     let _ = self.wake.read();
-                } else {
+                } else if t == timer_token {
                     let _ = timer.wait();
                     polling = true;
                     self.polls.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    let _ = sampler.wait();
+                    self.sample();
                 }
             }
             // A doorbell seen here was rung after the queue change that preceded it was

@@ -9,8 +9,10 @@ use virtio_queue::{Queue, QueueT};
 /// Where a device reads its available indices from.
 pub trait ShadowIndex: Send + Sync {
     /// Reads of the 16-bit index at `avail_idx_addr` come from `shadow` (or, with `None`,
-    /// from the ring again). The same redirect serves the device's suppression fields.
-    fn redirect(&self, avail_idx_addr: u64, shadow: Option<u64>);
+    /// from the ring again). The same redirect serves the device's suppression fields. With
+    /// `capture`, the value at `avail_idx_addr` is first copied to `shadow`, with no device
+    /// access to either in between.
+    fn redirect(&self, avail_idx_addr: u64, shadow: Option<u64>, capture: bool);
 }
 
 #[derive(Clone, Default)]
@@ -90,32 +92,37 @@ impl VioControlBlock {
 
     fn set_control(host: &dyn ShadowIndex, reg: &mut QueueRegs, ring: &Queue, v: u32) {
         for old in reg.active.drain(..) {
-            host.redirect(old, None);
+            host.redirect(old, None, false);
         }
-        let v = v & (spec::CTRL_SHADOW_INDEX | spec::CTRL_SUPPRESSION);
+        let v = v & (spec::CTRL_SHADOW_INDEX | spec::CTRL_SUPPRESSION | spec::CTRL_CAPTURE);
         reg.control = 0;
         if v & spec::CTRL_SHADOW_INDEX == 0 {
             return;
         }
-        let mut redirects = vec![(ring.avail_ring() + 2, reg.iova + spec::SLOT_AVAIL_IDX)];
+        let capture = v & spec::CTRL_CAPTURE != 0;
+        let mut redirects = vec![(
+            ring.avail_ring() + 2,
+            reg.iova + spec::SLOT_AVAIL_IDX,
+            capture,
+        )];
         if v & spec::CTRL_SUPPRESSION != 0 {
             let used = ring.used_ring();
             let avail_event = used + 4 + 8 * u64::from(ring.size());
-            redirects.push((used, reg.iova + spec::SLOT_USED_FLAGS));
-            redirects.push((avail_event, reg.iova + spec::SLOT_AVAIL_EVENT));
+            redirects.push((used, reg.iova + spec::SLOT_USED_FLAGS, false));
+            redirects.push((avail_event, reg.iova + spec::SLOT_AVAIL_EVENT, false));
         }
-        for (from, to) in redirects {
-            host.redirect(from, Some(to));
+        for (from, to, capture) in redirects {
+            host.redirect(from, Some(to), capture);
             reg.active.push(from);
         }
-        reg.control = v;
+        reg.control = v & !spec::CTRL_CAPTURE;
     }
 
     /// A device reset clears every queue's registers.
     pub fn reset(&mut self) {
         for r in &mut self.regs {
             for old in r.active.drain(..) {
-                self.host.redirect(old, None);
+                self.host.redirect(old, None, false);
             }
             r.iova = 0;
             r.control = 0;

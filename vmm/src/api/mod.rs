@@ -3,9 +3,10 @@
 
 pub mod http;
 
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, VioMode, VmConfig};
 use crate::device_manager::DeviceError;
 use crate::error::VmmError;
+use vfio::vio::SwitchError;
 use std::sync::mpsc::Sender;
 use thiserror::Error;
 
@@ -31,6 +32,13 @@ pub enum ApiRequest {
         iova: u64,
         size: u64,
     },
+    /// Sets how a `vio` device runs: snoop, passthrough (switched now) or auto.
+    VmVioMode {
+        id: String,
+        mode: VioMode,
+    },
+    /// Every `vio` device's mode, thresholds, rate, queues and last switch.
+    VmVioInfo,
     /// Reclaims up to `bytes` of the coldest reclaimable guest memory now.
     VmReclaim {
         bytes: u64,
@@ -82,7 +90,15 @@ impl From<VmmError> for ApiError {
             | VmmError::VmNotRunning
             | VmmError::VmNotPaused
             | VmmError::ReclaimDisabled => ApiError::Conflict(text),
-            VmmError::Device(DeviceError::NoSuchDevice(_)) => ApiError::BadRequest(text),
+            VmmError::Device(DeviceError::NoSuchDevice(_) | DeviceError::NotVio(_)) => {
+                ApiError::BadRequest(text)
+            }
+            VmmError::Device(DeviceError::Switch(_, SwitchError::InProgress)) => {
+                ApiError::Conflict(text)
+            }
+            VmmError::Device(DeviceError::Switch(_, SwitchError::Unsupported(_))) => {
+                ApiError::BadRequest(text)
+            }
             VmmError::Vm(_) | VmmError::Device(_) | VmmError::Reply(_) => ApiError::Internal(text),
         }
     }
@@ -133,6 +149,8 @@ pub const ROUTES: &[(&str, Method)] = &[
     ("vm.counters", Method::Get),
     ("vm.dma-unmap", Method::Put),
     ("vm.reclaim", Method::Put),
+    ("vm.vio-mode", Method::Put),
+    ("vm.vio-info", Method::Get),
 ];
 
 /// Maps an HTTP request onto an `ApiRequest`.
@@ -187,6 +205,24 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiErr
                 bytes: b.bytes,
                 unsafe_unmap_dma: b.unsafe_unmap_dma,
             }
+        }
+        "vm.vio-info" => ApiRequest::VmVioInfo,
+        "vm.vio-mode" => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Body {
+                id: String,
+                mode: String,
+            }
+            let b: Body = serde_json::from_slice(body)
+                .map_err(|e| ApiError::BadRequest(format!("Invalid body: {e}")))?;
+            let mode = VioMode::parse(&b.mode).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "Invalid mode \"{}\": expected snoop, passthrough or auto",
+                    b.mode
+                ))
+            })?;
+            ApiRequest::VmVioMode { id: b.id, mode }
         }
         "vm.dma-unmap" => {
             #[derive(serde::Deserialize)]

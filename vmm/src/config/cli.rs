@@ -217,17 +217,29 @@ impl UserDeviceConfig {
 
     /// `--vio socket=<path>[,id=<name>][,mode=snoop][,poll_us=<us>]`
     pub fn parse_vio(raw: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse("vio", raw, &["socket", "id", "mode", "poll_us"])?;
+        let p = OptionParser::parse(
+            "vio",
+            raw,
+            &[
+                "socket",
+                "id",
+                "mode",
+                "poll_us",
+                "iops_high",
+                "iops_low",
+                "dwell_ms",
+            ],
+        )?;
         let socket = p.path("socket")?;
-        let mode = match p.get("mode").unwrap_or("snoop") {
-            "snoop" => VioMode::Snoop,
-            _ => return Err(p.error("mode must be snoop")),
-        };
+        let mode = VioMode::parse(p.get("mode").unwrap_or("snoop"))
+            .ok_or_else(|| p.error("mode must be snoop, passthrough or auto"))?;
+        let d = VioConfig::new(mode);
         let vio = VioConfig {
             mode,
-            poll_us: p
-                .number("poll_us")?
-                .unwrap_or_else(VioConfig::default_poll_us),
+            poll_us: p.number("poll_us")?.unwrap_or(d.poll_us),
+            iops_high: p.number("iops_high")?.unwrap_or(d.iops_high),
+            iops_low: p.number("iops_low")?.unwrap_or(d.iops_low),
+            dwell_ms: p.number("dwell_ms")?.unwrap_or(d.dwell_ms),
         };
         Ok(UserDeviceConfig {
             socket,

@@ -213,6 +213,23 @@ pub enum VioMode {
     /// IOPA-Snoop: the device reads a shadow available index the VMM advances once every page
     /// of a request is resident and DMA-mapped; guest memory stays reclaimable.
     Snoop,
+    /// Plain passthrough behind the same front end: all of guest RAM mapped, the VMM off the
+    /// data path; can be switched to snoop live.
+    Passthrough,
+    /// Elastic: snoop at low request rates, passthrough at high ones (`iops_high`,
+    /// `iops_low`, `dwell_ms`).
+    Auto,
+}
+
+impl VioMode {
+    pub fn parse(v: &str) -> Option<Self> {
+        match v {
+            "snoop" => Some(VioMode::Snoop),
+            "passthrough" => Some(VioMode::Passthrough),
+            "auto" => Some(VioMode::Auto),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,18 +239,57 @@ pub struct VioConfig {
     /// How often queues with requests in flight are re-checked, in microseconds.
     #[serde(default = "VioConfig::default_poll_us")]
     pub poll_us: u64,
+    /// Auto mode: passthrough once the rate has stayed at or above `iops_high` requests/s for
+    /// `dwell_ms`, snoop again once it has stayed at or below `iops_low` for `dwell_ms`.
+    #[serde(default = "VioConfig::default_iops_high")]
+    pub iops_high: u64,
+    #[serde(default = "VioConfig::default_iops_low")]
+    pub iops_low: u64,
+    #[serde(default = "VioConfig::default_dwell_ms")]
+    pub dwell_ms: u64,
 }
 
 impl VioConfig {
     pub const DEFAULT_POLL_US: u64 = 1000;
+    /// Defaults from docs/performance.md ("Elastic passthrough"): the rate at which snooping
+    /// costs the VMM a noticeable share of a core here, and a low mark far enough below it that
+    /// a workload near the line does not flap.
+    pub const DEFAULT_IOPS_HIGH: u64 = 20_000;
+    pub const DEFAULT_IOPS_LOW: u64 = 5_000;
+    pub const DEFAULT_DWELL_MS: u64 = 1_000;
 
     fn default_poll_us() -> u64 {
         Self::DEFAULT_POLL_US
+    }
+    fn default_iops_high() -> u64 {
+        Self::DEFAULT_IOPS_HIGH
+    }
+    fn default_iops_low() -> u64 {
+        Self::DEFAULT_IOPS_LOW
+    }
+    fn default_dwell_ms() -> u64 {
+        Self::DEFAULT_DWELL_MS
+    }
+
+    pub fn new(mode: VioMode) -> Self {
+        VioConfig {
+            mode,
+            poll_us: Self::DEFAULT_POLL_US,
+            iops_high: Self::DEFAULT_IOPS_HIGH,
+            iops_low: Self::DEFAULT_IOPS_LOW,
+            dwell_ms: Self::DEFAULT_DWELL_MS,
+        }
     }
 
     fn check(&self) -> Result<(), Refused> {
         if !(1..=1_000_000).contains(&self.poll_us) {
             return refuse("poll_us", "poll_us must be 1..1000000");
+        }
+        if self.iops_low >= self.iops_high {
+            return refuse("iops_low", "iops_low must be below iops_high");
+        }
+        if !(1..=3_600_000).contains(&self.dwell_ms) {
+            return refuse("dwell_ms", "dwell_ms must be 1..3600000");
         }
         Ok(())
     }
