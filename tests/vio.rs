@@ -5,57 +5,10 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 const RAM: u64 = 512 << 20;
-
-/// Reclaims half of guest RAM (`vm.reclaim`) every 100 ms until stopped; records the host's
-/// view of guest RAM after each pass, measured from outside the VMM.
-struct Churn {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Vec<(u64, u64)>>>,
-}
-
-impl Churn {
-    fn start(api_path: &Path, pid: u32, unsafe_unmap_dma: bool) -> Churn {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (s, path) = (stop.clone(), api_path.to_path_buf());
-        let body = format!(
-            r#"{{"bytes": {}, "unsafe_unmap_dma": {unsafe_unmap_dma}}}"#,
-            RAM / 2
-        );
-        let thread = std::thread::spawn(move || {
-            let mut passes = Vec::new();
-            while !s.load(Ordering::Relaxed) {
-                let (status, rep) = api(&path, "PUT", "vm.reclaim", &body);
-                if status != 200 {
-                    break; // the VM is gone
-                }
-                let rep: Value = serde_json::from_str(&rep).unwrap();
-                passes.push((
-                    rep["reclaimed_bytes"].as_u64().unwrap_or(0),
-                    memfd_allocated(pid).unwrap_or(u64::MAX),
-                ));
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            passes
-        });
-        Churn {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// (reclaimed bytes, memfd allocated bytes after) per pass.
-    fn finish(mut self) -> Vec<(u64, u64)> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().unwrap().join().unwrap()
-    }
-}
 
 struct Run {
     result: Value,
@@ -79,8 +32,8 @@ fn blk_verify(name: &str, dev_flag: &str, cmdline: &str, churn: Option<bool>) ->
         .spawn();
     vm.wait_line("VIO-GUEST-INFO", Duration::from_secs(60))
         .expect("guest drives the device");
-    let churn =
-        churn.map(|unsafe_unmap_dma| Churn::start(vm.api_path(), vm.pid(), unsafe_unmap_dma));
+    let churn = churn
+        .map(|unsafe_unmap_dma| Churn::start(vm.api_path(), vm.pid(), RAM / 2, unsafe_unmap_dma));
     let out = vm.finish(TIMEOUT);
     let passes = churn.map(Churn::finish).unwrap_or_default();
     assert!(out.status.success(), "{}", out.describe());

@@ -6,7 +6,9 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const VMM: &str = env!("CARGO_BIN_EXE_vio-hypervisor");
@@ -560,4 +562,45 @@ pub fn kernel_trouble(stdout: &[String]) -> Vec<&String> {
         .iter()
         .filter(|l| BAD.iter().any(|b| l.contains(b)))
         .collect()
+}
+
+/// Reclaims `bytes` of guest RAM (`vm.reclaim`) every 100 ms until stopped; records the host's
+/// view of guest RAM after each pass, measured from outside the VMM.
+pub struct Churn {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<(u64, u64)>>>,
+}
+
+impl Churn {
+    pub fn start(api_path: &Path, pid: u32, bytes: u64, unsafe_unmap_dma: bool) -> Churn {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, path) = (stop.clone(), api_path.to_path_buf());
+        let body = format!(r#"{{"bytes": {bytes}, "unsafe_unmap_dma": {unsafe_unmap_dma}}}"#);
+        let thread = std::thread::spawn(move || {
+            let mut passes = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                let (status, rep) = api(&path, "PUT", "vm.reclaim", &body);
+                if status != 200 {
+                    break; // the VM is gone
+                }
+                let rep: Value = serde_json::from_str(&rep).unwrap();
+                passes.push((
+                    rep["reclaimed_bytes"].as_u64().unwrap_or(0),
+                    memfd_allocated(pid).unwrap_or(u64::MAX),
+                ));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            passes
+        });
+        Churn {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// (reclaimed bytes, memfd allocated bytes after) per pass.
+    pub fn finish(mut self) -> Vec<(u64, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
 }

@@ -703,7 +703,10 @@ mod tests {
             "a capture carries the guest's index over to the shadow"
         );
         assert_eq!(
-            iommu.view().read_obj::<u16>(GuestAddress(PAGE_SIZE)).unwrap(),
+            iommu
+                .view()
+                .read_obj::<u16>(GuestAddress(PAGE_SIZE))
+                .unwrap(),
             7
         );
     }

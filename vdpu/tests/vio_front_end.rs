@@ -10,6 +10,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
 use vfio::vfio_user::{VfioUserClient, VfioUserPciDevice};
 use vfio::vio::{VioOptions, VioPciDevice};
+use vio::elastic::{Mode, Setting, Thresholds};
 use vio::{DmaWindow, IoMapper, PageError, Residency, SourceError};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -48,6 +49,9 @@ impl Residency for Resident {
         Ok(false)
     }
     fn unpin(&self, _: u64) {}
+    fn populate(&self, _: u64, _: u64) -> Result<(), PageError> {
+        Ok(())
+    }
 }
 struct NoMap;
 impl IoMapper for NoMap {
@@ -93,9 +97,16 @@ fn front_end(
         inner,
         mem,
         window,
+        vec![(0, 256)],
         registrar,
         VioOptions {
             poll: Duration::from_millis(1),
+            setting: Setting::Fixed(Mode::Snoop),
+            thresholds: Thresholds {
+                iops_high: 2,
+                iops_low: 1,
+                dwell: Duration::from_secs(1),
+            },
         },
     )
     .unwrap()
@@ -210,6 +221,9 @@ impl Residency for SlowPage {
     }
     fn unpin(&self, gfn: u64) {
         *self.pins.lock().unwrap().entry(gfn).or_default() -= 1;
+    }
+    fn populate(&self, _: u64, _: u64) -> Result<(), PageError> {
+        Ok(())
     }
 }
 

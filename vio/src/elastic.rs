@@ -77,16 +77,11 @@ impl AutoPolicy {
     /// Takes a sample of a running request count (`ops`, wrapping) at `now` in mode `mode`;
     /// returns the mode to switch to, if the rate has stayed past a threshold for the dwell.
     pub fn sample(&mut self, now: Instant, ops: u64, mode: Mode) -> Option<Mode> {
-        let Some((t, n)) = self.last.replace((now, ops)) else {
-            return None;
-        };
+        let (t, n) = self.last.replace((now, ops))?;
         let dt = now.saturating_duration_since(t).as_nanos().max(1);
         self.iops = (u128::from(ops.wrapping_sub(n)) * 1_000_000_000 / dt) as u64;
         let (past, to) = match mode {
-            Mode::Snoop => (
-                self.iops >= self.thresholds.iops_high,
-                Mode::Passthrough,
-            ),
+            Mode::Snoop => (self.iops >= self.thresholds.iops_high, Mode::Passthrough),
             Mode::Passthrough => (self.iops <= self.thresholds.iops_low, Mode::Snoop),
         };
         if !past {
@@ -117,7 +112,8 @@ mod tests {
         p.sample(t0, ops, mode);
         for (i, r) in rates.iter().enumerate() {
             ops = ops.wrapping_add(r / 10);
-            if let Some(to) = p.sample(t0 + Duration::from_millis(100 * (i as u64 + 1)), ops, mode) {
+            if let Some(to) = p.sample(t0 + Duration::from_millis(100 * (i as u64 + 1)), ops, mode)
+            {
                 out.push((i, to));
                 mode = to;
                 p.restart();
@@ -143,10 +139,7 @@ mod tests {
         let mut rates = vec![5000; 3];
         rates.extend([500; 6]); // between the thresholds: stays in passthrough
         rates.extend([0; 3]);
-        assert_eq!(
-            run(&rates),
-            vec![(2, Mode::Passthrough), (11, Mode::Snoop)]
-        );
+        assert_eq!(run(&rates), vec![(2, Mode::Passthrough), (11, Mode::Snoop)]);
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub enum PageError {
     Map(u64, u64, #[source] SourceError),
     #[error("Failed to DMA-unmap guest pages {0:#x}+{1}")]
     Unmap(u64, u64, #[source] SourceError),
+    #[error("Failed to back guest pages {0:#x}+{1} with memory")]
+    Populate(u64, u64, #[source] SourceError),
 }
 
 /// The memory manager's side: page residency and reclaim pins, by guest page frame number.
@@ -35,6 +37,9 @@ pub trait Residency: Send + Sync {
     /// whether it had to be brought back (a fault-in).
     fn pin(&self, gfn: u64) -> Result<bool, PageError>;
     fn unpin(&self, gfn: u64);
+    /// Backs [gfn, gfn+n), all pinned, with memory, as plain passthrough's pinning of all of
+    /// guest RAM would (pages never written included).
+    fn populate(&self, gfn: u64, n: u64) -> Result<(), PageError>;
 }
 
 /// The IOMMU side: maps guest pages to the device at IOVA = guest-physical address.
@@ -141,6 +146,11 @@ impl DmaWindow {
         self.residency.unpin(gfn);
     }
 
+    /// Backs [gfn, gfn+n) with memory; the caller holds pins on all of it.
+    pub fn populate(&self, gfn: u64, n: u64) -> Result<(), PageError> {
+        self.residency.populate(gfn, n)
+    }
+
     /// For the reclaimer, about to take the pages of `held` (sorted, disjoint runs of guest
     /// pages it holds, none pinned): DMA-unmaps the mapped ones with as few unmaps as possible.
     /// A span may cross pages that are not held as long as none of them is mapped; the map
@@ -235,6 +245,9 @@ mod tests {
             if *c == 0 {
                 p.remove(&gfn);
             }
+        }
+        fn populate(&self, _: u64, _: u64) -> Result<(), PageError> {
+            Ok(())
         }
     }
 

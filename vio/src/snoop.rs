@@ -501,7 +501,12 @@ mod tests {
         set_avail(&m, 6);
         assert_eq!(q.on_kick(&m, &h), 6);
         assert_eq!(*h.published.borrow(), vec![6]);
-        assert_eq!(h.pins.borrow().get(&0x13), Some(&1), "{:?}", h.pins.borrow());
+        assert_eq!(
+            h.pins.borrow().get(&0x13),
+            Some(&1),
+            "{:?}",
+            h.pins.borrow()
+        );
         q.release_all(&h);
         assert!(h.pins.borrow().is_empty(), "{:?}", h.pins.borrow());
     }

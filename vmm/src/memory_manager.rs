@@ -128,7 +128,7 @@ impl MemoryManager {
     pub fn residency(&self) -> Arc<dyn Residency> {
         match &self.reclaimer {
             Some(r) => r.clone(),
-            None => Arc::new(AlwaysResident(self.regions.clone())),
+            None => Arc::new(AlwaysResident(self.regions.clone(), self.memfd.clone())),
         }
     }
 
@@ -201,7 +201,7 @@ fn region_of(regions: &[RamRegion], gpa: u64) -> Option<&RamRegion> {
         .find(|r| gpa >= r.guest_addr && gpa < r.guest_addr + r.size)
 }
 
-struct AlwaysResident(Vec<RamRegion>);
+struct AlwaysResident(Vec<RamRegion>, Arc<File>);
 
 impl Residency for AlwaysResident {
     fn pin(&self, gfn: u64) -> Result<bool, PageError> {
@@ -211,6 +211,29 @@ impl Residency for AlwaysResident {
             .ok_or(PageError::OutsideRam(gfn))
     }
     fn unpin(&self, _gfn: u64) {}
+    fn populate(&self, gfn: u64, n: u64) -> Result<(), PageError> {
+        let gpa = gfn * PAGE_SIZE;
+        let r = region_of(&self.0, gpa).ok_or(PageError::OutsideRam(gfn))?;
+        allocate(&self.1, r.file_offset + (gpa - r.guest_addr), n * PAGE_SIZE)
+            .map_err(|e| PageError::Populate(gfn, n, e.into()))
+    }
+}
+
+/// Backs [offset, offset+len) of `memfd` with memory (pages already there are left alone).
+pub fn allocate(memfd: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: allocating blocks of our own memfd; mode 0 never changes existing contents.
+    let rc = unsafe {
+        libc::fallocate(
+            std::os::unix::io::AsRawFd::as_raw_fd(memfd),
+            0,
+            offset as i64,
+            len as i64,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 struct RamIoMapper {

@@ -168,6 +168,12 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
                 }
             }
         }
+        for &(first, n) in &self.ram {
+            if let Err(e) = self.window.populate(first, n) {
+                self.ram.iter().for_each(|&r| self.unpin_run(r));
+                return Err(SwitchError::Map(e));
+            }
+        }
         self.elastic.lock().unwrap().ram_pinned = true;
         let now = self.window.stats.mapped_pages.load(Ordering::Relaxed);
         Ok((faulted, now.saturating_sub(mapped)))
@@ -262,9 +268,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
             )
             .with_event_idx(event_idx);
             let generation = slot.generation;
-            if !self.publish(q, generation, exposed, &|| {
-                sq.state_suppression(&*self.mem)
-            }) {
+            if !self.publish(q, generation, exposed, &|| sq.state_suppression(&*self.mem)) {
                 // Retired by the guest meanwhile: its next enable starts afresh.
                 sq.release_all(&host);
                 continue;
@@ -300,8 +304,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
                     chains += slot.past.chains + sq.as_ref().map_or(0, |sq| sq.stats.chains)
                 }
                 (Mode::Passthrough, _, Some((layout, _))) => {
-                    if let Ok(used) = self.mem.read_obj::<u16>(GuestAddress(layout.used_ring + 2))
-                    {
+                    if let Ok(used) = self.mem.read_obj::<u16>(GuestAddress(layout.used_ring + 2)) {
                         if let Some(prev) = el.last_used[q].replace(used) {
                             el.ops += u64::from(used.wrapping_sub(prev));
                         }

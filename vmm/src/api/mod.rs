@@ -6,9 +6,9 @@ pub mod http;
 use crate::config::{ConfigError, VioMode, VmConfig};
 use crate::device_manager::DeviceError;
 use crate::error::VmmError;
-use vfio::vio::SwitchError;
 use std::sync::mpsc::Sender;
 use thiserror::Error;
+use vfio::vio::SwitchError;
 
 pub const API_PREFIX: &str = "/api/v1/";
 

@@ -142,8 +142,14 @@ fn user_devices() {
     );
     assert_eq!(v.id.as_deref(), Some("v0"));
     for (bad, want) in [
-        ("socket=/s,mode=elastic", "mode must be snoop, passthrough or auto"),
-        ("socket=/s,iops_high=10,iops_low=10", "iops_low must be below iops_high"),
+        (
+            "socket=/s,mode=elastic",
+            "mode must be snoop, passthrough or auto",
+        ),
+        (
+            "socket=/s,iops_high=10,iops_low=10",
+            "iops_low must be below iops_high",
+        ),
         ("socket=/s,dwell_ms=0", "dwell_ms must be 1..3600000"),
         ("socket=/s,poll_us=0", "1..1000000"),
         ("socket=/s,poll_us=x", "poll_us"),
@@ -288,15 +294,17 @@ fn cli_and_json_build_the_same_config() {
         dir.display()
     ))
     .unwrap();
-    cli.user_devices
-        .push(UserDeviceConfig::parse_vio("socket=/tmp/v.sock,id=v0,poll_us=50,mode=auto,iops_high=800").unwrap());
+    cli.user_devices.push(
+        UserDeviceConfig::parse_vio("socket=/tmp/v.sock,id=v0,poll_us=50,mode=auto,iops_high=8000")
+            .unwrap(),
+    );
     cli.serial = ConsoleMode::Null;
     let json = VmConfig::from_json(&format!(
         r#"{{"payload":{{"kernel":"{k}"}},"cpus":{{"boot_vcpus":2}},
             "memory":{{"size":268435456,"shared":true,"reclaim":true}},
             "reclaim":{{"interval_ms":100,"idle_ms":200,"target_pct":60,"store":"{}",
                         "compress":"none","store_max":1073741824}},
-            "user_devices":[{{"socket":"/tmp/v.sock","id":"v0","vio":{{"mode":"auto","poll_us":50,"iops_high":800}}}}]}}"#,
+            "user_devices":[{{"socket":"/tmp/v.sock","id":"v0","vio":{{"mode":"auto","poll_us":50,"iops_high":8000}}}}]}}"#,
         dir.display()
     ))
     .unwrap();

@@ -53,12 +53,60 @@ impl Residency for Reclaimer {
         Ok(restored)
     }
 
+    /// The pages are pinned, so none is being reclaimed and every reclaimed one has been
+    /// restored: the holes left are pages never written. They are filled with zero pages
+    /// through the userfaultfd, which never replaces a page that is there (a vCPU's racing
+    /// first touch wins), and leaves them as ordinary data pages that reclaim can take again.
+    fn populate(&self, gfn: u64, n: u64) -> Result<(), PageError> {
+        let first = gfn
+            .checked_mul(PAGE)
+            .and_then(|gpa| self.page_of_guest(gpa))
+            .ok_or(PageError::OutsideRam(gfn))?;
+        let end = first + n;
+        let mut at = first;
+        for (s, e) in self.resident_ranges() {
+            for hole in [(at, s.min(end))].into_iter().filter(|&(a, b)| a < b) {
+                self.zero_fill(hole.0, hole.1 - hole.0);
+            }
+            at = at.max(e);
+            if at >= end {
+                return Ok(());
+            }
+        }
+        if at < end {
+            self.zero_fill(at, end - at);
+        }
+        Ok(())
+    }
+
     fn unpin(&self, gfn: u64) {
         if let Some(page) = self.page_of_guest(gfn * PAGE) {
             let pins = &self.inflight_pins[page as usize];
             if pins.fetch_sub(1, Ordering::SeqCst) == 0 {
                 pins.fetch_add(1, Ordering::SeqCst);
                 warn!("Unpin of unpinned guest page {gfn:#x}");
+            }
+        }
+    }
+}
+
+impl Reclaimer {
+    /// Zero-fills the hole [page, page+n) (memfd pages, one RAM range); pages that appeared
+    /// meanwhile are left alone.
+    fn zero_fill(&self, page: u64, n: u64) {
+        for p in page..page + n {
+            let Some(host) = self.host_addr(p) else {
+                continue;
+            };
+            // SAFETY: a page of guest RAM registered with our userfaultfd; ZEROPAGE only fills
+            // a missing page (EEXIST otherwise) and wakes any thread faulting on it.
+            if unsafe {
+                self.uffd
+                    .zeropage(host as *mut libc::c_void, PAGE_SIZE, true)
+            }
+            .is_ok()
+            {
+                self.stats.zero_fills.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
