@@ -274,6 +274,127 @@ def vio_suite(runs):
     return rows
 
 
+def vio_run(disk, args, cmd, during=None):
+    """blk-verify with a vdpu device (`args`: its flag and value), an API socket, and `during`
+    (called with the socket while the guest runs); returns the result, the device's counters,
+    what `during` returned and the command line."""
+    sock = os.path.join(os.path.dirname(disk), f"api-{os.getpid()}.sock")
+    full = [VMM, "-v", "--kernel", GUEST, "--memory", "size=512M,shared=on,reclaim=on", "--serial", "tty",
+            "--api-socket", sock] + args + ["--cmdline", cmd]
+    p = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = []
+    t = threading.Thread(target=lambda: err.append(p.stderr.read()))
+    t.start()
+    got = None
+    if during:
+        while not os.path.exists(sock) and p.poll() is None:
+            time.sleep(0.01)
+        got = during(sock, p)
+    out = p.stdout.read()
+    p.wait()
+    t.join()
+    if "VIO-GUEST-RESULT " not in out:
+        sys.exit(f"no result: {out[-2000:]}\n{err[0][-2000:]}")
+    res = json.loads(out.split("VIO-GUEST-RESULT ", 1)[1].splitlines()[0])
+    assert res["mismatches"] == 0 and res["io_errors"] == 0, res
+    return res, logged_counters(err[0], "dpu0"), got, shlex.join(full)
+
+
+def elastic_suite(runs):
+    """Elastic passthrough: IOPS of passthrough, snoop and auto side by side (interleaved), the
+    snoop thread's CPU per request, the switch pause per direction, and fault-in/map rates."""
+    rows = []
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
+        disk = os.path.join(d, "disk.img")
+        with open(disk, "wb") as f:
+            f.truncate(256 << 20)
+        configs = [("passthrough", "--user-device", ""), ("snoop", "--vio", ""), ("auto", "--vio", ",mode=auto")]
+        for lat in (0, 20):
+            for qd in (1, 32):
+                ops = 300000 if qd == 1 else 1000000
+                cmd = f"vio.workload=blk-verify vio.ops={ops} vio.qd={qd} vio.seed=1"
+                got = {name: [] for name, _, _ in configs}
+                shown = {}
+                for rep in range(runs):
+                    for name, flag, extra in configs:
+                        print(f"elastic: latency_us={lat} qd={qd} {name} run {rep + 1}/{runs}", file=sys.stderr, flush=True)
+                        with Vdpu(disk, f",latency_us={lat}") as v:
+                            res, c, _, full = vio_run(disk, [flag, f"socket={v.sock},id=dpu0{extra}"], cmd)
+                        assert c["iopf"] == 0, c
+                        got[name].append((res, c))
+                        shown[name] = full
+                base = med([r["iops"] for r, _ in got["passthrough"]])
+                for name, _, _ in configs:
+                    iops = med([r["iops"] for r, _ in got[name]])
+                    p50 = med([r["lat_p50_ns"] for r, _ in got[name]]) / 1000
+                    extra = ""
+                    if name != "passthrough":
+                        cpu = med([c["snoop_cpu_ns"] / max(1, c["chains"]) for _, c in got[name]]) / 1000
+                        extra = f", snoop thread {cpu:.2f} us CPU per snooped request"
+                    rows.append((f"latency_us={lat} qd={qd}, {name}", f"{iops:,.0f} IOPS ({iops / base:.2f}x), p50 {p50:.1f} us{extra}",
+                                 shown_with_vdpu(shown[name].replace(d + "/", "$TMPFS/"), d, v)))
+
+        def switching(sock, p):
+            reps = []
+            time.sleep(0.5)
+            while p.poll() is None and len(reps) < 200:
+                for mode in ("passthrough", "snoop"):
+                    try:
+                        st, body = api(sock, "PUT", "vm.vio-mode", json.dumps({"id": "dpu0", "mode": mode}))
+                    except OSError:
+                        return reps
+                    if st != 200:
+                        return reps
+                    reps.append(json.loads(body)["switch"])
+                    time.sleep(0.05)
+            return reps
+        reps = []
+        for rep in range(runs):
+            with Vdpu(disk) as v:
+                _, c, r, full = vio_run(disk, ["--vio", f"socket={v.sock},id=dpu0"],
+                                        "vio.workload=blk-verify vio.ops=3000000 vio.qd=32 vio.seed=1", switching)
+                assert c["iopf"] == 0, c
+                reps += r
+        for direction in ("passthrough", "snoop"):
+            ps = sorted(x["pause_us"] for x in reps if x["to"] == direction)
+            rows.append((f"switch to {direction} under qd=32 load, pause", f"p50 {med(ps):.0f} us, max {max(ps)} us ({len(ps)} switches)",
+                         shown_with_vdpu(full.replace(d + "/", "$TMPFS/"), d, v) + " ; meanwhile PUT vm.vio-mode every 50 ms"))
+
+        def faultin(sock, p):
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    st, body = api(sock, "GET", "vm.counters")
+                    if st == 200 and json.loads(body)["memory"]["resident_bytes"] >= 380 << 20:
+                        break
+                except (OSError, KeyError, ValueError):
+                    pass
+                time.sleep(0.05)
+            api(sock, "PUT", "vm.reclaim", json.dumps({"bytes": 512 << 20}))
+            st, body = api(sock, "PUT", "vm.vio-mode", json.dumps({"id": "dpu0", "mode": "passthrough"}))
+            api(sock, "PUT", "vmm.shutdown")
+            return json.loads(body)["switch"]
+        fr, mr = [], []
+        for rep in range(runs):
+            with Vdpu(disk) as v:
+                # A guest that has written 384 MiB and idles; all of it reclaimed, then passed through.
+                cmd = "vio.workload=mem-verify vio.mem_mb=384 vio.rounds=1 vio.idle_ms=30000"
+                full = [VMM, "-v", "--kernel", GUEST, "--memory", "size=512M,shared=on,reclaim=on", "--serial", "tty",
+                        "--api-socket", os.path.join(d, "api.sock"), "--vio", f"socket={v.sock},id=dpu0", "--cmdline", cmd]
+                p = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                sock = os.path.join(d, "api.sock")
+                while not os.path.exists(sock):
+                    time.sleep(0.01)
+                r = faultin(sock, p)
+                p.wait()
+                fr.append(r["faultin_bytes"] / (r["took_us"] / 1e6) / (1 << 30))
+                mr.append(r["mapped_bytes"] / (r["took_us"] / 1e6) / (1 << 30))
+                shown = shlex.join(full).replace(d + "/", "$TMPFS/")
+        rows.append(("snoop -> passthrough with 384 MiB of guest RAM reclaimed: fault-in (and map) throughput",
+                     f"{med(fr):.2f} GiB/s faulted in, {med(mr):.2f} GiB/s mapped", shown + " ; once 380 MiB are resident: PUT vm.reclaim 512M, PUT vm.vio-mode passthrough"))
+    return rows
+
+
 def linux_suite(runs):
     """Linux's own virtio-blk driver (linux-verify, O_DIRECT, one thread per slot) on the emulated
     disk, on vdpu passed through and on vdpu under VIO; configurations interleaved."""
@@ -325,11 +446,11 @@ def run_linux(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("suite", choices=["foundation", "vdpu", "reclaim", "vio", "linux"])
+    ap.add_argument("suite", choices=["foundation", "vdpu", "reclaim", "vio", "elastic", "linux"])
     ap.add_argument("--runs", type=int, default=5)
     a = ap.parse_args()
     build()
-    rows = {"foundation": foundation, "vdpu": vdpu_suite, "reclaim": reclaim_suite, "vio": vio_suite, "linux": linux_suite}[a.suite](a.runs)
+    rows = {"foundation": foundation, "vdpu": vdpu_suite, "reclaim": reclaim_suite, "vio": vio_suite, "elastic": elastic_suite, "linux": linux_suite}[a.suite](a.runs)
     print(f"Median of {a.runs} runs, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs\n")
     print("| what | result |\n|---|---|")
     for what, val, _ in rows:

@@ -59,6 +59,7 @@ pub(super) fn add_snoop_counters<M: GuestMemory + Send + Sync + 'static>(
         ("bad_chains", total.bad_chains),
         ("acquire_errors", total.acquire_errors),
         ("polls", snoop.polls.load(Ordering::Relaxed)),
+        ("snoop_cpu_ns", snoop.cpu_ns.load(Ordering::Relaxed)),
         ("dma_maps", w.maps.load(Ordering::Relaxed)),
         ("dma_unmaps", w.unmaps.load(Ordering::Relaxed)),
         (
