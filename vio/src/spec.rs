@@ -28,7 +28,8 @@
 //!
 //! Ordering: the client writes a queue's shadow IOVA before setting its control bits, and sets
 //! them after the queue's ring addresses are final (after `queue_enable`); a control write of 0
-//! returns the queue to the guest's ring. A device reset clears every queue's registers.
+//! returns the queue to the guest's ring. A device reset clears every queue's registers; control
+//! bits written while a queue's shadow IOVA is 0 are ignored.
 //!
 //! Switching a running queue (elastic passthrough, version 2): a control write of 0 hands the
 //! queue to the guest's ring; the device then reads indices the client never published, so the

@@ -3,6 +3,7 @@
 use super::snoop::Snoop;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
+use vio::elastic::Mode;
 use vio::spec::PAGE_SIZE;
 use vio::SnoopStats;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
@@ -60,6 +61,8 @@ pub(super) fn add_snoop_counters<M: GuestMemory + Send + Sync + 'static>(
         ("acquire_errors", total.acquire_errors),
         ("polls", snoop.polls.load(Ordering::Relaxed)),
         ("snoop_cpu_ns", snoop.cpu_ns.load(Ordering::Relaxed)),
+        ("passthrough", u64::from(snoop.mode() == Mode::Passthrough)),
+        ("switches", snoop.elastic.lock().unwrap().switches),
         ("dma_maps", w.maps.load(Ordering::Relaxed)),
         ("dma_unmaps", w.unmaps.load(Ordering::Relaxed)),
         (

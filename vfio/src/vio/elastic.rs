@@ -183,20 +183,16 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
         (first..first + n).for_each(|p| self.window.release(p));
     }
 
-    fn write_control(&self, q: u16, control: u32) {
+    fn write_control(&self, q: u16, field: u64, v: &[u8]) {
         let (bar, off) = self.control;
         let reg = off + spec::queue_reg(q);
-        let iova = super::SHADOW_IOVA + spec::SLOT_STRIDE * u64::from(q);
-        let r = self
-            .client
-            .region_write(bar, reg + spec::QUEUE_SHADOW_IOVA, &iova.to_le_bytes())
-            .and_then(|_| {
-                self.client
-                    .region_write(bar, reg + spec::QUEUE_CONTROL, &control.to_le_bytes())
-            });
-        if let Err(e) = r {
-            log::warn!("{}: queue {q}: control {control:#x}: {e}", self.id);
+        if let Err(e) = self.client.region_write(bar, reg + field, v) {
+            log::warn!("{}: queue {q}: VIO register {field:#x}: {e}", self.id);
         }
+    }
+
+    fn set_control(&self, q: u16, control: u32) {
+        self.write_control(q, spec::QUEUE_CONTROL, &control.to_le_bytes());
     }
 
     fn to_passthrough(&self) -> Result<SwitchReport, SwitchError> {
@@ -211,7 +207,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
             };
             let host = self.host(q, &slot);
             sq.poll(&*self.mem, &host);
-            self.write_control(q, 0);
+            self.set_control(q, 0);
             sq.release_all(&host);
             slot.past.add(&sq.stats);
             slot.past.shadow_idx = sq.stats.shadow_idx;
@@ -233,6 +229,21 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
     }
 
     fn to_snoop(&self) -> Result<SwitchReport, SwitchError> {
+        // The slot addresses first, outside the pause: without control bits they change
+        // nothing for the device (a queue enabled in passthrough never had them written). A
+        // reset clears them, so a queue re-enabled meanwhile (a new generation) gets them again
+        // inside: a capture must never write through an address the VMM did not give.
+        let slot_iova = |q: u16| {
+            let iova = super::SHADOW_IOVA + spec::SLOT_STRIDE * u64::from(q);
+            self.write_control(q, spec::QUEUE_SHADOW_IOVA, &iova.to_le_bytes());
+        };
+        let written: Vec<u64> = (0..self.queue_count())
+            .map(|q| {
+                let generation = self.queues[usize::from(q)].lock().unwrap().generation;
+                slot_iova(q);
+                generation
+            })
+            .collect();
         let paused = Instant::now();
         let mut doorbells = self.doorbells.lock().unwrap();
         self.apply_queue_commands(Mode::Passthrough);
@@ -244,7 +255,10 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
             let Some((layout, event_idx)) = slot.ring else {
                 continue;
             };
-            self.write_control(
+            if slot.generation != written[usize::from(q)] {
+                slot_iova(q);
+            }
+            self.set_control(
                 q,
                 spec::CTRL_SHADOW_INDEX | spec::CTRL_SUPPRESSION | spec::CTRL_CAPTURE,
             );

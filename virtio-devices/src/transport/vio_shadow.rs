@@ -96,7 +96,9 @@ impl VioControlBlock {
         }
         let v = v & (spec::CTRL_SHADOW_INDEX | spec::CTRL_SUPPRESSION | spec::CTRL_CAPTURE);
         reg.control = 0;
-        if v & spec::CTRL_SHADOW_INDEX == 0 {
+        // A reset clears the address: bits set before it is given again are ignored, so a
+        // capture never writes through an address the driver did not give.
+        if v & spec::CTRL_SHADOW_INDEX == 0 || reg.iova == 0 {
             return;
         }
         let capture = v & spec::CTRL_CAPTURE != 0;
@@ -108,8 +110,10 @@ impl VioControlBlock {
         if v & spec::CTRL_SUPPRESSION != 0 {
             let used = ring.used_ring();
             let avail_event = used + 4 + 8 * u64::from(ring.size());
-            redirects.push((used, reg.iova + spec::SLOT_USED_FLAGS, false));
-            redirects.push((avail_event, reg.iova + spec::SLOT_AVAIL_EVENT, false));
+            // The device's own suppression comes along with a capture: it may be asleep,
+            // armed on what it last wrote to the ring.
+            redirects.push((used, reg.iova + spec::SLOT_USED_FLAGS, capture));
+            redirects.push((avail_event, reg.iova + spec::SLOT_AVAIL_EVENT, capture));
         }
         for (from, to, capture) in redirects {
             host.redirect(from, Some(to), capture);
@@ -127,5 +131,63 @@ impl VioControlBlock {
             r.iova = 0;
             r.control = 0;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(u64, Option<u64>, bool)>>);
+
+    impl ShadowIndex for Recorder {
+        fn redirect(&self, from: u64, to: Option<u64>, capture: bool) {
+            self.0.lock().unwrap().push((from, to, capture));
+        }
+    }
+
+    fn write(cb: &mut VioControlBlock, q: &[Queue], at: u64, v: &[u8]) {
+        let mut scratch = [0u8; 8];
+        cb.access(at, &mut scratch[..v.len()], Some(v), q);
+    }
+
+    /// A capture reaches the device's memory view only with an address the driver gave; the
+    /// suppression fields are captured with the index, and the bit reads back as 0.
+    #[test]
+    fn capture_needs_an_address_and_reads_back_as_zero() {
+        let host = Arc::new(Recorder::default());
+        let mut cb = VioControlBlock::new(host.clone(), 1);
+        let mut ring = Queue::new(8).unwrap();
+        ring.set_avail_ring_address(Some(0x2000), None);
+        ring.set_used_ring_address(Some(0x3000), None);
+        let queues = [ring];
+        let control = spec::queue_reg(0) + spec::QUEUE_CONTROL;
+        let all = spec::CTRL_SHADOW_INDEX | spec::CTRL_SUPPRESSION | spec::CTRL_CAPTURE;
+        write(&mut cb, &queues, control, &all.to_le_bytes());
+        assert!(host.0.lock().unwrap().is_empty(), "no address: ignored");
+        write(
+            &mut cb,
+            &queues,
+            spec::queue_reg(0),
+            &0x9000u64.to_le_bytes(),
+        );
+        write(&mut cb, &queues, control, &all.to_le_bytes());
+        let got = host.0.lock().unwrap().clone();
+        assert_eq!(
+            got,
+            vec![
+                (0x2002, Some(0x9000), true),
+                (0x3000, Some(0x9002), true),
+                (0x3000 + 4 + 8 * 8, Some(0x9004), true),
+            ]
+        );
+        let mut back = [0u8; 4];
+        cb.access(control, &mut back, None, &queues);
+        assert_eq!(
+            u32::from_le_bytes(back),
+            spec::CTRL_SHADOW_INDEX | spec::CTRL_SUPPRESSION
+        );
     }
 }

@@ -94,6 +94,20 @@ impl Reclaimer {
     /// Zero-fills the hole [page, page+n) (memfd pages, one RAM range); pages that appeared
     /// meanwhile are left alone.
     fn zero_fill(&self, page: u64, n: u64) {
+        if let (Some(h0), Some(h1)) = (self.host_addr(page), self.host_addr(page + n - 1)) {
+            if h1 == h0 + (n - 1) * PAGE {
+                // SAFETY: as below, for a run of pages that is contiguous in our mapping.
+                let r = unsafe {
+                    self.uffd
+                        .zeropage(h0 as *mut libc::c_void, (n * PAGE) as usize, true)
+                };
+                if r.is_ok() {
+                    self.stats.zero_fills.fetch_add(n, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+        // A page appeared in the run (or it spans two RAM ranges): page by page.
         for p in page..page + n {
             let Some(host) = self.host_addr(p) else {
                 continue;
