@@ -204,6 +204,62 @@ fn linux_under_vio_survives_churn_that_breaks_passthrough() {
     }
 }
 
+/// Linux's driver (event-idx, MSI-X, its own buffer reuse) while its `vio` disk is switched
+/// between snoop and passthrough every 300 ms and guest RAM is reclaimed every 2 s (pages go
+/// only while snooped): every block verifies, completions still arrive as interrupts, the
+/// device never faults, the kernel says nothing alarming.
+#[test]
+fn linux_survives_elastic_switches() {
+    if !kvm_available("linux_survives_elastic_switches") {
+        return;
+    }
+    let Some(kernel) = linux_kernel("linux_survives_elastic_switches") else {
+        return;
+    };
+    let _one = one_at_a_time();
+    let disk = TmpDisk::new("linux-elastic", 64 << 20);
+    let vdpu = Vdpu::start("linux-elastic", &disk);
+    let mut vm = linux(
+        "linux-elastic",
+        &kernel,
+        "vio.workload=blk-verify vio.ops=150 vio.qd=1 vio.seed=9 vio.stall_s=60",
+        true,
+    )
+    .device("--vio", &vdpu, "")
+    .api_socket()
+    .spawn();
+    vm.wait_line("VIO-GUEST-INFO", BOOT)
+        .expect("Linux reached the workload");
+    let stop = Arc::new(AtomicBool::new(false));
+    let passes = churn(&vm, stop.clone());
+    let path = vm.api_path().to_path_buf();
+    let s = stop.clone();
+    let switcher = std::thread::spawn(move || {
+        let mut done = [0u32; 2];
+        for (i, mode) in ["passthrough", "snoop"].iter().cycle().enumerate() {
+            if s.load(Ordering::Relaxed) {
+                break;
+            }
+            let body = format!(r#"{{"id": "dpu0", "mode": "{mode}"}}"#);
+            if api(&path, "PUT", "vm.vio-mode", &body).0 != 200 {
+                break;
+            }
+            done[i % 2] += 1;
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        done
+    });
+    let out = vm.finish(TIMEOUT);
+    stop.store(true, Ordering::Relaxed);
+    let done = switcher.join().unwrap();
+    passes.join().unwrap();
+    assert_clean(&out, 150);
+    let d = logged_counters(&out.stderr, "dpu0");
+    assert_eq!(d["iopf"].as_u64(), Some(0), "{d}");
+    assert_eq!(d["acquire_errors"].as_u64(), Some(0), "{d}");
+    assert!(done[0] >= 4 && done[1] >= 4, "switches: {done:?}");
+}
+
 /// Guest time runs at the host's speed: `sleep 8` in the guest takes about 8 s of host time.
 /// Then `reboot -f` resets the VM through the ACPI reset register and Linux boots again.
 #[test]

@@ -286,7 +286,35 @@ impl Iommu {
                 return Err(IommuError::Exists { iova, len });
             }
         }
-        cur.runs.insert(iova, run);
+        // A mapping that continues a neighbour (same file, contiguous offsets, same access)
+        // joins it, as an IOMMU's page tables would use a larger page: a client that maps page
+        // by page and then fills the gaps ends with one run, and lookups stay short.
+        let joins = |r: &Run, at_offset: u64| {
+            Arc::ptr_eq(&r.map, &map) && r.writable == writable && r.file_offset == at_offset
+        };
+        let (mut start, mut off, mut total) = (iova, file_offset, len);
+        if let Some((&s, r)) = cur.runs.range(..iova).next_back() {
+            if s + r.len == iova && joins(r, file_offset.wrapping_sub(r.len)) {
+                (start, off, total) = (s, r.file_offset, r.len + len);
+            }
+        }
+        if let Some(r) = cur.runs.get(&end) {
+            if joins(r, file_offset + len) {
+                total += r.len;
+            }
+        }
+        if total == len {
+            cur.runs.insert(iova, run);
+            return Ok(());
+        }
+        let joined = map_run(&map, off, start, total, writable)?;
+        if start != iova {
+            cur.runs.remove(&start);
+        }
+        if start + total != end {
+            cur.runs.remove(&end);
+        }
+        cur.runs.insert(start, joined);
         Ok(())
     }
 
@@ -654,6 +682,46 @@ mod tests {
         );
         let other = iommu.intern(tempfile());
         assert!(!Arc::ptr_eq(&a, &other));
+    }
+
+    /// Adjacent mappings of contiguous file offsets become one run; unmapping a page in the
+    /// middle splits it again; a mapping of another file, or at a gap in the offsets, stays apart.
+    #[test]
+    fn contiguous_mappings_join() {
+        let iommu = Iommu::new();
+        let f = memfd(8);
+        for p in [0u64, 2, 1, 3] {
+            iommu
+                .map(f.clone(), p * PAGE_SIZE, p * PAGE_SIZE, PAGE_SIZE, true)
+                .unwrap();
+        }
+        assert_eq!(iommu.current.read().unwrap().runs.len(), 1);
+        assert_eq!(iommu.mapped_bytes(), 4 * PAGE_SIZE);
+        iommu
+            .map(f.clone(), 6 * PAGE_SIZE, 4 * PAGE_SIZE, PAGE_SIZE, true)
+            .unwrap();
+        iommu
+            .map(memfd(8), 5 * PAGE_SIZE, 5 * PAGE_SIZE, PAGE_SIZE, true)
+            .unwrap();
+        assert_eq!(iommu.current.read().unwrap().runs.len(), 3);
+        let v = iommu.view();
+        v.write_obj(0x55u8, GuestAddress(3 * PAGE_SIZE + 7))
+            .unwrap();
+        drop(v);
+        iommu.unmap(PAGE_SIZE, PAGE_SIZE).unwrap();
+        assert_eq!(iommu.current.read().unwrap().runs.len(), 4);
+        assert_eq!(
+            iommu
+                .view()
+                .read_obj::<u8>(GuestAddress(3 * PAGE_SIZE + 7))
+                .unwrap(),
+            0x55,
+            "the split keeps each page at its offset"
+        );
+        assert!(iommu
+            .view()
+            .read_obj::<u8>(GuestAddress(PAGE_SIZE))
+            .is_err());
     }
 
     #[test]
