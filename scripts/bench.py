@@ -24,7 +24,7 @@ LINUX = os.environ.get("VIO_LINUX_KERNEL", os.path.join(os.path.dirname(ROOT), "
 INITRAMFS = os.path.join(ROOT, "build/linux-initramfs.cpio")
 # What the shared kernel needs on this machine (its README); tests/common/mod.rs has the same.
 LINUX_CMDLINE = ("console=ttyS0 noxsave clearcpuid=popcnt,smap,fsgsbase,rdpid,rdtscp,114,erms,fsrm,pcid,invpcid "
-                 "nopti loglevel=5 panic=-1")
+                 "nopti loglevel=5 printk.devkmsg=on panic=-1")
 PROGRESS = re.compile(r"Guest boot progress: code 0x40 at ([0-9.]+) ms")
 
 

@@ -253,6 +253,12 @@ fn linux_survives_elastic_switches() {
     stop.store(true, Ordering::Relaxed);
     let done = switcher.join().unwrap();
     passes.join().unwrap();
+    assert!(
+        out.line_json("VIO-GUEST-RESULT ").is_some(),
+        "{}\nvdpu: {}",
+        out.describe(),
+        vdpu.log()
+    );
     assert_clean(&out, 150);
     let d = logged_counters(&out.stderr, "dpu0");
     assert_eq!(d["iopf"].as_u64(), Some(0), "{d}");

@@ -469,7 +469,7 @@ impl Vdpu {
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(sock.with_extension("log")).unwrap())
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -483,6 +483,11 @@ impl Vdpu {
     pub fn arg(&self, extra: &str) -> String {
         format!("socket={},id=dpu0{extra}", self.sock.display())
     }
+
+    /// What vdpu said on stderr so far (a failure message should carry it).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.sock.with_extension("log")).unwrap_or_default()
+    }
 }
 
 impl Drop for Vdpu {
@@ -490,6 +495,7 @@ impl Drop for Vdpu {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.sock);
+        let _ = std::fs::remove_file(self.sock.with_extension("log"));
     }
 }
 
@@ -536,10 +542,11 @@ pub fn linux_initramfs() -> PathBuf {
 }
 
 /// What the shared kernel needs on this machine's KVM (../shared/linux/README.md), warnings
-/// and worse on the console, and the workload's parameters.
+/// and worse on the console, /dev/kmsg writers not rate-limited (the guest reports through it:
+/// a dropped RESULT line is a failed run), and the workload's parameters.
 pub fn linux_cmdline(workload: &str) -> String {
     format!(
-        "console=ttyS0 noxsave clearcpuid=popcnt,smap,fsgsbase,rdpid,rdtscp,114,erms,fsrm,pcid,invpcid nopti loglevel=5 panic=-1 {workload}"
+        "console=ttyS0 noxsave clearcpuid=popcnt,smap,fsgsbase,rdpid,rdtscp,114,erms,fsrm,pcid,invpcid nopti loglevel=5 printk.devkmsg=on panic=-1 {workload}"
     )
 }
 

@@ -724,6 +724,62 @@ mod tests {
             .is_err());
     }
 
+    /// Random maps and unmaps (joins and splits) against a model of which file page backs each
+    /// IOVA page.
+    #[test]
+    fn joins_and_splits_agree_with_a_model() {
+        const PAGES: u64 = 48;
+        let files = [memfd(PAGES), memfd(PAGES)];
+        let iommu = Iommu::new();
+        let mut model: Vec<Option<(usize, u64)>> = vec![None; PAGES as usize];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for _ in 0..4000 {
+            let at = rnd(PAGES);
+            let len = 1 + rnd((PAGES - at).min(6));
+            if rnd(3) == 0 {
+                let r = iommu.unmap(at * PAGE_SIZE, len * PAGE_SIZE);
+                let any = (at..at + len).any(|p| model[p as usize].is_some());
+                assert_eq!(r.is_ok(), any, "unmap {at}+{len}");
+                (at..at + len).for_each(|p| model[p as usize] = None);
+            } else {
+                let f = rnd(2) as usize;
+                // Mostly identity offsets (joinable), sometimes shifted.
+                let off = if rnd(4) == 0 {
+                    rnd(PAGES - len + 1)
+                } else {
+                    at
+                };
+                let r = iommu.map(
+                    files[f].clone(),
+                    off * PAGE_SIZE,
+                    at * PAGE_SIZE,
+                    len * PAGE_SIZE,
+                    true,
+                );
+                let free = (at..at + len).all(|p| model[p as usize].is_none());
+                assert_eq!(r.is_ok(), free, "map {at}+{len}");
+                if free {
+                    for i in 0..len {
+                        model[(at + i) as usize] = Some((f, off + i));
+                    }
+                }
+            }
+            let v = iommu.view();
+            for (p, m) in model.iter().enumerate() {
+                let got = v
+                    .read_obj::<u8>(GuestAddress(p as u64 * PAGE_SIZE + 9))
+                    .ok();
+                assert_eq!(got, m.map(|(_, o)| o as u8), "page {p}");
+            }
+        }
+    }
+
     #[test]
     fn shadow_index_redirect() {
         let iommu = Iommu::new();

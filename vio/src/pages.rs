@@ -37,6 +37,21 @@ pub trait Residency: Send + Sync {
     /// whether it had to be brought back (a fault-in).
     fn pin(&self, gfn: u64) -> Result<bool, PageError>;
     fn unpin(&self, gfn: u64);
+    /// Pins [gfn, gfn+n) as `pin` does each page (all or nothing); returns how many had to be
+    /// brought back. A memory manager may bring them back in bulk.
+    fn pin_range(&self, gfn: u64, n: u64) -> Result<u64, PageError> {
+        let mut faulted = 0;
+        for p in gfn..gfn + n {
+            match self.pin(p) {
+                Ok(f) => faulted += u64::from(f),
+                Err(e) => {
+                    (gfn..p).for_each(|q| self.unpin(q));
+                    return Err(e);
+                }
+            }
+        }
+        Ok(faulted)
+    }
     /// Backs [gfn, gfn+n), all pinned, with memory, as plain passthrough's pinning of all of
     /// guest RAM would (pages never written included).
     fn populate(&self, gfn: u64, n: u64) -> Result<(), PageError>;
@@ -112,20 +127,11 @@ impl DmaWindow {
     /// Acquires [gfn, gfn+n), mapping the pages not yet mapped in contiguous runs (vrings).
     /// All or nothing.
     pub fn acquire_range(&self, gfn: u64, n: u64) -> Result<u64, PageError> {
-        let mut faulted = 0;
-        for p in gfn..gfn + n {
-            let pinned = self
-                .bit(p)
-                .ok_or(PageError::OutsideRam(p))
-                .and_then(|_| self.residency.pin(p));
-            match pinned {
-                Ok(f) => faulted += u64::from(f),
-                Err(e) => {
-                    (gfn..p).for_each(|q| self.residency.unpin(q));
-                    return Err(e);
-                }
-            }
+        if n > 0 {
+            self.bit(gfn + n - 1)
+                .ok_or(PageError::OutsideRam(gfn + n - 1))?;
         }
+        let faulted = self.residency.pin_range(gfn, n)?;
         let _map = self.map_lock.read().unwrap();
         for (start, len) in runs(gfn, n, |p| !self.is_mapped(p)) {
             if let Err(e) = self.io.map(start, len) {

@@ -53,6 +53,10 @@ impl Residency for Reclaimer {
         Ok(restored)
     }
 
+    fn pin_range(&self, gfn: u64, n: u64) -> Result<u64, PageError> {
+        self.pin_run(gfn, n)
+    }
+
     /// The pages are pinned, so none is being reclaimed and every reclaimed one has been
     /// restored: the holes left are pages never written. They are filled with zero pages
     /// through the userfaultfd, which never replaces a page that is there (a vCPU's racing
@@ -85,42 +89,6 @@ impl Residency for Reclaimer {
             if pins.fetch_sub(1, Ordering::SeqCst) == 0 {
                 pins.fetch_add(1, Ordering::SeqCst);
                 warn!("Unpin of unpinned guest page {gfn:#x}");
-            }
-        }
-    }
-}
-
-impl Reclaimer {
-    /// Zero-fills the hole [page, page+n) (memfd pages, one RAM range); pages that appeared
-    /// meanwhile are left alone.
-    fn zero_fill(&self, page: u64, n: u64) {
-        if let (Some(h0), Some(h1)) = (self.host_addr(page), self.host_addr(page + n - 1)) {
-            if h1 == h0 + (n - 1) * PAGE {
-                // SAFETY: as below, for a run of pages that is contiguous in our mapping.
-                let r = unsafe {
-                    self.uffd
-                        .zeropage(h0 as *mut libc::c_void, (n * PAGE) as usize, true)
-                };
-                if r.is_ok() {
-                    self.stats.zero_fills.fetch_add(n, Ordering::Relaxed);
-                    return;
-                }
-            }
-        }
-        // A page appeared in the run (or it spans two RAM ranges): page by page.
-        for p in page..page + n {
-            let Some(host) = self.host_addr(p) else {
-                continue;
-            };
-            // SAFETY: a page of guest RAM registered with our userfaultfd; ZEROPAGE only fills
-            // a missing page (EEXIST otherwise) and wakes any thread faulting on it.
-            if unsafe {
-                self.uffd
-                    .zeropage(host as *mut libc::c_void, PAGE_SIZE, true)
-            }
-            .is_ok()
-            {
-                self.stats.zero_fills.fetch_add(1, Ordering::Relaxed);
             }
         }
     }

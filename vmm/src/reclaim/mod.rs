@@ -25,6 +25,7 @@
 //!   snooping device's window before taking its contents: the device never reaches a page that
 //!   is not resident, and never loses one it was promised.
 
+mod bulk;
 mod fault;
 mod inflight;
 mod pass;

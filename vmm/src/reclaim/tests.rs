@@ -276,3 +276,38 @@ fn a_full_store_reclaims_what_fits_and_loses_nothing() {
     assert_eq!(rep.errors, 1, "stops at the first full-store error");
     check(&mm, 16);
 }
+
+/// A range pinned in bulk (a `vio` device entering passthrough): the reclaimed pages in it
+/// come back with their contents, in runs and around pages that were never taken, all stay
+/// pinned (reclaim skips them) until unpinned, and the holes are then filled with zero pages
+/// that reclaim can take again.
+#[test]
+fn pinning_a_range_restores_it_in_bulk() {
+    let mm = setup(ReclaimConfig::default());
+    let r = mm.reclaimer().unwrap().clone();
+    fill(&mm, 1024);
+    assert_eq!(r.reclaim(3 * MB, false).reclaimed_bytes, 3 * MB);
+    let all = 32 * MB / PAGE;
+    let faulted = r.pin_range(0, all).unwrap();
+    assert_eq!(faulted, 768);
+    let c = r.counters();
+    assert_eq!(c["dma_faultins"], 768);
+    assert_eq!(c["reclaimed_bytes"], 0);
+    assert_eq!(r.store.pages(), 0);
+    assert_eq!(
+        r.reclaim(32 * MB, false).reclaimed_bytes,
+        0,
+        "pinned pages stay"
+    );
+    r.populate(0, all).unwrap();
+    assert_eq!(r.resident_bytes(), 32 * MB, "every page backed");
+    check(&mm, 1024);
+    assert_eq!(
+        r.counters()["cpu_refaults"],
+        0,
+        "nothing faulted back by the CPU"
+    );
+    (0..all).for_each(|p| r.unpin(p));
+    assert_eq!(r.reclaim(32 * MB, false).reclaimed_bytes, 32 * MB);
+    check(&mm, 1024);
+}
