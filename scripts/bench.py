@@ -369,7 +369,9 @@ def elastic_suite(runs):
                 reps += r
         for direction in ("passthrough", "snoop"):
             ps = sorted(x["pause_us"] for x in reps if x["to"] == direction)
-            rows.append((f"switch to {direction} under qd=32 load, pause", f"p50 {med(ps):.0f} us, max {max(ps)} us ({len(ps)} switches)",
+            db = med([x["doorbells_us"] for x in reps if x["to"] == direction])
+            dev = med([x["device_us"] for x in reps if x["to"] == direction])
+            rows.append((f"switch to {direction} under qd=32 load, pause", f"p50 {med(ps):.0f} us, max {max(ps)} us ({len(ps)} switches); of it p50 {db:.0f} us moving doorbells, {dev:.0f} us in device control writes",
                          shown_with_vdpu(full.replace(d + "/", "$TMPFS/"), d, v) + " ; meanwhile PUT vm.vio-mode every 50 ms"))
 
         def faultin(sock, p):

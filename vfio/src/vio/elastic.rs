@@ -56,6 +56,10 @@ pub struct SwitchReport {
     pub auto: bool,
     /// Time the device was not serviced: from taking the doorbell lock to the last kick.
     pub pause_us: u64,
+    /// Of the pause: moving the doorbells (KVM ioeventfds), and the device's control writes
+    /// (vfio-user round trips, the capture included).
+    pub doorbells_us: u64,
+    pub device_us: u64,
     /// Bytes brought back from the reclaim store, and DMA-mapped, to enter passthrough.
     pub faultin_bytes: u64,
     pub mapped_bytes: u64,
@@ -200,6 +204,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
         let paused = Instant::now();
         let mut doorbells = self.doorbells.lock().unwrap();
         self.apply_queue_commands(Mode::Snoop);
+        let mut device = Duration::ZERO;
         for q in 0..self.queue_count() {
             let mut slot = self.queues[usize::from(q)].lock().unwrap();
             let Some(mut sq) = slot.snoop.take() else {
@@ -207,12 +212,16 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
             };
             let host = self.host(q, &slot);
             sq.poll(&*self.mem, &host);
+            let t = Instant::now();
             self.set_control(q, 0);
+            device += t.elapsed();
             sq.release_all(&host);
             slot.past.add(&sq.stats);
             slot.past.shadow_idx = sq.stats.shadow_idx;
         }
+        let t = Instant::now();
         let moved = doorbells.switch(Mode::Passthrough);
+        let doorbells_us = us(t.elapsed());
         for q in 0..self.queue_count() {
             if self.queues[usize::from(q)].lock().unwrap().ring.is_some() {
                 self.kick(q);
@@ -222,6 +231,8 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
         moved.map_err(SwitchError::Doorbells)?;
         Ok(SwitchReport {
             pause_us: us(paused.elapsed()),
+            doorbells_us,
+            device_us: us(device),
             faultin_bytes: faulted * PAGE_SIZE,
             mapped_bytes: mapped * PAGE_SIZE,
             ..Default::default()
@@ -247,14 +258,18 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
         let paused = Instant::now();
         let mut doorbells = self.doorbells.lock().unwrap();
         self.apply_queue_commands(Mode::Passthrough);
+        let t = Instant::now();
         doorbells
             .switch(Mode::Snoop)
             .map_err(SwitchError::Doorbells)?;
+        let doorbells_us = us(t.elapsed());
+        let mut device = Duration::ZERO;
         for q in 0..self.queue_count() {
             let mut slot = self.queues[usize::from(q)].lock().unwrap();
             let Some((layout, event_idx)) = slot.ring else {
                 continue;
             };
+            let t = Instant::now();
             if slot.generation != written[usize::from(q)] {
                 slot_iova(q);
             }
@@ -262,6 +277,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
                 q,
                 spec::CTRL_SHADOW_INDEX | spec::CTRL_SUPPRESSION | spec::CTRL_CAPTURE,
             );
+            device += t.elapsed();
             // The write's reply is the device's acknowledgement: the slot holds its index.
             let exposed = self
                 .shadow
@@ -300,6 +316,8 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
         }
         Ok(SwitchReport {
             pause_us,
+            doorbells_us,
+            device_us: us(device),
             ..Default::default()
         })
     }
