@@ -102,6 +102,32 @@ fn linux_verify_on_the_emulated_disk() {
     assert_clean(&out, 200);
 }
 
+/// The same on vdpu passed through (`--user-device`): Linux's driver on the software DPU, all
+/// of guest RAM mapped, no VMM on the data path.
+#[test]
+fn linux_verify_on_vdpu_passed_through() {
+    if !kvm_available("linux_verify_on_vdpu_passed_through") {
+        return;
+    }
+    let Some(kernel) = linux_kernel("linux_verify_on_vdpu_passed_through") else {
+        return;
+    };
+    let _one = one_at_a_time();
+    let disk = TmpDisk::new("linux-pt", 64 << 20);
+    let vdpu = Vdpu::start("linux-pt", &disk);
+    let out = linux(
+        "linux-pt",
+        &kernel,
+        "vio.workload=blk-verify vio.ops=150 vio.qd=1 vio.seed=4",
+        false,
+    )
+    .device("--user-device", &vdpu, "")
+    .run(TIMEOUT);
+    assert_clean(&out, 150);
+    let d = logged_counters(&out.stderr, "dpu0");
+    assert_eq!(d["iopf"].as_u64(), Some(0), "{d}\nvdpu: {}", vdpu.log());
+}
+
 /// Reclaims all of guest RAM that can go every 2 s until stopped. (The bare-metal guest takes
 /// half of RAM every 100 ms; Linux's emulated kernel refaulting its whole working set ten times
 /// a second makes no progress at all.)

@@ -134,7 +134,7 @@ mod tests {
 
     #[test]
     fn parses_responses() {
-        let raw = "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+        let raw = "HTTP/1.1 100 \r\n\r\nHTTP/1.1 200 \r\nContent-Length: 2\r\n\r\n{}";
         let r = read_response(&mut BufReader::new(raw.as_bytes())).unwrap();
         assert_eq!(
             r,

@@ -41,23 +41,6 @@ enum ReadError {
     Bad(ApiError),
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        100 => "Continue",
-        200 => "OK",
-        204 => "No Content",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        413 => "Payload Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        503 => "Service Unavailable",
-        _ => "Unknown",
-    }
-}
-
 fn read_line(r: &mut BufReader<UnixStream>, budget: &mut usize) -> Result<String, ReadError> {
     let mut line = Vec::new();
     let n = r
@@ -132,7 +115,7 @@ fn read_request(r: &mut BufReader<UnixStream>) -> Result<Request, ReadError> {
     }
     if expect_continue && content_length > 0 {
         r.get_mut()
-            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .write_all(b"HTTP/1.1 100 \r\n\r\n")
             .map_err(ReadError::Io)?;
     }
     let mut body = vec![0; content_length];
@@ -153,10 +136,9 @@ fn write_response(
     keep_alive: bool,
 ) -> io::Result<()> {
     let (ctype, text) = body.unwrap_or(("", ""));
-    let mut head = format!(
-        "HTTP/1.1 {status} {}\r\nServer: vio-hypervisor\r\n",
-        reason(status)
-    );
+    // An empty reason phrase, as Cloud Hypervisor's server writes it: its ch-remote takes
+    // everything from the code to the line's end as the code.
+    let mut head = format!("HTTP/1.1 {status} \r\nServer: vio-hypervisor\r\n");
     head.push_str(if keep_alive {
         "Connection: keep-alive\r\n"
     } else {

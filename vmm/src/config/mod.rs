@@ -420,6 +420,28 @@ impl VmConfig {
     /// Fills in what defaults to another field.
     pub fn normalize(&mut self) {
         self.cpus.normalize();
+        // Devices the user did not name get Cloud Hypervisor's ids: a prefix and one counter
+        // for all devices, in creation order, skipping names the user took.
+        let taken: std::collections::HashSet<String> = self
+            .disks
+            .iter()
+            .filter_map(|d| d.id.clone())
+            .chain(self.user_devices.iter().filter_map(|u| u.id.clone()))
+            .collect();
+        let mut next = 0;
+        let mut name = |prefix: &str| loop {
+            let id = format!("{prefix}{next}");
+            next += 1;
+            if !taken.contains(&id) {
+                return id;
+            }
+        };
+        for d in self.disks.iter_mut().filter(|d| d.id.is_none()) {
+            d.id = Some(name("_disk"));
+        }
+        for u in self.user_devices.iter_mut().filter(|u| u.id.is_none()) {
+            u.id = Some(name("_vfio_user"));
+        }
     }
 
     /// Checks every value, and what can only be checked against the host (files exist).

@@ -366,3 +366,23 @@ fn initramfs_in_both_front_doors() {
     let none = VmConfig::from_json(&format!(r#"{{"payload":{{"kernel":"{k}"}}}}"#)).unwrap();
     assert!(none.to_json()["payload"].get("initramfs").is_none());
 }
+
+/// Devices left unnamed get Cloud Hypervisor's ids (one counter, names the user took skipped),
+/// and `vm.info` reports them.
+#[test]
+fn unnamed_devices_get_cloud_hypervisors_ids() {
+    let mut c = VmConfig::new(kernel().into());
+    for (path, id) in [("/a", None), ("/b", Some("_disk1")), ("/c", None)] {
+        c.disks.push(DiskConfig {
+            id: id.map(str::to_string),
+            ..DiskConfig::parse(&format!("path={path}")).unwrap()
+        });
+    }
+    c.user_devices
+        .push(UserDeviceConfig::parse("socket=/tmp/v.sock").unwrap());
+    c.normalize();
+    let ids: Vec<_> = c.disks.iter().map(|d| d.id.clone().unwrap()).collect();
+    assert_eq!(ids, ["_disk0", "_disk1", "_disk2"]);
+    assert_eq!(c.user_devices[0].id.as_deref(), Some("_vfio_user3"));
+    assert_eq!(c.to_json()["disks"][2]["id"], "_disk2");
+}
