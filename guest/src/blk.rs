@@ -63,7 +63,9 @@ impl Phases {
             let ns = if let Some(ms) = dur.strip_suffix("ms") {
                 ms.parse::<u64>().map_err(|_| BAD)?.checked_mul(1_000_000)
             } else if let Some(sec) = dur.strip_suffix('s') {
-                sec.parse::<u64>().map_err(|_| BAD)?.checked_mul(1_000_000_000)
+                sec.parse::<u64>()
+                    .map_err(|_| BAD)?
+                    .checked_mul(1_000_000_000)
             } else {
                 None
             };
