@@ -35,7 +35,13 @@ impl Residency for Reclaimer {
         }
         // Dekker with `lock_run`: we publish the pin, then look at the page; it marks the page
         // busy, then looks at the pins. Either it saw our pin and backs off, or we see its busy
-        // mark here and wait for the page to be reclaimed, then bring it back.
+        // mark here and wait for the page to be reclaimed, then bring it back. A page neither
+        // busy nor reclaimed is resident and stays so: only the access mark is left to set.
+        let slot = &self.pages[page as usize];
+        if slot.load(Ordering::SeqCst) & (BUSY | RECLAIMED) == 0 {
+            slot.fetch_or(ACCESSED, Ordering::AcqRel);
+            return Ok(false);
+        }
         let st = self.lock_page(page);
         let restored = st & RECLAIMED != 0;
         if restored {
