@@ -152,7 +152,11 @@ def api(sock, method, endpoint, body=""):
             break
         out += chunk
     head, _, body = out.decode().partition("\r\n\r\n")
-    return int(head.split(" ")[1]), body
+    parts = head.split(" ")
+    if len(parts) < 2:
+        # The VMM went away mid-request (the guest powered off).
+        raise OSError("no response")
+    return int(parts[1]), body
 
 
 def logged_counters(stderr, dev):
