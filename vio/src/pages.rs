@@ -40,21 +40,26 @@ pub trait Residency: Send + Sync {
     /// Pins [gfn, gfn+n) as `pin` does each page (all or nothing); returns how many had to be
     /// brought back. A memory manager may bring them back in bulk.
     fn pin_range(&self, gfn: u64, n: u64) -> Result<u64, PageError> {
-        let mut faulted = 0;
-        for p in gfn..gfn + n {
-            match self.pin(p) {
-                Ok(f) => faulted += u64::from(f),
-                Err(e) => {
-                    (gfn..p).for_each(|q| self.unpin(q));
-                    return Err(e);
-                }
-            }
-        }
-        Ok(faulted)
+        pin_each(self, gfn, n)
     }
     /// Backs [gfn, gfn+n), all pinned, with memory, as plain passthrough's pinning of all of
     /// guest RAM would (pages never written included).
     fn populate(&self, gfn: u64, n: u64) -> Result<(), PageError>;
+}
+
+/// `Residency::pin_range` page by page: all or nothing.
+pub fn pin_each<R: Residency + ?Sized>(r: &R, gfn: u64, n: u64) -> Result<u64, PageError> {
+    let mut faulted = 0;
+    for p in gfn..gfn + n {
+        match r.pin(p) {
+            Ok(f) => faulted += u64::from(f),
+            Err(e) => {
+                (gfn..p).for_each(|q| r.unpin(q));
+                return Err(e);
+            }
+        }
+    }
+    Ok(faulted)
 }
 
 /// The IOMMU side: maps guest pages to the device at IOVA = guest-physical address.

@@ -33,17 +33,7 @@ impl Reclaimer {
         // A slow store is modelled per page (`fault_latency_us`), and a run across RAM ranges
         // has no single mapping: page by page.
         let Some((first, host0)) = contiguous.filter(|_| self.cfg.fault_latency_us == 0) else {
-            let mut faulted = 0;
-            for p in gfn..gfn + n {
-                match self.pin(p) {
-                    Ok(f) => faulted += u64::from(f),
-                    Err(e) => {
-                        (gfn..p).for_each(|q| self.unpin(q));
-                        return Err(e);
-                    }
-                }
-            }
-            return Ok(faulted);
+            return vio::pages::pin_each(self, gfn, n);
         };
         let mut buf = vec![0u8; (BATCH * PAGE) as usize];
         let mut pending: Option<Pending> = None;
