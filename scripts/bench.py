@@ -159,6 +159,20 @@ def api(sock, method, endpoint, body=""):
     return int(parts[1]), body
 
 
+def wait_resident(sock, at_least, timeout=120):
+    """Waits until the guest has made `at_least` bytes of its RAM resident."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            st, body = api(sock, "GET", "vm.counters")
+            if st == 200 and json.loads(body)["memory"]["resident_bytes"] >= at_least:
+                return
+        except (OSError, KeyError, ValueError):
+            pass
+        time.sleep(0.05)
+    sys.exit("guest never filled its memory")
+
+
 def logged_counters(stderr, dev):
     key = f"Device {dev} counters: "
     for line in reversed(stderr.splitlines()):
@@ -176,17 +190,7 @@ def reclaim_suite(runs):
             args = [VMM, "-v", "--kernel", GUEST, "--memory", "size=1G,shared=on,reclaim=on", "--serial", "tty",
                     "--api-socket", sock, "--cmdline", "vio.workload=mem-verify vio.mem_mb=768 vio.rounds=1 vio.idle_ms=6000"]
             p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            deadline = time.monotonic() + 120
-            while True:
-                if time.monotonic() > deadline:
-                    sys.exit("guest never filled its memory")
-                try:
-                    st, body = api(sock, "GET", "vm.counters")
-                    if st == 200 and json.loads(body)["memory"]["resident_bytes"] >= 760 << 20:
-                        break
-                except (OSError, KeyError, ValueError):
-                    pass
-                time.sleep(0.05)
+            wait_resident(sock, 760 << 20)
             t0 = time.monotonic()
             st, body = api(sock, "PUT", "vm.reclaim", json.dumps({"bytes": 768 << 20}))
             dt = time.monotonic() - t0
@@ -379,15 +383,7 @@ def elastic_suite(runs):
                          shown_with_vdpu(full.replace(d + "/", "$TMPFS/"), d, v) + " ; meanwhile PUT vm.vio-mode every 50 ms"))
 
         def faultin(sock, p):
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                try:
-                    st, body = api(sock, "GET", "vm.counters")
-                    if st == 200 and json.loads(body)["memory"]["resident_bytes"] >= 380 << 20:
-                        break
-                except (OSError, KeyError, ValueError):
-                    pass
-                time.sleep(0.05)
+            wait_resident(sock, 380 << 20)
             api(sock, "PUT", "vm.reclaim", json.dumps({"bytes": 512 << 20}))
             st, body = api(sock, "PUT", "vm.vio-mode", json.dumps({"id": "dpu0", "mode": "passthrough"}))
             api(sock, "PUT", "vmm.shutdown")
