@@ -409,6 +409,58 @@ def elastic_suite(runs):
     return rows
 
 
+def churn_and_watch(sock, p):
+    """vm.reclaim of 256 MiB every 100 ms while the guest runs; samples the VM's resident memory
+    and the device's locked bytes after each pass."""
+    passes, resident, locked = 0, [], [0]
+    while p.poll() is None:
+        try:
+            st, _ = api(sock, "PUT", "vm.reclaim", json.dumps({"bytes": 256 << 20}))
+            passes += st == 200
+            st, body = api(sock, "GET", "vm.counters")
+            if st == 200:
+                c = json.loads(body)
+                resident.append(c["memory"]["resident_bytes"])
+                locked.append(c["dpu0"].get("locked_bytes", 0))
+        except (OSError, KeyError, ValueError):
+            pass
+        time.sleep(0.1)
+    return passes, resident, max(locked)
+
+
+def lockpage_suite(runs):
+    """Lockpage off and on (interleaved) under reclaim churn: IOPS, snoop fault-ins per 1,000
+    ops, the lock rate reached, and the VM's resident memory under churn."""
+    rows = []
+    ram = 512 << 20
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
+        disk = os.path.join(d, "disk.img")
+        with open(disk, "wb") as f:
+            f.truncate(256 << 20)
+        for pool, what in ((256, "1 MiB reused pool"), (16384, "64 MiB pool, past the 51 MiB budget")):
+            cmd = f"vio.workload=blk-verify vio.ops=100000 vio.qd=16 vio.pool_pages={pool} vio.seed=1"
+            got = {"off": [], "on": []}
+            for _ in range(runs):
+                for name, extra in (("off", ""), ("on", ",lockpage=on")):
+                    with Vdpu(disk) as v:
+                        res, c, (passes, resident, locked), full = vio_run(
+                            disk, ["--vio", f"socket={v.sock},id=dpu0{extra}"], cmd, churn_and_watch)
+                    assert c["iopf"] == 0 and c["acquire_errors"] == 0, c
+                    got[name].append((res["iops"], c["faultins"] * 1000 / res["ops"], locked / ram,
+                                      med(resident) if resident else 0, passes, shown_with_vdpu(full, d, v)))
+            for name in ("off", "on"):
+                rs = got[name]
+                iops, fpk, rate, resid, passes = (med([r[i] for r in rs]) for i in range(5))
+                rows.append((f"{what}, qd 16, lockpage {name}",
+                             f"{iops:,.0f} IOPS, {fpk:.1f} fault-ins per 1,000 ops, lock rate {rate * 100:.2f}%, "
+                             f"resident {resid / (1 << 20):.0f} MiB (median under churn), {passes:.0f} reclaim passes",
+                             rs[0][5] + " ; meanwhile PUT vm.reclaim {\"bytes\": 268435456} every 100 ms"))
+            on, off = got["on"], got["off"]
+            rows.append((f"{what}: on / off", f"IOPS {med([r[0] for r in on]) / med([r[0] for r in off]):.2f}x, "
+                         f"fault-ins {med([r[1] for r in on]) / max(med([r[1] for r in off]), 1e-9):.3f}x", ""))
+    return rows
+
+
 def linux_suite(runs):
     """Linux's own virtio-blk driver (linux-verify, O_DIRECT, one thread per slot) on the emulated
     disk, on vdpu passed through and on vdpu under VIO; configurations interleaved."""
@@ -460,11 +512,11 @@ def run_linux(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("suite", choices=["foundation", "vdpu", "reclaim", "vio", "elastic", "linux"])
+    ap.add_argument("suite", choices=["foundation", "vdpu", "reclaim", "vio", "elastic", "lockpage", "linux"])
     ap.add_argument("--runs", type=int, default=5)
     a = ap.parse_args()
     build()
-    rows = {"foundation": foundation, "vdpu": vdpu_suite, "reclaim": reclaim_suite, "vio": vio_suite, "elastic": elastic_suite, "linux": linux_suite}[a.suite](a.runs)
+    rows = {"foundation": foundation, "vdpu": vdpu_suite, "reclaim": reclaim_suite, "vio": vio_suite, "elastic": elastic_suite, "lockpage": lockpage_suite, "linux": linux_suite}[a.suite](a.runs)
     print(f"Median of {a.runs} runs, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs\n")
     print("| what | result |\n|---|---|")
     for what, val, _ in rows:

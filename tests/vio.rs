@@ -14,7 +14,7 @@ struct Run {
     result: Value,
     device: Value,
     memory: Value,
-    passes: Vec<(u64, u64)>,
+    passes: Vec<(u64, u64, u64)>,
     stderr: String,
 }
 

@@ -30,6 +30,9 @@ struct Params {
     bs: u64,
     rate: u64,
     pool_pages: u64,
+    /// After this many requests the buffers move to a second pool, disjoint from the first
+    /// (a hot set that moves); 0: one pool throughout.
+    pool_switch: u64,
     indirect: bool,
     event_idx: bool,
     seed: u64,
@@ -93,6 +96,7 @@ impl Params {
             bs: info.param_u64("vio.bs", 4096)?,
             rate: info.param_u64("vio.rate", 0)?,
             pool_pages: info.param_u64("vio.pool_pages", 256)?,
+            pool_switch: info.param_u64("vio.pool_switch", 0)?,
             indirect: info.param_u64("vio.indirect", 0)? != 0,
             event_idx: info.param_u64("vio.event_idx", 0)? != 0,
             seed: info.param_u64("vio.seed", 1)?,
@@ -323,14 +327,15 @@ pub fn run(
     let ctrl_base = ram.alloc(p.qd * PAGE).ok_or("out of memory")?;
     let gens: Array<u32> = Array::new(ram, blocks)?;
     let busy: Array<u8> = Array::new(ram, blocks)?;
-    let pool_busy: Array<u8> = Array::new(ram, p.pool_pages)?;
+    let pools = if p.pool_switch > 0 { 2 } else { 1 };
+    let pool_busy: Array<u8> = Array::new(ram, pools * p.pool_pages)?;
     let slots: Array<Slot> = Array::new(ram, p.qd)?;
     let free: Array<u32> = Array::new(ram, p.qd)?;
-    let pool: Array<u64> = Array::new(ram, p.pool_pages)?;
-    for i in 0..p.pool_pages {
+    let pool: Array<u64> = Array::new(ram, pools * p.pool_pages)?;
+    for i in 0..pools * p.pool_pages {
         pool.set(
             i,
-            ram.spread_page(i, p.pool_pages)
+            ram.spread_page(i, pools * p.pool_pages)
                 .ok_or("vio.pool_pages exceeds free RAM")?,
         );
     }
@@ -392,9 +397,14 @@ pub fn run(
             while busy.get(lba) != 0 {
                 lba = (lba + 1) % blocks;
             }
-            let mut pi = rng.below(p.pool_pages);
+            let base = if p.pool_switch > 0 && submitted >= p.pool_switch {
+                p.pool_pages
+            } else {
+                0
+            };
+            let mut pi = base + rng.below(p.pool_pages);
             while pool_busy.get(pi) != 0 {
-                pi = (pi + 1) % p.pool_pages;
+                pi = base + (pi - base + 1) % p.pool_pages;
             }
             nfree -= 1;
             let s = free.get(nfree);

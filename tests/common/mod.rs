@@ -575,7 +575,7 @@ pub fn kernel_trouble(stdout: &[String]) -> Vec<&String> {
 /// view of guest RAM after each pass, measured from outside the VMM.
 pub struct Churn {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Vec<(u64, u64)>>>,
+    thread: Option<std::thread::JoinHandle<Vec<(u64, u64, u64)>>>,
 }
 
 impl Churn {
@@ -594,6 +594,7 @@ impl Churn {
                 passes.push((
                     rep["reclaimed_bytes"].as_u64().unwrap_or(0),
                     memfd_allocated(pid).unwrap_or(u64::MAX),
+                    rep["skipped_locked_bytes"].as_u64().unwrap_or(0),
                 ));
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -605,8 +606,8 @@ impl Churn {
         }
     }
 
-    /// (reclaimed bytes, memfd allocated bytes after) per pass.
-    pub fn finish(mut self) -> Vec<(u64, u64)> {
+    /// (reclaimed bytes, memfd allocated bytes after, bytes skipped as locked) per pass.
+    pub fn finish(mut self) -> Vec<(u64, u64, u64)> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.take().unwrap().join().unwrap()
     }

@@ -107,6 +107,7 @@ fn front_end(
                 iops_low: 1,
                 dwell: Duration::from_secs(1),
             },
+            lockpage: None,
         },
     )
     .unwrap()

@@ -4,12 +4,14 @@
 //! vm-memory's `GuestMemory`, so it is testable on plain memory.
 
 pub mod elastic;
+pub mod lockpage;
 pub mod pages;
 pub mod snoop;
 pub mod spec;
 pub mod stats;
 pub mod walker;
 
+pub use lockpage::{LockPolicy, LockStats, Lockpage, TickPlan};
 pub use pages::{DmaWindow, IoMapper, PageError, Residency, SourceError};
 pub use snoop::{SnoopError, SnoopHost, SnoopQueue, SnoopStats};
 pub use stats::{error_chain, LatencyHistogram, LogLimiter};

@@ -10,8 +10,8 @@
 //! Mappings stay in place after a request completes: a page the device uses again costs one
 //! atomic increment, not a map. Only reclaim removes them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use thiserror::Error;
 
 /// The error of the layer below a seam (the page store, the IOMMU), kept as the source.
@@ -45,6 +45,14 @@ pub trait Residency: Send + Sync {
     /// Backs [gfn, gfn+n), all pinned, with memory, as plain passthrough's pinning of all of
     /// guest RAM would (pages never written included).
     fn populate(&self, gfn: u64, n: u64) -> Result<(), PageError>;
+    /// Pins `gfn` as `pin` does, for as long as it stays hot (Lockpage): reclaim tells locked
+    /// pages apart from those in flight.
+    fn lock(&self, gfn: u64) -> Result<bool, PageError> {
+        self.pin(gfn)
+    }
+    fn unlock(&self, gfn: u64) {
+        self.unpin(gfn)
+    }
 }
 
 /// `Residency::pin_range` page by page: all or nothing.
@@ -74,18 +82,33 @@ pub struct WindowStats {
     pub maps: AtomicU64,
     pub unmaps: AtomicU64,
     pub mapped_pages: AtomicU64,
+    /// DMA mappings in use: runs of contiguous mapped pages (the device joins adjacent maps).
+    pub mappings: AtomicU64,
+    /// Maps the device refused.
+    pub map_failures: AtomicU64,
+    /// Times the mappings neared the device's limit and the idle ones were dropped.
+    pub trims: AtomicU64,
 }
+
+/// Mappings kept free below the device's limit: the shadow page, and maps racing a trim.
+const MAP_HEADROOM: u64 = 16;
 
 pub struct DmaWindow {
     residency: Arc<dyn Residency>,
     io: Arc<dyn IoMapper>,
-    /// One bit per guest page: mapped to the device. Set only by `acquire` (page pinned),
-    /// cleared only by `evict_held` (page unpinned and held by the reclaimer), so the two never race
-    /// on the same bit.
+    /// One bit per guest page: mapped to the device. Set only with the page held by this
+    /// window (`acquire`, under `map_lock` shared and `map_one`), cleared only under `map_lock`
+    /// exclusively (`evict_held`, `trim`) and only for pages this window does not hold.
     mapped: Vec<AtomicU64>,
-    /// Held shared while a page is being mapped, exclusively by `evict_held`: a page that is
-    /// not mapped when an eviction span is computed stays unmapped until the span is unmapped.
+    /// This device's holds per page (requests in flight, vrings, locks): what `trim` spares.
+    holds: Vec<AtomicU16>,
+    /// Held shared while a page is being mapped, exclusively to unmap: a page that is not
+    /// mapped when an unmap span is computed stays unmapped until the span is unmapped.
     map_lock: RwLock<()>,
+    /// Serialises maps (two acquirers of one page map it once) and the mapping count.
+    map_one: Mutex<()>,
+    /// The device's limit on simultaneous DMA mappings (vfio-user `max_dma_maps`).
+    max_maps: u64,
     pub stats: WindowStats,
 }
 
@@ -96,9 +119,22 @@ impl DmaWindow {
             residency,
             io,
             mapped: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            holds: (0..pages).map(|_| AtomicU16::new(0)).collect(),
             map_lock: RwLock::new(()),
+            map_one: Mutex::new(()),
+            max_maps: u64::MAX,
             stats: WindowStats::default(),
         }
+    }
+
+    /// The device holds at most `n` mappings at once; idle ones are dropped before that.
+    pub fn with_max_maps(mut self, n: u64) -> Self {
+        self.max_maps = n;
+        self
+    }
+
+    pub fn max_maps(&self) -> u64 {
+        self.max_maps
     }
 
     fn bit(&self, gfn: u64) -> Option<(&AtomicU64, u64)> {
@@ -111,20 +147,61 @@ impl DmaWindow {
             .is_some_and(|(w, b)| w.load(Ordering::Acquire) & b != 0)
     }
 
+    fn hold(&self, gfn: u64) -> Result<(), PageError> {
+        let h = self
+            .holds
+            .get(gfn as usize)
+            .ok_or(PageError::OutsideRam(gfn))?;
+        if h.fetch_add(1, Ordering::SeqCst) == u16::MAX {
+            h.fetch_sub(1, Ordering::SeqCst);
+            return Err(PageError::TooManyPins(gfn));
+        }
+        Ok(())
+    }
+
+    fn unhold(&self, gfn: u64) {
+        if let Some(h) = self.holds.get(gfn as usize) {
+            h.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
     /// Pins `gfn`, makes it resident and DMA-maps it. Returns whether it was faulted in. On
     /// error nothing stays pinned.
     pub fn acquire(&self, gfn: u64) -> Result<bool, PageError> {
-        let (word, bit) = self.bit(gfn).ok_or(PageError::OutsideRam(gfn))?;
-        let faulted = self.residency.pin(gfn)?;
-        let _map = self.map_lock.read().unwrap();
-        if word.load(Ordering::Acquire) & bit == 0 {
-            if let Err(e) = self.io.map(gfn, 1) {
-                self.residency.unpin(gfn);
-                return Err(PageError::Map(gfn, 1, e));
+        self.acquire_as(gfn, false)
+    }
+
+    /// As `acquire`, as a lock (`Residency::lock`): reclaim reports it as locked, not in flight.
+    pub fn lock(&self, gfn: u64) -> Result<bool, PageError> {
+        self.acquire_as(gfn, true)
+    }
+
+    fn acquire_as(&self, gfn: u64, lock: bool) -> Result<bool, PageError> {
+        self.bit(gfn).ok_or(PageError::OutsideRam(gfn))?;
+        self.hold(gfn)?;
+        let pinned = if lock {
+            self.residency.lock(gfn)
+        } else {
+            self.residency.pin(gfn)
+        };
+        let undo = || {
+            if lock {
+                self.residency.unlock(gfn)
+            } else {
+                self.residency.unpin(gfn)
             }
-            word.fetch_or(bit, Ordering::AcqRel);
-            self.stats.maps.fetch_add(1, Ordering::Relaxed);
-            self.stats.mapped_pages.fetch_add(1, Ordering::Relaxed);
+            self.unhold(gfn);
+        };
+        let faulted = match pinned {
+            Ok(f) => f,
+            Err(e) => {
+                self.unhold(gfn);
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.map_runs(&[(gfn, 1)]) {
+            undo();
+            return Err(e);
         }
         Ok(faulted)
     }
@@ -136,25 +213,74 @@ impl DmaWindow {
             self.bit(gfn + n - 1)
                 .ok_or(PageError::OutsideRam(gfn + n - 1))?;
         }
-        let faulted = self.residency.pin_range(gfn, n)?;
-        let _map = self.map_lock.read().unwrap();
-        for (start, len) in runs(gfn, n, |p| !self.is_mapped(p)) {
-            if let Err(e) = self.io.map(start, len) {
-                (gfn..gfn + n).for_each(|q| self.residency.unpin(q));
-                return Err(PageError::Map(start, len, e));
+        for p in gfn..gfn + n {
+            if let Err(e) = self.hold(p) {
+                (gfn..p).for_each(|q| self.unhold(q));
+                return Err(e);
             }
-            for p in start..start + len {
-                let (w, b) = self.bit(p).expect("checked above");
-                w.fetch_or(b, Ordering::AcqRel);
+        }
+        let faulted = match self.residency.pin_range(gfn, n) {
+            Ok(f) => f,
+            Err(e) => {
+                (gfn..gfn + n).for_each(|q| self.unhold(q));
+                return Err(e);
             }
-            self.stats.maps.fetch_add(1, Ordering::Relaxed);
-            self.stats.mapped_pages.fetch_add(len, Ordering::Relaxed);
+        };
+        if let Err(e) = self.map_runs(&runs(gfn, n, |_| true)) {
+            (gfn..gfn + n).for_each(|q| self.release(q));
+            return Err(e);
         }
         Ok(faulted)
     }
 
+    /// Maps the unmapped pages of `runs` (held), in contiguous runs; first drops idle mappings
+    /// if the device is near its limit.
+    fn map_runs(&self, want: &[(u64, u64)]) -> Result<(), PageError> {
+        let unmapped = |&(s, n): &(u64, u64)| (s..s + n).any(|p| !self.is_mapped(p));
+        // Under the lock even to look: a trim may be unmapping a page this caller has just
+        // taken a hold on, having looked at its holds before.
+        let mut map = self.map_lock.read().unwrap();
+        if !want.iter().any(unmapped) {
+            return Ok(());
+        }
+        if self.stats.mappings.load(Ordering::Relaxed) + MAP_HEADROOM >= self.max_maps {
+            drop(map);
+            self.trim()?;
+            map = self.map_lock.read().unwrap();
+        }
+        let _map = map;
+        let _one = self.map_one.lock().unwrap();
+        for &(g, n) in want {
+            for (start, len) in runs(g, n, |p| !self.is_mapped(p)) {
+                if let Err(e) = self.io.map(start, len) {
+                    self.stats.map_failures.fetch_add(1, Ordering::Relaxed);
+                    return Err(PageError::Map(start, len, e));
+                }
+                // One more run, less the runs it joins on either side.
+                let joins = u64::from(start > 0 && self.is_mapped(start - 1))
+                    + u64::from(self.is_mapped(start + len));
+                for p in start..start + len {
+                    let (w, b) = self.bit(p).expect("checked by the caller");
+                    w.fetch_or(b, Ordering::AcqRel);
+                }
+                self.stats.mappings.fetch_add(1, Ordering::Relaxed);
+                self.stats.mappings.fetch_sub(joins, Ordering::Relaxed);
+                self.stats.maps.fetch_add(1, Ordering::Relaxed);
+                self.stats.mapped_pages.fetch_add(len, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
     pub fn release(&self, gfn: u64) {
         self.residency.unpin(gfn);
+        self.unhold(gfn);
+    }
+
+    /// Undoes `lock`.
+    pub fn unlock(&self, gfn: u64) {
+        self.residency.unlock(gfn);
+        self.unhold(gfn);
     }
 
     /// Backs [gfn, gfn+n) with memory; the caller holds pins on all of it.
@@ -169,23 +295,58 @@ impl DmaWindow {
     /// of the held pages may be reclaimed.
     pub fn evict_held(&self, held: &[(u64, u64)]) -> Result<u64, PageError> {
         let _map = self.map_lock.write().unwrap();
+        let pages = held.iter().flat_map(|&(s, n)| s..s + n);
+        self.unmap_where(pages, |_| true)
+    }
+
+    /// Drops every mapping this device does not hold a page of (nothing in flight, no vring, no
+    /// lock), in as few unmaps as possible: the device is near its limit. The pages stay
+    /// resident; the next request that needs one maps it again.
+    pub fn trim(&self) -> Result<u64, PageError> {
+        let _map = self.map_lock.write().unwrap();
+        self.stats.trims.fetch_add(1, Ordering::Relaxed);
+        let mapped = self.mapped.iter().enumerate().flat_map(|(i, w)| {
+            let mut w = w.load(Ordering::Acquire);
+            std::iter::from_fn(move || {
+                (w != 0).then(|| {
+                    let p = i as u64 * 64 + u64::from(w.trailing_zeros());
+                    w &= w - 1;
+                    p
+                })
+            })
+        });
+        let idle = |p: u64| self.holds[p as usize].load(Ordering::SeqCst) == 0;
+        self.unmap_where(mapped, idle)
+    }
+
+    /// With `map_lock` held exclusively: unmaps the mapped pages among `pages` (ascending) that
+    /// `take` accepts, in spans that cross unmapped pages but never a mapped page left in
+    /// place. Returns the pages unmapped.
+    fn unmap_where(
+        &self,
+        pages: impl Iterator<Item = u64>,
+        take: impl Fn(u64) -> bool,
+    ) -> Result<u64, PageError> {
         let mut spans: Vec<(u64, u64)> = Vec::new();
-        let mut open: Option<(u64, u64)> = None; // first and last mapped held page
-        let mut cursor = None;
-        for &(start, n) in held {
-            // Pages between the previous run and this one are not held: a mapped one ends
-            // the span before it.
-            if let (Some(from), Some(_)) = (cursor, open) {
-                if (from..start).any(|p| self.is_mapped(p)) {
+        let mut open: Option<(u64, u64)> = None; // first and last page of the span
+        let mut last = None;
+        for p in pages {
+            // Pages skipped since the previous one are not candidates: a mapped one ends the
+            // span before it.
+            if let (Some(from), Some(_)) = (last, open) {
+                if (from + 1..p).any(|q| self.is_mapped(q)) {
                     spans.extend(open.take());
                 }
             }
-            for p in start..start + n {
-                if self.is_mapped(p) {
-                    open = Some(open.map_or((p, p), |(a, _)| (a, p)));
-                }
+            last = Some(p);
+            if !self.is_mapped(p) {
+                continue;
             }
-            cursor = Some(start + n);
+            if take(p) {
+                open = Some(open.map_or((p, p), |(a, _)| (a, p)));
+            } else {
+                spans.extend(open.take());
+            }
         }
         spans.extend(open);
         for &(a, b) in &spans {
@@ -194,19 +355,35 @@ impl DmaWindow {
                 .map_err(|e| PageError::Unmap(a, b + 1 - a, e))?;
             self.stats.unmaps.fetch_add(1, Ordering::Relaxed);
         }
-        // The spans cover every mapped held page.
+        // The spans cover every mapped page taken, and no mapped page that was not.
         let mut done = 0;
-        for &(start, n) in held {
-            for p in start..start + n {
-                if let Some((w, bit)) = self.bit(p) {
-                    if w.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
-                        done += 1;
-                    }
+        for &(a, b) in &spans {
+            for p in a..=b {
+                let (w, bit) = self.bit(p).expect("inside the window");
+                if w.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
+                    done += 1;
                 }
             }
         }
         self.stats.mapped_pages.fetch_sub(done, Ordering::Relaxed);
+        if done > 0 {
+            self.stats
+                .mappings
+                .store(self.count_runs(), Ordering::Relaxed);
+        }
         Ok(done)
+    }
+
+    /// Runs of contiguous mapped pages.
+    fn count_runs(&self) -> u64 {
+        let mut carry = 0;
+        let mut n = 0;
+        for w in &self.mapped {
+            let w = w.load(Ordering::Acquire);
+            n += u64::from((w & !((w << 1) | carry)).count_ones());
+            carry = w >> 63;
+        }
+        n
     }
 }
 
@@ -386,5 +563,39 @@ mod tests {
         );
         assert_eq!(f.pins.lock().unwrap()[&21], 2);
         assert_eq!(w.evict_held(&[(0, 1000)]).unwrap(), 4);
+    }
+
+    /// Near the device's mapping limit the idle mappings go, in one unmap that crosses unmapped
+    /// pages; pages in flight and locked pages stay mapped; adjacent pages count as one mapping.
+    #[test]
+    fn near_the_mapping_limit_idle_mappings_are_trimmed() {
+        let f = Arc::new(Fake::default());
+        let w = DmaWindow::new(f.clone(), f.clone(), 1000).with_max_maps(MAP_HEADROOM + 4);
+        for p in [10, 12, 14] {
+            w.acquire(p).unwrap();
+            w.release(p);
+        }
+        w.acquire(16).unwrap(); // in flight
+        assert_eq!(w.stats.mappings.load(Ordering::Relaxed), 4);
+        assert_eq!(w.stats.trims.load(Ordering::Relaxed), 0);
+        w.lock(18).unwrap();
+        assert_eq!(w.stats.trims.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            f.calls.lock().unwrap()[4..],
+            ["unmap 10+5".to_string(), "map 18+1".to_string()]
+        );
+        assert_eq!(w.stats.mappings.load(Ordering::Relaxed), 2);
+        w.acquire(17).unwrap();
+        assert_eq!(w.stats.mappings.load(Ordering::Relaxed), 1, "16..18 joined");
+        assert_eq!(*f.iommu.lock().unwrap(), [16, 17, 18].into_iter().collect());
+        // Nothing idle: a trim unmaps nothing.
+        assert_eq!(w.trim().unwrap(), 0);
+        w.release(17);
+        w.release(16);
+        w.unlock(18);
+        assert_eq!(w.trim().unwrap(), 3);
+        assert_eq!(w.stats.mappings.load(Ordering::Relaxed), 0);
+        assert_eq!(w.stats.map_failures.load(Ordering::Relaxed), 0);
+        assert!(f.pins.lock().unwrap().is_empty());
     }
 }

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use thiserror::Error;
 use vfio::vfio_user::{VfioUserClient, VfioUserPciDevice};
-use vfio::vio::{SwitchReport, VioInfo, VioOptions, VioPciDevice};
+use vfio::vio::{LockOptions, SwitchReport, VioInfo, VioOptions, VioPciDevice};
 use vfio::{DmaBacking, DmaMapping};
 use vio::elastic::{Mode, Setting, Thresholds};
 use vio::spec::PAGE_SIZE;
@@ -375,11 +375,14 @@ impl DeviceManager {
                 false,
             )
             .map_err(|e| err(e.into()))?;
-            let window = Arc::new(vio::DmaWindow::new(
-                ram.residency(),
-                ram.io_mapper(client),
-                ram.guest_pages(),
-            ));
+            let window = Arc::new(
+                vio::DmaWindow::new(
+                    ram.residency(),
+                    ram.io_mapper(client.clone()),
+                    ram.guest_pages(),
+                )
+                .with_max_maps(client.max_dma_maps()),
+            );
             if let Some(r) = ram.reclaimer() {
                 r.add_window(&window);
             }
@@ -400,6 +403,9 @@ impl DeviceManager {
                         iops_low: vio.iops_low,
                         dwell: std::time::Duration::from_millis(vio.dwell_ms),
                     },
+                    lockpage: vio.lockpage.then_some(LockOptions {
+                        budget_pct: vio.lock_budget_pct,
+                    }),
                 },
             )
             .map_err(|e| err(e.into()))?;

@@ -33,7 +33,12 @@ impl ClientError {
 
 pub struct VfioUserClient {
     sock: Mutex<(UnixStream, u16)>,
+    /// DMA mappings the server holds at once (its `max_dma_maps` capability).
+    max_dma_maps: std::sync::atomic::AtomicU64,
 }
+
+/// The spec's `max_dma_maps` when the server does not say.
+pub const DEFAULT_MAX_DMA_MAPS: u64 = 65535;
 
 pub struct RegionIoFd {
     pub offset: u64,
@@ -47,6 +52,7 @@ impl VfioUserClient {
             .map_err(|e| ClientError::Connect(path.display().to_string(), e))?;
         let c = VfioUserClient {
             sock: Mutex::new((s, 0)),
+            max_dma_maps: DEFAULT_MAX_DMA_MAPS.into(),
         };
         c.negotiate()?;
         Ok(c)
@@ -99,7 +105,19 @@ impl VfioUserClient {
         if got.major != VERSION_MAJOR || got.minor > VERSION_MINOR {
             return Err(ClientError::Version(got.major, got.minor));
         }
+        let json = r
+            .payload
+            .get(std::mem::size_of::<Version>()..)
+            .unwrap_or(&[]);
+        let max = server_max_dma_maps(json).ok_or(ClientError::BadReply(CMD_VERSION))?;
+        self.max_dma_maps
+            .store(max, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// DMA mappings the server holds at once: the client keeps below this.
+    pub fn max_dma_maps(&self) -> u64 {
+        self.max_dma_maps.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn device_info(&self) -> Result<DeviceInfo, ClientError> {
@@ -259,5 +277,38 @@ impl DmaMapping for VfioUserClient {
                 size,
                 source: e.io(),
             })
+    }
+}
+
+/// The server's `max_dma_maps` from its VERSION reply's JSON (NUL-terminated, optional): the
+/// default if absent; `None` if the JSON is malformed or the value is not a positive integer.
+fn server_max_dma_maps(json: &[u8]) -> Option<u64> {
+    let text = json.split(|&b| b == 0).next().unwrap_or(&[]);
+    if text.iter().all(u8::is_ascii_whitespace) {
+        return Some(DEFAULT_MAX_DMA_MAPS);
+    }
+    let v: serde_json::Value = serde_json::from_slice(text).ok()?;
+    match v.get("capabilities").and_then(|c| c.get("max_dma_maps")) {
+        None => Some(DEFAULT_MAX_DMA_MAPS),
+        Some(n) => n.as_u64().filter(|&n| n > 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_dma_maps_from_the_version_reply() {
+        let m = |s: &str| server_max_dma_maps(s.as_bytes());
+        assert_eq!(m(""), Some(DEFAULT_MAX_DMA_MAPS));
+        assert_eq!(m("{\"capabilities\":{\"max_dma_maps\":100}}\0"), Some(100));
+        assert_eq!(
+            m("{\"capabilities\":{\"max_msg_fds\":8}}\0"),
+            Some(DEFAULT_MAX_DMA_MAPS)
+        );
+        assert_eq!(m("{\"capabilities\":{\"max_dma_maps\":0}}"), None);
+        assert_eq!(m("{\"capabilities\":{\"max_dma_maps\":-1}}"), None);
+        assert_eq!(m("{not json"), None);
     }
 }

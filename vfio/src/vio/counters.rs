@@ -65,11 +65,29 @@ pub(super) fn add_snoop_counters<M: GuestMemory + Send + Sync + 'static>(
         ("switches", snoop.elastic.lock().unwrap().switches),
         ("dma_maps", w.maps.load(Ordering::Relaxed)),
         ("dma_unmaps", w.unmaps.load(Ordering::Relaxed)),
+        ("dma_mappings", w.mappings.load(Ordering::Relaxed)),
+        ("dma_map_failures", w.map_failures.load(Ordering::Relaxed)),
+        ("dma_trims", w.trims.load(Ordering::Relaxed)),
         (
             "dma_window_bytes",
             w.mapped_pages.load(Ordering::Relaxed) * PAGE_SIZE,
         ),
     ] {
         c.insert(k.to_string(), v);
+    }
+    if let Some(locks) = &snoop.locks {
+        let i = locks.info();
+        for (k, v) in [
+            ("lock_budget_bytes", i.budget_bytes),
+            ("locked_bytes", i.locked_bytes),
+            ("locked_pages", i.locked_bytes / PAGE_SIZE),
+            ("lock_rate_ppm", (i.lock_rate * 1e6) as u64),
+            ("locked_runs", i.locked_runs),
+            ("locks", i.locks),
+            ("unlocks", i.unlocks),
+            ("lock_denied", i.denied),
+        ] {
+            c.insert(k.to_string(), v);
+        }
     }
 }

@@ -379,6 +379,13 @@ pub struct VioInfo {
     pub queues: Vec<QueueInfo>,
     pub switches: u64,
     pub last_switch: Option<SwitchReport>,
+    /// Pages faulted back in for requests (snoop), over the device's life.
+    pub faultins: u64,
+    /// DMA mappings in use, and the device's limit.
+    pub dma_mappings: u64,
+    pub max_dma_maps: u64,
+    /// Lockpage's state, if on.
+    pub lockpage: Option<super::LockInfo>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -447,6 +454,17 @@ impl<M: GuestMemory + Send + Sync + 'static> VioHandle<M> {
             queues,
             switches: el.switches,
             last_switch: el.last.clone(),
+            faultins: snoop
+                .queues
+                .iter()
+                .map(|slot| {
+                    let slot = slot.lock().unwrap();
+                    slot.past.faultins + slot.snoop.as_ref().map_or(0, |sq| sq.stats.faultins)
+                })
+                .sum(),
+            dma_mappings: snoop.window.stats.mappings.load(Ordering::Relaxed),
+            max_dma_maps: snoop.window.max_maps(),
+            lockpage: snoop.locks.as_ref().map(|l| l.info()),
         }
     }
 }

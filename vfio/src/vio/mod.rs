@@ -23,10 +23,12 @@ mod common_cfg;
 mod counters;
 mod doorbells;
 mod elastic;
+mod lockpage;
 mod shadow;
 mod snoop;
 
 pub use elastic::{QueueInfo, SwitchError, SwitchReport, VioHandle, VioInfo};
+pub use lockpage::{LockInfo, LockOptions, LOCK_PERIOD};
 
 use crate::vfio_user::protocol::PCI_CONFIG_REGION_INDEX;
 use crate::vfio_user::{ClientError, VfioUserClient, VfioUserPciDevice};
@@ -86,6 +88,8 @@ pub struct VioOptions {
     /// Snoop, passthrough, or chosen by the request rate.
     pub setting: Setting,
     pub thresholds: Thresholds,
+    /// Keep the pages DMA keeps hitting locked, within a budget.
+    pub lockpage: Option<LockOptions>,
 }
 
 pub struct VioPciDevice<M: GuestMemory + Send + Sync + 'static> {
@@ -155,6 +159,11 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
             )
             .map_err(VioDeviceError::ShadowMap)?;
         let control = (caps.vio.bar as u32, caps.vio.offset);
+        let locks = opts.lockpage.map(|o| {
+            let extent = ram.iter().map(|&(s, n)| s + n).max().unwrap_or(0);
+            let pages = ram.iter().map(|&(_, n)| n).sum();
+            lockpage::Locks::new(o, extent, pages, window.max_maps())
+        });
         let snoop = Snoop::new(
             id.clone(),
             mem,
@@ -166,6 +175,7 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
             control,
             ram,
             elastic,
+            locks,
             opts.poll,
         )
         .map_err(VioDeviceError::Doorbell)?;

@@ -31,6 +31,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::doorbells::Doorbells;
 use super::elastic::{Elastic, SwitchReply};
+use super::lockpage::Locks;
 use super::shadow::ShadowPage;
 use vio::elastic::Mode;
 
@@ -91,6 +92,8 @@ pub(super) struct Snoop<M> {
     /// Guest RAM as runs of page frame numbers (first, count).
     pub ram: Vec<(u64, u64)>,
     pub elastic: Mutex<Elastic>,
+    /// Lockpage, if on: fed every page a request touches.
+    pub locks: Option<Locks>,
     gates: Vec<Mutex<u64>>,
     commands: Mutex<Vec<Command>>,
     pub queues: Vec<Mutex<QueueSlot>>,
@@ -133,6 +136,9 @@ impl<M: GuestMemory + Send + Sync + 'static> SnoopHost for QueueHost<'_, M> {
         if let (Ok(true), Some(t0)) = (&r, t0) {
             self.hist.record(t0.elapsed().as_nanos() as u64);
         }
+        if let (Ok(_), Some(locks)) = (&r, &self.snoop.locks) {
+            locks.touch(&self.snoop.window, gfn);
+        }
         r
     }
     fn release(&self, gfn: u64) {
@@ -170,6 +176,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
         control: (u32, u64),
         ram: Vec<(u64, u64)>,
         elastic: Elastic,
+        locks: Option<Locks>,
         poll: Duration,
     ) -> std::io::Result<Self> {
         let nq = kicks.len();
@@ -184,6 +191,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
             control,
             ram,
             elastic: Mutex::new(elastic),
+            locks,
             gates: (0..nq).map(|_| Mutex::new(0)).collect(),
             commands: Mutex::new(Vec::new()),
             queues: (0..nq).map(|_| Mutex::new(QueueSlot::default())).collect(),
@@ -363,6 +371,9 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
         for q in 0..self.queue_count() {
             self.teardown(q, &mut self.queues[usize::from(q)].lock().unwrap());
         }
+        if let Some(locks) = &self.locks {
+            locks.release_all(&self.window);
+        }
     }
 
     /// Handles the doorbells in `kicked`, reaps completions, and re-checks queues with requests
@@ -444,6 +455,9 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
                     let _ = sampler.wait();
                     self.cpu_ns.store(thread_cpu_ns(), Ordering::Relaxed);
                     self.sample();
+                    if let Some(locks) = &self.locks {
+                        locks.sample(&self.window, SAMPLE_PERIOD);
+                    }
                 }
             }
             // A doorbell seen here was rung after the queue change that preceded it was

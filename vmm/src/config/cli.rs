@@ -215,7 +215,8 @@ impl UserDeviceConfig {
         })
     }
 
-    /// `--vio socket=<path>[,id=<name>][,mode=snoop][,poll_us=<us>]`
+    /// `--vio socket=<path>[,id=<name>][,mode=snoop|passthrough|auto][,poll_us=<us>]
+    /// [,iops_high=<n>,iops_low=<n>,dwell_ms=<ms>][,lockpage=on|off,lock_budget_pct=<n>]`
     pub fn parse_vio(raw: &str) -> Result<Self, ConfigError> {
         let p = OptionParser::parse(
             "vio",
@@ -228,6 +229,8 @@ impl UserDeviceConfig {
                 "iops_high",
                 "iops_low",
                 "dwell_ms",
+                "lockpage",
+                "lock_budget_pct",
             ],
         )?;
         let socket = p.path("socket")?;
@@ -240,6 +243,8 @@ impl UserDeviceConfig {
             iops_high: p.number("iops_high")?.unwrap_or(d.iops_high),
             iops_low: p.number("iops_low")?.unwrap_or(d.iops_low),
             dwell_ms: p.number("dwell_ms")?.unwrap_or(d.dwell_ms),
+            lockpage: p.toggle("lockpage", d.lockpage)?,
+            lock_budget_pct: p.number("lock_budget_pct")?.unwrap_or(d.lock_budget_pct),
         };
         Ok(UserDeviceConfig {
             socket,

@@ -247,6 +247,12 @@ pub struct VioConfig {
     pub iops_low: u64,
     #[serde(default = "VioConfig::default_dwell_ms")]
     pub dwell_ms: u64,
+    /// Lockpage: keep the pages DMA keeps hitting locked (resident, mapped, not reclaimed), at
+    /// most `lock_budget_pct` percent of guest RAM.
+    #[serde(default)]
+    pub lockpage: bool,
+    #[serde(default = "VioConfig::default_lock_budget_pct")]
+    pub lock_budget_pct: u8,
 }
 
 impl VioConfig {
@@ -257,6 +263,9 @@ impl VioConfig {
     pub const DEFAULT_IOPS_HIGH: u64 = 20_000;
     pub const DEFAULT_IOPS_LOW: u64 = 5_000;
     pub const DEFAULT_DWELL_MS: u64 = 1_000;
+    /// Production's P90 locked share (the Lockpage issue): most VMs lock less, and a driver
+    /// with poor locality cannot pin more than this by default.
+    pub const DEFAULT_LOCK_BUDGET_PCT: u8 = 10;
 
     fn default_poll_us() -> u64 {
         Self::DEFAULT_POLL_US
@@ -270,6 +279,9 @@ impl VioConfig {
     fn default_dwell_ms() -> u64 {
         Self::DEFAULT_DWELL_MS
     }
+    fn default_lock_budget_pct() -> u8 {
+        Self::DEFAULT_LOCK_BUDGET_PCT
+    }
 
     pub fn new(mode: VioMode) -> Self {
         VioConfig {
@@ -278,6 +290,8 @@ impl VioConfig {
             iops_high: Self::DEFAULT_IOPS_HIGH,
             iops_low: Self::DEFAULT_IOPS_LOW,
             dwell_ms: Self::DEFAULT_DWELL_MS,
+            lockpage: false,
+            lock_budget_pct: Self::DEFAULT_LOCK_BUDGET_PCT,
         }
     }
 
@@ -290,6 +304,9 @@ impl VioConfig {
         }
         if !(1..=3_600_000).contains(&self.dwell_ms) {
             return refuse("dwell_ms", "dwell_ms must be 1..3600000");
+        }
+        if !(1..=100).contains(&self.lock_budget_pct) {
+            return refuse("lock_budget_pct", "lock_budget_pct must be 1..100");
         }
         Ok(())
     }

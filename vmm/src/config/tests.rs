@@ -141,7 +141,31 @@ fn user_devices() {
         })
     );
     assert_eq!(v.id.as_deref(), Some("v0"));
+    assert!(!v.vio.unwrap().lockpage, "off unless asked for");
+    let l = UserDeviceConfig::parse_vio("socket=/s,lockpage=on,lock_budget_pct=25").unwrap();
+    assert_eq!(
+        l.vio.map(|v| (v.lockpage, v.lock_budget_pct)),
+        Some((true, 25))
+    );
+    let l = UserDeviceConfig::parse_vio("socket=/s,lockpage=on").unwrap();
+    assert_eq!(
+        l.vio.map(|v| v.lock_budget_pct),
+        Some(VioConfig::DEFAULT_LOCK_BUDGET_PCT)
+    );
     for (bad, want) in [
+        (
+            "socket=/s,lock_budget_pct=0",
+            "lock_budget_pct must be 1..100",
+        ),
+        (
+            "socket=/s,lock_budget_pct=101",
+            "lock_budget_pct must be 1..100",
+        ),
+        (
+            "socket=/s,lock_budget_pct=-1",
+            "lock_budget_pct must be a number",
+        ),
+        ("socket=/s,lockpage=maybe", "lockpage"),
         (
             "socket=/s,mode=elastic",
             "mode must be snoop, passthrough or auto",

@@ -17,6 +17,10 @@ impl Reclaimer {
     pub(super) fn inflight_pinned(&self, page: u64) -> bool {
         self.inflight_pins[page as usize].load(Ordering::Relaxed) != 0
     }
+
+    pub(super) fn locked(&self, page: u64) -> bool {
+        self.locks[page as usize].load(Ordering::Relaxed) != 0
+    }
 }
 
 impl Residency for Reclaimer {
@@ -87,6 +91,27 @@ impl Residency for Reclaimer {
             self.zero_fill(at, end - at);
         }
         Ok(())
+    }
+
+    /// A lock is a pin that the reports call locked. Counted saturating: two devices locking one
+    /// page past 255 times is not a case, and the pin, not this count, keeps the page.
+    fn lock(&self, gfn: u64) -> Result<bool, PageError> {
+        let restored = self.pin(gfn)?;
+        if let Some(page) = self.page_of_guest(gfn * PAGE) {
+            let _ =
+                self.locks[page as usize]
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| c.checked_add(1));
+        }
+        Ok(restored)
+    }
+
+    fn unlock(&self, gfn: u64) {
+        if let Some(page) = self.page_of_guest(gfn * PAGE) {
+            let _ =
+                self.locks[page as usize]
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| c.checked_sub(1));
+        }
+        self.unpin(gfn);
     }
 
     fn unpin(&self, gfn: u64) {

@@ -97,6 +97,8 @@ pub struct ReclaimStats {
 pub struct ReclaimReport {
     pub reclaimed_bytes: u64,
     pub skipped_pinned_bytes: u64,
+    /// Cold enough to go, but locked by Lockpage (a device keeps hitting them).
+    pub skipped_locked_bytes: u64,
     pub skipped_reason: Option<String>,
     pub errors: u64,
 }
@@ -114,6 +116,8 @@ pub struct Reclaimer {
     passthrough: Mutex<Vec<PassthroughMapping>>,
     /// Per page: pins held by snooping devices for requests in flight (and their vrings).
     inflight_pins: Vec<AtomicU16>,
+    /// Per page: how many of those pins are Lockpage's (hot pages kept), for the reports.
+    locks: Vec<AtomicU8>,
     /// The DMA windows of snooping devices; reclaim evicts a page from them first. Weak: a
     /// window holds the reclaimer (its `Residency`), and a device that goes away takes its
     /// window with it.
@@ -164,6 +168,7 @@ impl Reclaimer {
             stats: ReclaimStats::default(),
             passthrough: Mutex::new(Vec::new()),
             inflight_pins: (0..total).map(|_| AtomicU16::new(0)).collect(),
+            locks: (0..total).map(|_| AtomicU8::new(0)).collect(),
             windows: Mutex::new(Vec::new()),
             cfg,
             stop: AtomicBool::new(false),
@@ -304,6 +309,14 @@ impl Reclaimer {
             (
                 "inflight_pinned_bytes",
                 self.inflight_pins
+                    .iter()
+                    .filter(|p| p.load(Ordering::Relaxed) != 0)
+                    .count() as u64
+                    * PAGE,
+            ),
+            (
+                "locked_bytes",
+                self.locks
                     .iter()
                     .filter(|p| p.load(Ordering::Relaxed) != 0)
                     .count() as u64

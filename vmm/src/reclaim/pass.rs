@@ -28,7 +28,13 @@ impl Reclaimer {
             if chosen.len() as u64 >= want {
                 break;
             }
-            if self.state(p) & (RECLAIMED | BUSY) != 0 || self.inflight_pinned(p) {
+            if self.state(p) & (RECLAIMED | BUSY) != 0 {
+                continue;
+            }
+            if self.inflight_pinned(p) {
+                if self.locked(p) {
+                    report.skipped_locked_bytes += PAGE;
+                }
                 continue;
             }
             if let Some(id) = self.passthrough_owner(p) {

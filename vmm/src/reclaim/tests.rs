@@ -182,6 +182,36 @@ fn snoop_pins_fault_in_map_and_block_reclaim() {
     ));
 }
 
+/// Locked pages are pins that reclaim reports as locked; unlocked, they are reclaimable.
+#[test]
+fn locked_pages_are_skipped_and_reported() {
+    let mm = setup(ReclaimConfig::default());
+    let (r, io, w) = snooped(&mm);
+    fill(&mm, 16);
+    assert_eq!(r.reclaim(16 * PAGE, false).reclaimed_bytes, 16 * PAGE);
+    assert!(matches!(w.lock(5), Ok(true)), "a locked page is faulted in");
+    w.acquire(6).unwrap();
+    assert_eq!(r.counters()["locked_bytes"], PAGE);
+    // Bring the rest back, so there is something to skip.
+    for p in (0..16).filter(|&p| p != 5 && p != 6) {
+        w.acquire(p).unwrap();
+        w.release(p);
+    }
+    let rep = r.reclaim(16 * PAGE, false);
+    assert_eq!(rep.reclaimed_bytes, 14 * PAGE);
+    assert_eq!(rep.skipped_locked_bytes, PAGE, "{rep:?}");
+    assert_eq!(*io.mapped.lock().unwrap(), [5, 6].into_iter().collect());
+    w.unlock(5);
+    w.release(6);
+    assert_eq!(r.counters()["locked_bytes"], 0);
+    let rep = r.reclaim(16 * PAGE, false);
+    assert_eq!(
+        (rep.reclaimed_bytes, rep.skipped_locked_bytes),
+        (2 * PAGE, 0)
+    );
+    check(&mm, 16);
+}
+
 /// Reclaim and acquire race on the same pages; the IOMMU asserts the invariant throughout,
 /// and no page's content is lost or duplicated.
 #[test]
