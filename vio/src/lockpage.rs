@@ -2,7 +2,7 @@
 //! skipped by reclaim) instead of being reclaimed only for the next request to fault them back.
 //!
 //! Hotness is a decayed touch counter per page: every page a snooped request touches adds one
-//! (up to `HEAT_MAX`), and every tick (the caller's period, a second by default) halves them all. A
+//! (up to `HEAT_MAX`; a touch that had to fault the page back in adds `FAULT_BONUS` more), and every tick (the caller's period, a second by default) halves them all. A
 //! page whose heat reaches `lock_at` is locked on the spot if the budget has room; a locked
 //! page whose heat has decayed to zero (untouched for a few periods) is unlocked at a tick.
 //! When hot pages were turned away by a full budget, the tick swaps them in for colder locked
@@ -19,6 +19,11 @@
 /// Heat saturates here: a page that stops being hit cools to zero within five ticks however
 /// hot it was, so a hot set that moves frees its old pages within seconds.
 pub const HEAT_MAX: u8 = 31;
+
+/// What a touch that had to fault the page back in adds on top of the touch: reclaim took a
+/// page DMA came back for, which is the waste Lockpage exists to stop. A page used about once
+/// a second is not hot by count alone, but two fault-ins within a tick lock it.
+pub const FAULT_BONUS: u8 = 2;
 
 /// When a page is locked and how much may be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,13 +121,15 @@ impl Lockpage {
         !splits || self.stats.locked_runs < self.policy.max_runs
     }
 
-    /// A snooped request touches `gfn`. Returns true if the page is to be locked now (the
-    /// caller pins it; if that fails it calls `forget`). O(1), no allocation.
-    pub fn touch(&mut self, gfn: u64) -> bool {
+    /// A snooped request touches `gfn`, which had to be faulted back in if `faulted`. Returns
+    /// true if the page is to be locked now (the caller pins it; if that fails it calls
+    /// `forget`). O(1), no allocation.
+    pub fn touch(&mut self, gfn: u64, faulted: bool) -> bool {
         let Some(h) = self.heat.get_mut(gfn as usize) else {
             return false;
         };
-        *h = (*h + 1).min(HEAT_MAX);
+        let add = if faulted { 1 + FAULT_BONUS } else { 1 };
+        *h = (*h + add).min(HEAT_MAX);
         if *h < self.policy.lock_at || self.is_locked(gfn) {
             return false;
         }
@@ -248,14 +255,14 @@ mod tests {
     }
 
     fn touch_n(l: &mut Lockpage, gfn: u64, n: u32) -> u32 {
-        (0..n).map(|_| u32::from(l.touch(gfn))).sum()
+        (0..n).map(|_| u32::from(l.touch(gfn, false))).sum()
     }
 
     #[test]
     fn a_page_is_locked_once_hot_and_unlocked_once_cold() {
         let mut l = lp(10);
         assert_eq!(touch_n(&mut l, 7, 3), 0, "three touches: not hot yet");
-        assert!(l.touch(7), "the fourth locks it");
+        assert!(l.touch(7, false), "the fourth locks it");
         assert_eq!(touch_n(&mut l, 7, 100), 0, "locked once");
         assert!(l.is_locked(7));
         assert_eq!(l.heat(7), HEAT_MAX);
@@ -279,6 +286,20 @@ mod tests {
             (1, 1, 0)
         );
         assert_eq!(l.stats.locked_runs, 0);
+    }
+
+    /// Used once a second, a page is never hot by count; faulted back in on each use (reclaim
+    /// keeps taking it), it is locked at the second fault-in.
+    #[test]
+    fn pages_reclaim_keeps_taking_are_locked_sooner() {
+        let mut l = lp(10);
+        for _ in 0..10 {
+            assert!(!l.touch(1, false));
+            l.tick();
+        }
+        assert!(!l.touch(2, true), "one fault-in: not yet");
+        l.tick();
+        assert!(l.touch(2, true), "a second, a tick later");
     }
 
     #[test]
@@ -345,16 +366,16 @@ mod tests {
             },
         );
         for g in [10, 20, 30, 40] {
-            l.touch(g);
+            l.touch(g, false);
         }
         assert_eq!((l.stats.locked_pages, l.stats.locked_runs), (3, 3));
         assert!(!l.is_locked(40), "a fourth run");
-        assert!(l.touch(11), "extends a run");
-        assert!(l.touch(21) && l.touch(19));
+        assert!(l.touch(11, false), "extends a run");
+        assert!(l.touch(21, false) && l.touch(19, false));
         assert_eq!((l.stats.locked_pages, l.stats.locked_runs), (6, 3));
         // Filling the gap between two runs merges them.
         for g in 12..19 {
-            l.touch(g);
+            l.touch(g, false);
         }
         assert_eq!(l.stats.locked_runs, 2);
         let all = l.unlock_all();
@@ -391,7 +412,7 @@ mod tests {
             } else {
                 // Hot spots that move with the step.
                 let g = (x % 60 + (step / 4000) * 50) % 300;
-                if l.touch(g) {
+                if l.touch(g, false) {
                     assert!(model.insert(g));
                 }
             }

@@ -55,10 +55,11 @@ impl Locks {
         }
     }
 
-    /// A request touches `gfn`, which the caller has just acquired.
-    pub fn touch(&self, window: &DmaWindow, gfn: u64) {
+    /// A request touches `gfn`, which the caller has just acquired (faulting it in if
+    /// `faulted`).
+    pub fn touch(&self, window: &DmaWindow, gfn: u64, faulted: bool) {
         let mut t = self.tracker.lock().unwrap();
-        if t.touch(gfn) && window.lock(gfn).is_err() {
+        if t.touch(gfn, faulted) && window.lock(gfn).is_err() {
             t.forget(gfn);
         }
     }

@@ -137,7 +137,7 @@ impl<M: GuestMemory + Send + Sync + 'static> SnoopHost for QueueHost<'_, M> {
             self.hist.record(t0.elapsed().as_nanos() as u64);
         }
         if let (Ok(_), Some(locks)) = (&r, &self.snoop.locks) {
-            locks.touch(&self.snoop.window, gfn);
+            locks.touch(&self.snoop.window, gfn, matches!(r, Ok(true)));
         }
         r
     }
