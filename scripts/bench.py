@@ -354,6 +354,18 @@ def elastic_suite(runs):
                     rows.append((f"latency_us={lat} qd={qd}, {name}", f"{iops:,.0f} IOPS ({iops / base:.2f}x), p50 {p50:.1f} us (whole run){extra}",
                                  shown_with_vdpu(shown[name].replace(d + "/", "$TMPFS/"), d, v)))
 
+    rows += switch_suite(runs)
+    return rows
+
+
+def switch_suite(runs):
+    """Elastic switches: the pause of each direction under qd 32 load, and the fault-in and map
+    throughput of entering passthrough with most of guest RAM reclaimed."""
+    rows = []
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
+        disk = os.path.join(d, "disk.img")
+        with open(disk, "wb") as f:
+            f.truncate(256 << 20)
         def switching(sock, p):
             reps = []
             time.sleep(0.5)
@@ -516,11 +528,11 @@ def run_linux(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("suite", choices=["foundation", "vdpu", "reclaim", "vio", "elastic", "lockpage", "linux"])
+    ap.add_argument("suite", choices=["foundation", "vdpu", "reclaim", "vio", "elastic", "switch", "lockpage", "linux"])
     ap.add_argument("--runs", type=int, default=5)
     a = ap.parse_args()
     build()
-    rows = {"foundation": foundation, "vdpu": vdpu_suite, "reclaim": reclaim_suite, "vio": vio_suite, "elastic": elastic_suite, "lockpage": lockpage_suite, "linux": linux_suite}[a.suite](a.runs)
+    rows = {"foundation": foundation, "vdpu": vdpu_suite, "reclaim": reclaim_suite, "vio": vio_suite, "elastic": elastic_suite, "switch": switch_suite, "lockpage": lockpage_suite, "linux": linux_suite}[a.suite](a.runs)
     print(f"Median of {a.runs} runs, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs\n")
     print("| what | result |\n|---|---|")
     for what, val, _ in rows:

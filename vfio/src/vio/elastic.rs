@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use vio::elastic::{AutoPolicy, Mode, Setting, Thresholds};
 use vio::spec::{self, PAGE_SIZE};
-use vio::{PageError, SnoopQueue, WalkLimits};
+use vio::{PageError, SnoopHost, SnoopQueue, WalkLimits};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 #[derive(Debug, Error)]
@@ -96,6 +96,25 @@ impl Elastic {
             last_used: vec![None; queues],
             busy: false,
         }
+    }
+}
+
+/// A snoop host whose doorbells to the device are left for later.
+struct Quiet<'a>(&'a dyn SnoopHost);
+
+impl SnoopHost for Quiet<'_> {
+    fn acquire(&self, gfn: u64) -> Result<bool, PageError> {
+        self.0.acquire(gfn)
+    }
+    fn release(&self, gfn: u64) {
+        self.0.release(gfn)
+    }
+    fn publish(&self, idx: u16, then: &dyn Fn()) -> bool {
+        self.0.publish(idx, then)
+    }
+    fn kick(&self) {}
+    fn device_suppression(&self) -> Option<(u16, u16)> {
+        self.0.device_suppression()
     }
 }
 
@@ -211,7 +230,10 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
                 continue;
             };
             let host = self.host(q, &slot);
-            sq.poll(&*self.mem, &host);
+            // No doorbell for what this last poll publishes: the kick after the doorbells
+            // move wakes the device for it, and a device woken now would only compete, on a
+            // busy host, with the thread that must answer the control write.
+            sq.poll(&*self.mem, &Quiet(&host));
             let t = Instant::now();
             self.set_control(q, 0);
             device += t.elapsed();

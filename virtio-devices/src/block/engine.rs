@@ -378,12 +378,24 @@ impl BlockEngine<'_> {
         queue: &mut Queue,
         mem: &M,
     ) -> Result<bool, virtio_queue::Error> {
+        self.process_some(queue, mem, usize::MAX)
+            .map(|(notify, _)| notify)
+    }
+
+    /// `process_queue`, stopping after `budget` chains. Returns (the driver needs an interrupt,
+    /// chains may be left: call again).
+    pub fn process_some<M: GuestMemory>(
+        &self,
+        queue: &mut Queue,
+        mem: &M,
+        budget: usize,
+    ) -> Result<(bool, bool), virtio_queue::Error> {
         let mut used_any = false;
-        self.drain_queue(queue, mem, |q, head, len| {
+        let more = self.drain_some(queue, mem, budget, |q, head, len| {
             used_any = true;
             q.add_used(mem, head, len)
         })?;
-        Ok(used_any && queue.needs_notification(mem)?)
+        Ok((used_any && queue.needs_notification(mem)?, more))
     }
 
     /// Executes every available chain and hands (head, used length) to `complete`, which may
@@ -395,8 +407,24 @@ impl BlockEngine<'_> {
         &self,
         queue: &mut Queue,
         mem: &M,
-        mut complete: impl FnMut(&mut Queue, u16, u32) -> Result<(), virtio_queue::Error>,
+        complete: impl FnMut(&mut Queue, u16, u32) -> Result<(), virtio_queue::Error>,
     ) -> Result<(), virtio_queue::Error> {
+        self.drain_some(queue, mem, usize::MAX, complete)
+            .map(|_| ())
+    }
+
+    /// `drain_queue`, stopping after `budget` chains with notifications still disabled: a
+    /// device whose memory view is a lock others wait for (DMA unmaps, VIO captures) drops it
+    /// between bounded batches, however fast the driver refills the ring. Returns whether it
+    /// stopped at the budget (chains may be left).
+    pub fn drain_some<M: GuestMemory>(
+        &self,
+        queue: &mut Queue,
+        mem: &M,
+        budget: usize,
+        mut complete: impl FnMut(&mut Queue, u16, u32) -> Result<(), virtio_queue::Error>,
+    ) -> Result<bool, virtio_queue::Error> {
+        let mut left = budget;
         loop {
             queue.disable_notification(mem)?;
             loop {
@@ -408,6 +436,10 @@ impl BlockEngine<'_> {
                 if pending.0 > queue.size() {
                     return Err(virtio_queue::Error::InvalidAvailRingIndex);
                 }
+                if left == 0 {
+                    return Ok(true);
+                }
+                left -= 1;
                 match queue.pop_descriptor_chain(mem) {
                     // The chain of an out-of-range head has no descriptors and no used slot.
                     Some(chain) if chain.head_index() >= queue.size() => self.bad_head(),
@@ -427,7 +459,7 @@ impl BlockEngine<'_> {
                 break;
             }
         }
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -576,6 +608,36 @@ mod tests {
         r.mem.read_slice(&mut data, GuestAddress(0x11000)).unwrap();
         assert!(data[..512].iter().all(|&b| b == 2) && data[512..].iter().all(|&b| b == 3));
         assert_eq!(r.counters.read_bytes.load(Ordering::Relaxed), 1024);
+    }
+
+    /// A bounded batch stops at its budget and says so; the next picks up where it stopped.
+    #[test]
+    fn a_bounded_batch_leaves_the_rest_for_the_next() {
+        let mut r = rig(false);
+        for i in 0..3u16 {
+            let at = 0x10000 + 0x1000 * u64::from(i);
+            header(&r.mem, at, VIRTIO_BLK_T_IN, 0);
+            r.chain(
+                3 * i,
+                &[(at, 16, R), (at + 0x100, 512, W), (at + 0x800, 1, W)],
+            );
+        }
+        let engine = BlockEngine {
+            disk: &r.disk,
+            serial: &r.serial,
+            counters: &r.counters,
+        };
+        assert_eq!(
+            engine.process_some(&mut r.queue, &r.mem, 2).unwrap().1,
+            true
+        );
+        assert_eq!(r.used_idx(), 2);
+        assert_eq!(
+            engine.process_some(&mut r.queue, &r.mem, 2).unwrap().1,
+            false
+        );
+        assert_eq!(r.used_idx(), 3);
+        assert_eq!(r.status(0x12800), VIRTIO_BLK_S_OK);
     }
 
     #[test]
