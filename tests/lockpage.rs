@@ -270,3 +270,48 @@ fn lockpage_scattered_working_set_beyond_the_mapping_limit() {
     assert!(most < max_maps, "{most} mappings in use");
     assert!(r.lock("dma_maps") > max_maps, "{}", r.device);
 }
+
+/// A device reset (here a VM reboot) drops every lock: the driver's buffers went with it. The
+/// pool stays hot all run, so nothing else would unlock it within the reboot's second or two.
+#[test]
+fn lockpage_drops_its_locks_at_a_device_reset() {
+    if !kvm_available("lockpage_drops_its_locks_at_a_device_reset") {
+        return;
+    }
+    let _one = one_at_a_time();
+    let disk = TmpDisk::new("lock-reset", 64 << 20);
+    let vdpu = Vdpu::start("lock-reset", &disk);
+    let mut vm = VmBuilder::new("lock-reset")
+        .memory("size=512M,shared=on,reclaim=on")
+        .cmdline("vio.workload=blk-verify vio.ops=40000 vio.qd=4 vio.pool_pages=256 vio.rate=8000")
+        .device("--vio", &vdpu, ",lockpage=on")
+        .api_socket()
+        .verbose()
+        .spawn();
+    vm.wait_line("VIO-GUEST-INFO", Duration::from_secs(60))
+        .expect("guest drives the device");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let locked = loop {
+        let (status, body) = vm.api("GET", "vm.vio-info", "");
+        assert_eq!(status, 200, "{body}");
+        let l = serde_json::from_str::<Value>(&body).unwrap()[0]["lockpage"].clone();
+        if u(&l, "locked_bytes") >= 256 << 12 {
+            assert_eq!(u(&l, "unlocks"), 0, "a hot pool stays locked: {l}");
+            break u(&l, "locked_bytes") >> 12;
+        }
+        assert!(std::time::Instant::now() < deadline, "never locked: {l}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (status, body) = vm.api("PUT", "vm.reboot", "");
+    assert_eq!(status, 204, "{body}");
+    let out = vm.finish(TIMEOUT);
+    assert!(out.status.success(), "{}", out.describe());
+    let r = out.result();
+    assert_eq!(u(&r, "mismatches"), 0, "{r}");
+    let dev = logged_counters(&out.stderr, "dpu0");
+    assert!(
+        u(&dev, "unlocks") >= locked,
+        "{locked} pages locked before the reset: {dev}"
+    );
+    assert_eq!(dev["iopf"].as_u64(), Some(0), "{dev}");
+}

@@ -316,6 +316,10 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
                     self.teardown(q, &mut slot);
                     slot.ring = None;
                 }
+                // The driver's buffers are gone with it; a rebooted guest's are learnt afresh.
+                if let Some(locks) = &self.locks {
+                    locks.release_all(&self.window);
+                }
             }
             // Never here: the callers take switches out of the list first.
             Command::Switch { .. } => {}
