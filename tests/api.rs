@@ -93,6 +93,10 @@ fn lifecycle_through_ch_remote() {
         "vio.workload=blk-verify vio.ops=100000000 vio.qd=16",
     );
     let (mut vm, sock) = start_vmm("lifecycle");
+    // Only the owner can connect (docs/api.md).
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "API socket mode {mode:o}");
 
     let ping = ok_json(&sock, &["ping"]);
     assert_eq!(ping["pid"].as_u64(), Some(u64::from(vm.pid())));

@@ -215,8 +215,15 @@ pub fn start(path: &Path, api: Sender<ApiMessage>) -> Result<JoinHandle<()>, Htt
     if path.exists() && UnixStream::connect(path).is_err() {
         let _ = std::fs::remove_file(path);
     }
-    let listener = UnixListener::bind(path)
-        .map_err(|e| HttpServerError::Bind(path.display().to_string(), e))?;
+    // The API can do anything to the VM: only its owner may connect. The socket is created
+    // with that mode (a chmod after bind would leave a window in which anyone could connect
+    // and be served later); the umask is the process's, so it is put back at once.
+    // SAFETY: umask only swaps the process's file-creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(|e| HttpServerError::Bind(path.display().to_string(), e))?;
     let api = Arc::new(Mutex::new(api));
     let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
