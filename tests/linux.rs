@@ -199,7 +199,13 @@ fn linux_under_vio_survives_churn_that_breaks_passthrough() {
             let m = logged_counters(&out.stderr, "memory");
             assert_eq!(d["iopf"].as_u64(), Some(0), "{d}");
             assert_eq!(d["acquire_errors"].as_u64(), Some(0), "{d}");
-            assert!(d["faultins"].as_u64().unwrap() > 0, "{d}\n{m}");
+            // Reclaim took pages the device had mapped, from under it (and the device never
+            // faulted). Whether the snoop path also had to bring one back is timing: a page
+            // Linux touched with the CPU after it was reclaimed (a write buffer being filled,
+            // the kernel's own use of the pages it hands the block layer) was restored by that
+            // touch first (`cpu_refaults`); a CI run had 0 snoop fault-ins and 14 unmaps.
+            assert!(d["dma_unmaps"].as_u64().unwrap() > 0, "{d}\n{m}");
+            assert!(m["reclaimed_bytes"].as_u64().unwrap() > 0, "{m}");
             assert!(passes >= 2, "{passes} reclaim passes");
         } else {
             let deadline = Instant::now() + Duration::from_secs(300);
