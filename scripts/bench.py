@@ -530,13 +530,92 @@ def run_linux(args):
     return r
 
 
+def upgrade_chain(d, v, memory, n, cmd):
+    """Boots a VM with vdpu passed through (`--user-device`), then live-upgrades it `n` times in
+    a row into fresh VMMs (A -> B -> C ...) while blk-verify runs. Returns the senders'
+    reports and the guest's result (from the last VMM)."""
+    def vmm(args, name):
+        sock = os.path.join(d, f"{name}.sock")
+        p = subprocess.Popen([VMM, "-v", "--api-socket", sock] + args, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                api(sock, "GET", "vmm.ping")
+                return p, sock
+            except OSError:
+                if time.monotonic() > deadline:
+                    sys.exit("a VMM did not start")
+                time.sleep(0.01)
+    full = ["--kernel", GUEST, "--memory", memory, "--serial", "tty", "--user-device",
+            f"socket={v.sock},id=dpu0", "--cmdline", cmd]
+    p, sock = vmm(full, "up0")
+    time.sleep(1.0)
+    reports = []
+    for i in range(1, n + 1):
+        q, qsock = vmm([], f"up{i}")
+        mig = os.path.join(d, f"mig{i}.sock")
+        recv = threading.Thread(target=api, args=(qsock, "PUT", "vm.receive-migration",
+                                                  json.dumps({"receiver_url": f"unix:{mig}"})))
+        recv.start()
+        deadline = time.monotonic() + 10
+        while not os.path.exists(mig):
+            if time.monotonic() > deadline:
+                sys.exit("the receiver did not listen")
+            time.sleep(0.001)
+        st, body = api(sock, "PUT", "vm.send-migration",
+                       json.dumps({"destination_url": f"unix:{mig}", "local": True}))
+        recv.join()
+        assert st == 200, body
+        reports.append(json.loads(body))
+        p.communicate(timeout=60)
+        p, sock = q, qsock
+        time.sleep(0.2)
+    out, _ = p.communicate(timeout=600)
+    result = next(json.loads(l[len("VIO-GUEST-RESULT "):]) for l in out.splitlines()
+                  if l.startswith("VIO-GUEST-RESULT "))
+    return reports, result, shlex.join([VMM] + full)
+
+
+def upgrade_suite(runs):
+    """Live upgrade: the downtime (vCPUs stopped, from the sender's freeze to the receiver's
+    "running") over chains of upgrades of a VM with vdpu passed through and busy, for guest RAM
+    sizes from 256 MiB to 4 GiB (nothing is copied, so it should not grow)."""
+    rows = []
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
+        disk = os.path.join(d, "disk.img")
+        with open(disk, "wb") as f:
+            f.truncate(64 << 20)
+        for mem in ("256M", "1G", "4G"):
+            reports, ops = [], 0
+            for rep in range(runs):
+                with Vdpu(disk) as v:
+                    r, res, full = upgrade_chain(d, v, f"size={mem},shared=on", 10,
+                                                 "vio.workload=blk-verify vio.ops=1000000000 vio.qd=16 "
+                                                 "vio.seed=1 vio.phases=0:12s vio.stall_s=5")
+                    assert res["mismatches"] == 0 and res["io_errors"] == 0, res
+                    ops += res["ops"]
+                    reports += r
+            down = sorted(x["downtime_us"] for x in reports)
+            save = med([x["save_us"] for x in reports])
+            restore = med([x["restore_us"] for x in reports])
+            rows.append((f"live upgrade, {mem} VM, vdpu passed through, blk-verify qd 16 running",
+                         f"downtime p50 {med(down) / 1000:.1f} ms, max {down[-1] / 1000:.1f} ms "
+                         f"({len(down)} upgrades); of it p50 {save / 1000:.1f} ms freeze+save, "
+                         f"{restore / 1000:.1f} ms the receiver's rebuild; {ops} ops verified",
+                         shown_with_vdpu(full.replace(d + "/", "$TMPFS/"), d, v)
+                         + " --api-socket $TMPFS/up0.sock ; then 10 x (vio-hypervisor --api-socket NEW &"
+                         " receive-migration; send-migration --local)"))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("suite", choices=["foundation", "vdpu", "reclaim", "vio", "elastic", "switch", "lockpage", "linux"])
+    ap.add_argument("suite", choices=["foundation", "vdpu", "reclaim", "vio", "elastic", "switch", "lockpage", "linux", "upgrade"])
     ap.add_argument("--runs", type=int, default=5)
     a = ap.parse_args()
     build()
-    rows = {"foundation": foundation, "vdpu": vdpu_suite, "reclaim": reclaim_suite, "vio": vio_suite, "elastic": elastic_suite, "switch": switch_suite, "lockpage": lockpage_suite, "linux": linux_suite}[a.suite](a.runs)
+    rows = {"foundation": foundation, "vdpu": vdpu_suite, "reclaim": reclaim_suite, "vio": vio_suite, "elastic": elastic_suite, "switch": switch_suite, "lockpage": lockpage_suite, "linux": linux_suite, "upgrade": upgrade_suite}[a.suite](a.runs)
     print(f"Median of {a.runs} runs, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs\n")
     print("| what | result |\n|---|---|")
     for what, val, _ in rows:

@@ -216,7 +216,7 @@ fn run(m: &ArgMatches, start: Instant) -> Result<(), Error> {
         vmm.boot()?;
     }
     match vmm.control_loop() {
-        VmmExit::Clean => Ok(()),
+        VmmExit::Clean | VmmExit::Migrated => Ok(()),
         VmmExit::GuestCrash(msg) => Err(Error::GuestCrash(msg)),
     }
 }

@@ -341,3 +341,52 @@ fn linux_time_and_reboot() {
     let trouble = kernel_trouble(&out.stdout);
     assert!(trouble.is_empty(), "kernel trouble: {trouble:?}");
 }
+
+/// Linux's own virtio driver through a live upgrade: booted as plain passthrough, upgraded into
+/// a new VMM mid-workload (its interrupts, timers and every register with it), switched to
+/// snoop there, its memory reclaimed: the workload completes clean, the kernel complains of
+/// nothing, the device never faults.
+#[test]
+fn linux_passthrough_vm_enters_vio_by_live_upgrade() {
+    if !kvm_available("linux_passthrough_vm_enters_vio_by_live_upgrade") {
+        return;
+    }
+    let Some(kernel) = linux_kernel("linux_passthrough_vm_enters_vio_by_live_upgrade") else {
+        return;
+    };
+    let _one = one_at_a_time();
+    let disk = TmpDisk::new("linux-up", 64 << 20);
+    let vdpu = Vdpu::start("linux-up", &disk);
+    let mut a = linux(
+        "linux-up-a",
+        &kernel,
+        "vio.workload=blk-verify vio.ops=400 vio.qd=1 vio.seed=9 vio.stall_s=60",
+        false,
+    )
+    .device("--user-device", &vdpu, "")
+    .api_socket()
+    .spawn();
+    a.wait_line("VIO-GUEST-INFO", BOOT)
+        .expect("Linux reached the workload");
+    let mut b = receiver("linux-up-b");
+    let before = a.stdout.clone();
+    let report = upgrade_ok(a, &b, "linux");
+    assert!(u(&report, "downtime_us") > 0, "{report}");
+    let (s, body) = b.api("PUT", "vm.vio-mode", r#"{"id": "dpu0", "mode": "snoop"}"#);
+    assert_eq!(s, 200, "{body}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let passes = churn(&b, stop.clone());
+    b.wait_line("VIO-GUEST-RESULT", TIMEOUT)
+        .expect("the workload finishes in the new VMM");
+    stop.store(true, Ordering::Relaxed);
+    let passes = passes.join().unwrap();
+    let mut out = b.finish(TIMEOUT);
+    let trouble: Vec<String> = kernel_trouble(&out.stdout).into_iter().cloned().collect();
+    assert!(trouble.is_empty(), "{trouble:?}\n{}", out.describe());
+    out.stdout.splice(0..0, before);
+    assert_clean(&out, 400);
+    let d = logged_counters(&out.stderr, "dpu0");
+    assert_eq!(d["iopf"].as_u64(), Some(0), "{d}");
+    assert_eq!(d["failed"].as_u64(), Some(0), "{d}");
+    assert!(passes >= 1, "{passes} reclaim passes");
+}

@@ -23,7 +23,7 @@ pub enum ConfigError {
     CapabilitiesFull,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PciBarType {
     Io,
     Mem32,
@@ -44,7 +44,7 @@ pub enum PciClass {
 }
 
 /// A BAR as the VMM placed it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PciBarRegion {
     pub index: usize,
     pub addr: u64,
@@ -242,6 +242,40 @@ impl PciConfiguration {
         Ok(())
     }
 
+    /// Every register's value, for a live upgrade.
+    pub fn registers(&self) -> Vec<u32> {
+        self.registers.to_vec()
+    }
+
+    /// Takes over saved register values (the layout, capabilities and write masks are the
+    /// device's own, built the same way). Returns the BARs the guest had moved away from where
+    /// this configuration placed them.
+    pub fn restore_registers(&mut self, regs: &[u32]) -> Vec<BarReprogram> {
+        for (r, v) in self.registers.iter_mut().zip(regs) {
+            *r = *v;
+        }
+        (0..NUM_BARS)
+            .filter_map(|i| {
+                let bar = self.bars[i]?;
+                let lo = self.registers[BAR0_REG + i] & self.writable[BAR0_REG + i];
+                let hi = match bar.kind {
+                    PciBarType::Mem64 => u64::from(self.registers[BAR0_REG + i + 1]) << 32,
+                    _ => 0,
+                };
+                let addr = hi | u64::from(lo);
+                (addr != bar.addr).then(|| {
+                    self.bars[i] = Some(PciBarRegion { addr, ..bar });
+                    BarReprogram {
+                        old_base: bar.addr,
+                        new_base: addr,
+                        len: bar.size,
+                        kind: bar.kind,
+                    }
+                })
+            })
+            .collect()
+    }
+
     pub fn bar(&self, index: usize) -> Option<PciBarRegion> {
         self.bars.get(index).copied().flatten()
     }
@@ -434,5 +468,45 @@ mod tests {
         // Only MSI-X enable/mask bits are writable in its message control.
         c.write_reg(0x48 / 4, 2, &[0xff, 0xff]);
         assert_eq!(c.read_reg(0x48 / 4) >> 16, 0xc003);
+    }
+
+    /// A live upgrade: registers move whole; a BAR the guest had moved is reported moved.
+    #[test]
+    fn restored_registers_report_moved_bars() {
+        let mk = || {
+            let mut c = PciConfiguration::new(
+                0x1af4,
+                0x1042,
+                1,
+                PciClass::Other,
+                0,
+                0,
+                PciHeader::Device,
+                0,
+                0,
+            );
+            c.add_bar(PciBarRegion {
+                index: 0,
+                addr: 0x1_0000_0000,
+                size: 0x8_0000,
+                kind: PciBarType::Mem64,
+                prefetchable: false,
+            })
+            .unwrap();
+            c
+        };
+        let mut old = mk();
+        old.write_reg(1, 0, &[0x06, 0]);
+        old.write_reg(4, 0, &0x2008_0000u32.to_le_bytes());
+        old.write_reg(5, 0, &1u32.to_le_bytes());
+        let mut new = mk();
+        let moves = new.restore_registers(&old.registers());
+        assert_eq!(new.registers(), old.registers());
+        assert_eq!(moves.len(), 1);
+        assert_eq!(moves[0].old_base, 0x1_0000_0000);
+        assert_eq!(moves[0].new_base, 0x1_2008_0000);
+        assert_eq!(new.bar(0).unwrap().addr, 0x1_2008_0000);
+        assert!(new.memory_enabled());
+        assert!(mk().restore_registers(&mk().registers()).is_empty());
     }
 }

@@ -11,7 +11,9 @@ pub use configuration::{
     BarReprogram, ConfigError, PciBarRegion, PciBarType, PciClass, PciConfiguration, PciHeader,
     NUM_CONFIGURATION_REGISTERS,
 };
-pub use msix::{MsiInterruptGroup, MsiMessage, MsixCap, MsixConfig, MSIX_ENTRY_SIZE};
+pub use msix::{
+    MsiInterruptGroup, MsiMessage, MsixCap, MsixConfig, MsixState, MsixStateError, MSIX_ENTRY_SIZE,
+};
 pub use root::{DeviceRelocation, PciBus, PciConfigIo, PciConfigMmio, PciDevice, PciRoot};
 
 /// Registers doorbell eventfds with the hypervisor so guest writes to them bypass the VMM.

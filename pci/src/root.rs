@@ -167,6 +167,16 @@ impl PciConfigIo {
         PciConfigIo { bus, address: 0 }
     }
 
+    /// The address latch: a guest between its address write and its data access keeps it
+    /// across a live upgrade.
+    pub fn address(&self) -> u32 {
+        self.address
+    }
+
+    pub fn set_address(&mut self, address: u32) {
+        self.address = address;
+    }
+
     fn target(&self) -> Option<(u8, u8, u8, usize)> {
         if self.address & 0x8000_0000 == 0 {
             return None;

@@ -60,6 +60,32 @@ fn command() -> Command {
                 ),
         )
         .subcommand(
+            Command::new("send-migration")
+                .about("Hand the VM over to another VMM (a live upgrade), then exit")
+                .arg(
+                    Arg::new("send_migration_config")
+                        .required(true)
+                        .value_name("url")
+                        .help("unix:PATH of the receiving VMM"),
+                )
+                .arg(
+                    Arg::new("send_migration_local")
+                        .long("local")
+                        .action(clap::ArgAction::SetTrue)
+                        .help("Local migration: guest RAM is handed over, not copied"),
+                ),
+        )
+        .subcommand(
+            Command::new("receive-migration")
+                .about("Wait for a VMM to hand its VM over")
+                .arg(
+                    Arg::new("receive_migration_config")
+                        .required(true)
+                        .value_name("url")
+                        .help("unix:PATH to listen on"),
+                ),
+        )
+        .subcommand(
             Command::new("create")
                 .about("Create a VM from a JSON configuration")
                 .arg(
@@ -103,6 +129,21 @@ fn run(m: &ArgMatches) -> Result<String, String> {
                     "{{\"bytes\":{bytes},\"unsafe_unmap_dma\":{unsafe_dma}}}"
                 )),
             )
+        }
+        "send-migration" => {
+            let url = sub
+                .get_one::<String>("send_migration_config")
+                .expect("required");
+            let local = sub.get_flag("send_migration_local");
+            let body = serde_json::json!({ "destination_url": url, "local": local });
+            ("PUT", "vm.send-migration", Some(body.to_string()))
+        }
+        "receive-migration" => {
+            let url = sub
+                .get_one::<String>("receive_migration_config")
+                .expect("required");
+            let body = serde_json::json!({ "receiver_url": url });
+            ("PUT", "vm.receive-migration", Some(body.to_string()))
         }
         "create" => {
             let path = sub.get_one::<String>("path").expect("required");

@@ -612,3 +612,56 @@ impl Churn {
         self.thread.take().unwrap().join().unwrap()
     }
 }
+
+// Live upgrade (`vm.send-migration` / `vm.receive-migration`, local).
+
+pub fn migration_socket(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("vio-mig-{}-{name}.sock", std::process::id()))
+}
+
+/// A VMM started with only an API socket, as a live upgrade's receiver is.
+pub fn receiver(name: &str) -> Vm {
+    let vm = VmBuilder::new(name).no_payload().verbose().spawn();
+    vm.wait_api(Duration::from_secs(10));
+    vm
+}
+
+/// Waits until `path` accepts connections (the receiver listens).
+pub fn wait_listening(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "the receiver never listened");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `from` hands its VM to `to`: (the sender's reply, the receiver's reply).
+pub fn upgrade(from: &Vm, to: &Vm, name: &str) -> ((u16, String), (u16, String)) {
+    let mig = migration_socket(name);
+    let _ = std::fs::remove_file(&mig);
+    let url = format!("unix:{}", mig.display());
+    let to_api = to.api_path().to_path_buf();
+    let body = serde_json::json!({ "receiver_url": url }).to_string();
+    let recv = std::thread::spawn(move || api(&to_api, "PUT", "vm.receive-migration", &body));
+    wait_listening(&mig);
+    let sent = from.api(
+        "PUT",
+        "vm.send-migration",
+        &serde_json::json!({ "destination_url": url, "local": true }).to_string(),
+    );
+    (sent, recv.join().unwrap())
+}
+
+/// Upgrades and checks both sides said yes; returns the sender's report.
+pub fn upgrade_ok(from: Vm, to: &Vm, name: &str) -> Value {
+    let (sent, received) = upgrade(&from, to, name);
+    let out = from.finish(Duration::from_secs(20));
+    assert_eq!(sent.0, 200, "send: {}\n{}", sent.1, out.describe());
+    assert_eq!(received.0, 200, "receive: {}", received.1);
+    assert!(
+        out.status.success(),
+        "the old VMM exits 0: {}",
+        out.describe()
+    );
+    serde_json::from_str(&sent.1).unwrap()
+}

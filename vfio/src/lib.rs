@@ -2,6 +2,7 @@
 //! memory and a device, and the `vio` device's front end beside the passthrough device.
 
 pub mod dma;
+pub mod handover;
 pub mod vfio_user;
 pub mod vio;
 

@@ -272,6 +272,36 @@ impl DmaWindow {
         Ok(())
     }
 
+    /// The runs of pages mapped to the device (first, count), for a live upgrade.
+    pub fn mapped_runs(&self) -> Vec<(u64, u64)> {
+        let n = self.holds.len() as u64;
+        runs(0, n, |p| self.is_mapped(p))
+    }
+
+    /// Records runs another process mapped for the device (a live upgrade): nothing is mapped
+    /// again, and the mappings count as this window's from now on.
+    pub fn adopt_mapped(&self, mapped: &[(u64, u64)]) -> Result<(), PageError> {
+        let _map = self.map_lock.write().unwrap();
+        for &(g, n) in mapped {
+            let last = g
+                .checked_add(n.max(1) - 1)
+                .ok_or(PageError::OutsideRam(g))?;
+            if last >= self.holds.len() as u64 {
+                return Err(PageError::OutsideRam(last));
+            }
+        }
+        for &(g, n) in mapped {
+            for p in g..g + n {
+                let (w, b) = self.bit(p).expect("checked above");
+                w.fetch_or(b, Ordering::AcqRel);
+            }
+            self.stats.mapped_pages.fetch_add(n, Ordering::Relaxed);
+        }
+        let runs = self.mapped_runs().len() as u64;
+        self.stats.mappings.store(runs, Ordering::Relaxed);
+        Ok(())
+    }
+
     pub fn release(&self, gfn: u64) {
         self.residency.unpin(gfn);
         self.unhold(gfn);
@@ -535,6 +565,37 @@ mod tests {
             "nothing held is mapped"
         );
         w.release(35);
+    }
+
+    /// A live upgrade: the new process's window takes over what the old one mapped without a
+    /// map call, counts the mappings the device holds, and unmaps them like its own.
+    #[test]
+    fn adopted_mappings_are_the_windows_own() {
+        let (f, old) = window();
+        for p in [3, 4, 5, 9, 20] {
+            old.acquire(p).unwrap();
+            old.release(p);
+        }
+        let runs = old.mapped_runs();
+        assert_eq!(runs, [(3, 3), (9, 1), (20, 1)]);
+        // The new process's window onto the same device.
+        let new = DmaWindow::new(f.clone(), f.clone(), 1000);
+        let calls = || f.calls.lock().unwrap().len();
+        let before = calls();
+        new.adopt_mapped(&runs).unwrap();
+        assert_eq!(calls(), before, "nothing mapped again");
+        assert_eq!(new.mapped_runs(), runs);
+        assert_eq!(new.stats.mappings.load(Ordering::Relaxed), 3);
+        assert_eq!(new.stats.mapped_pages.load(Ordering::Relaxed), 5);
+        assert!(matches!(new.acquire(4), Ok(false)));
+        assert_eq!(calls(), before, "mapped already");
+        new.release(4);
+        assert_eq!(new.evict_held(&[(3, 3)]).unwrap(), 3);
+        assert_eq!(f.calls.lock().unwrap()[before..], ["unmap 3+3".to_string()]);
+        assert!(matches!(
+            new.adopt_mapped(&[(990, 20)]),
+            Err(PageError::OutsideRam(_))
+        ));
     }
 
     #[test]

@@ -86,6 +86,21 @@ pub trait VirtioDevice: Send {
     fn counters(&self) -> Counters {
         Counters::new()
     }
+    /// Stops the device's worker (paused, with nothing in flight) for a live upgrade and says
+    /// where each active queue is; `resume_stopped` runs it again from there (the upgrade
+    /// failed). A device with no worker state returns nothing.
+    fn stop_for_handover(&mut self) -> Vec<QueuePosition> {
+        Vec::new()
+    }
+    fn resume_stopped(&mut self) {}
+}
+
+/// Where a device is in an active queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueuePosition {
+    pub index: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
 }
 
 /// Copies the `data.len()` bytes of `config` at `offset` (zeros past its end).

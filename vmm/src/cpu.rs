@@ -3,9 +3,8 @@
 use crate::devices::{ExitNotifier, ExitReason};
 use crate::layout;
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs,
-    KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_cpuid_entry2, kvm_fpu, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use pci::Bus;
@@ -86,7 +85,7 @@ pub fn guest_cpuid(
 }
 
 fn boot_msrs() -> Msrs {
-    let entries: Vec<kvm_msr_entry> = [
+    crate::vcpu_state::msrs([
         (MSR_IA32_SYSENTER_CS, 0),
         (MSR_IA32_SYSENTER_ESP, 0),
         (MSR_IA32_SYSENTER_EIP, 0),
@@ -98,15 +97,8 @@ fn boot_msrs() -> Msrs {
         (MSR_IA32_TSC, 0),
         (MSR_IA32_MISC_ENABLE, 1),          // fast strings
         (MSR_MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, write-back default
-    ]
-    .iter()
-    .map(|&(index, data)| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    })
-    .collect();
-    Msrs::from_entries(&entries).expect("static MSR list fits")
+    ])
+    .expect("static MSR list fits")
 }
 
 /// The flat 32-bit GDT the PVH entry expects: null, code (0x08), data (0x10), TSS (0x18).
@@ -245,7 +237,7 @@ impl Control {
 
 /// The running vCPU threads and how to pause and stop them.
 pub struct VcpuSet {
-    threads: Vec<JoinHandle<()>>,
+    threads: Vec<JoinHandle<(u8, VcpuFd)>>,
     control: Arc<Control>,
 }
 
@@ -256,7 +248,9 @@ struct VcpuContext {
     control: Arc<Control>,
 }
 
-fn run_vcpu(mut vcpu: VcpuFd, id: u8, ctx: VcpuContext) {
+/// Runs `vcpu` until it stops; returns it with any I/O exit completed (its state is then
+/// whole, as a save needs it).
+fn run_vcpu(mut vcpu: VcpuFd, id: u8, ctx: VcpuContext) -> VcpuFd {
     let reason = loop {
         if !ctx.control.checkpoint() {
             break None;
@@ -325,6 +319,15 @@ fn run_vcpu(mut vcpu: VcpuFd, id: u8, ctx: VcpuContext) {
         }
         ctx.exit.notify(r);
     }
+    // KVM finishes an MMIO or port read (the value into the register, RIP past the
+    // instruction) at the next KVM_RUN; with immediate exit set it does only that.
+    vcpu.set_kvm_immediate_exit(1);
+    match vcpu.run() {
+        Err(e) if e.errno() == libc::EINTR => {}
+        r => log::debug!("vCPU {id}: completing the last exit: {:?}", r.err()),
+    }
+    vcpu.set_kvm_immediate_exit(0);
+    vcpu
 }
 
 impl VcpuSet {
@@ -345,7 +348,7 @@ impl VcpuSet {
             };
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || run_vcpu(vcpu, id, ctx))
+                .spawn(move || (id, run_vcpu(vcpu, id, ctx)))
                 .map_err(CpuError::Thread)?;
             threads.push(t);
         }
@@ -381,15 +384,25 @@ impl VcpuSet {
 
     /// Stops every vCPU thread and joins it.
     pub fn stop(&mut self) {
+        self.take();
+    }
+
+    /// Stops every vCPU thread and returns the vCPUs, their state complete (for a save, or to
+    /// run them again).
+    pub fn take(&mut self) -> Vec<(u8, VcpuFd)> {
         self.control.stop.store(true, Ordering::Release);
         self.resume();
         while self.threads.iter().any(|t| !t.is_finished()) {
             self.kick();
             std::thread::sleep(Duration::from_millis(1));
         }
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        let mut vcpus: Vec<_> = self
+            .threads
+            .drain(..)
+            .filter_map(|t| t.join().ok())
+            .collect();
+        vcpus.sort_by_key(|(id, _)| *id);
+        vcpus
     }
 }
 

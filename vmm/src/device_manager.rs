@@ -55,6 +55,8 @@ pub enum DeviceError {
     NotVio(String),
     #[error("Device {0}")]
     Switch(String, #[source] vfio::vio::SwitchError),
+    #[error("Cannot take the devices over: {0}")]
+    Restore(String),
 }
 
 /// Why a vfio-user device could not be added.
@@ -68,6 +70,8 @@ pub enum UserDeviceError {
     Vio(#[from] vfio::vio::VioDeviceError),
     #[error("Failed to DMA-map guest RAM")]
     DmaMap(#[from] vfio::DmaError),
+    #[error("Failed to take the device over")]
+    Handover(#[source] vfio::handover::HandoverError),
 }
 
 /// Bump allocation of naturally aligned BAR space.
@@ -188,8 +192,28 @@ pub struct DeviceManager {
     pio_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     virtio: Vec<(String, Arc<Mutex<dyn VirtioDevice>>)>,
+    /// The virtio devices' transports, in the same order.
+    transports: Vec<Arc<Mutex<VirtioPciDevice>>>,
     user: Vec<UserDevice>,
+    /// Each user device's vectors, in the same order.
+    user_msi: Vec<Arc<KvmMsiGroup>>,
+    /// Every device's vectors (virtio and user), to take them off KVM for a live upgrade.
+    msi_groups: Vec<Arc<KvmMsiGroup>>,
     serial_irq: EventFd,
+    serial: Option<Arc<Mutex<SerialDevice>>>,
+    /// The serial output file, if any (a live upgrade hands it on rather than reopening it).
+    serial_file: Option<std::fs::File>,
+    pm_timer: Arc<Mutex<AcpiPmTimer>>,
+    pci_io: Arc<Mutex<PciConfigIo>>,
+}
+
+/// What a new VMM process builds its devices from instead of from scratch (a live upgrade).
+pub struct DeviceRestore<'a> {
+    pub state: &'a handover::DevicesState,
+    pub fds: &'a mut vfio::handover::FdsIn,
+    /// Plain passthrough devices the configuration asked to hold under VIO but that do not
+    /// offer the extension: they stay plain passthrough.
+    pub kept_passthrough: Vec<String>,
 }
 
 impl DeviceManager {
@@ -199,6 +223,7 @@ impl DeviceManager {
         ram: &MemoryManager,
         exit: ExitNotifier,
         start: Instant,
+        mut restore: Option<&mut DeviceRestore>,
     ) -> Result<Self, DeviceError> {
         let memory = ram.memory();
         let pio_bus = Arc::new(Bus::new());
@@ -207,17 +232,37 @@ impl DeviceManager {
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::Interrupts)?;
         vm.register_irqfd(&serial_irq, 4)
             .map_err(|e| DeviceError::Interrupts(e.into()))?;
+        let serial_file = match (&config.serial, restore.as_deref_mut()) {
+            (ConsoleMode::File(_), Some(r)) => Some(r.serial_file()?),
+            (ConsoleMode::File(p), None) => {
+                Some(std::fs::File::create(p).map_err(DeviceError::SerialFile)?)
+            }
+            _ => None,
+        };
         let out: Option<Box<dyn io::Write + Send>> = match &config.serial {
             ConsoleMode::Tty => Some(Box::new(LineWriter(io::stdout()))),
-            ConsoleMode::File(p) => Some(Box::new(LineWriter(
-                std::fs::File::create(p).map_err(DeviceError::SerialFile)?,
+            ConsoleMode::File(_) => Some(Box::new(LineWriter(
+                serial_file
+                    .as_ref()
+                    .expect("opened above")
+                    .try_clone()
+                    .map_err(DeviceError::SerialFile)?,
             ))),
             ConsoleMode::Null => Some(Box::new(io::sink())),
             ConsoleMode::Off => None,
         };
+        let mut serial = None;
         if let Some(out) = out {
             let irq = serial_irq.try_clone().map_err(DeviceError::Interrupts)?;
-            pio_bus.insert(Arc::new(Mutex::new(SerialDevice::new(irq, out))), 0x3f8, 8)?;
+            let dev = match restore.as_deref().and_then(|r| r.state.serial.as_ref()) {
+                Some(s) => {
+                    SerialDevice::from_state(s, irq, out).map_err(DeviceError::Interrupts)?
+                }
+                None => SerialDevice::new(irq, out),
+            };
+            let dev = Arc::new(Mutex::new(dev));
+            pio_bus.insert(dev.clone(), 0x3f8, 8)?;
+            serial = Some(dev);
         }
         pio_bus.insert(
             Arc::new(Mutex::new(AcpiShutdown::new(exit.clone()))),
@@ -230,19 +275,24 @@ impl DeviceManager {
             I8042::LEN,
         )?;
         pio_bus.insert(Arc::new(Mutex::new(DebugPort::new(start))), 0x80, 1)?;
-        pio_bus.insert(
-            Arc::new(Mutex::new(AcpiPmTimer::new())),
-            AcpiPmTimer::PORT,
-            4,
-        )?;
+        let pm_timer = Arc::new(Mutex::new(match restore.as_deref() {
+            Some(r) => {
+                AcpiPmTimer::continuing(std::time::Duration::from_nanos(r.state.pm_timer_ns))
+            }
+            None => AcpiPmTimer::new(),
+        }));
+        pio_bus.insert(pm_timer.clone(), AcpiPmTimer::PORT, 4)?;
 
         let relocation = Arc::new(BusRelocation(Arc::downgrade(&mmio_bus)));
         let pci_bus = Arc::new(Mutex::new(PciBus::new(PciRoot::new(), relocation)));
-        pio_bus.insert(
-            Arc::new(Mutex::new(PciConfigIo::new(pci_bus.clone()))),
-            0xcf8,
-            8,
-        )?;
+        let pci_io = Arc::new(Mutex::new(PciConfigIo::new(pci_bus.clone())));
+        if let Some(r) = restore.as_deref() {
+            pci_io
+                .lock()
+                .unwrap()
+                .set_address(r.state.pci_config_address);
+        }
+        pio_bus.insert(pci_io.clone(), 0xcf8, 8)?;
         mmio_bus.insert(
             Arc::new(Mutex::new(PciConfigMmio::new(pci_bus.clone()))),
             layout::PCI_MMCONFIG_START,
@@ -256,6 +306,11 @@ impl DeviceManager {
             layout::MEM_64BIT_DEVICES_SIZE,
         );
         let mut virtio = Vec::new();
+        let mut transports = Vec::new();
+        let mut msi_groups = Vec::new();
+        if let Some(r) = restore.as_deref() {
+            r.check_counts(config)?;
+        }
         for (i, disk) in config.disks.iter().enumerate() {
             let id = disk.id.clone().unwrap_or_else(|| format!("_disk{i}"));
             let file = RawFile::open(&disk.path, disk.readonly)
@@ -274,18 +329,30 @@ impl DeviceManager {
             let bar = bars64
                 .allocate(VirtioPciLayout::BAR_SIZE)
                 .ok_or(DeviceError::BarSpace(VirtioPciLayout::BAR_SIZE))?;
-            let group = KvmMsiGroup::new(router.clone(), disk.num_queues + 1)
-                .map_err(DeviceError::Interrupts)?;
-            let pci_dev = VirtioPciDevice::new(
+            let group = Arc::new(
+                KvmMsiGroup::new(router.clone(), disk.num_queues + 1)
+                    .map_err(DeviceError::Interrupts)?,
+            );
+            msi_groups.push(group.clone());
+            let mut transport = VirtioPciDevice::new(
                 id.clone(),
                 device.clone(),
-                Arc::new(group),
+                group,
                 ioevents.clone(),
                 bar,
                 InterruptDelivery::Emulated,
             )
             .map_err(DeviceError::VirtioPci)?;
-            let pci_dev: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(pci_dev));
+            if let Some(r) = restore.as_deref() {
+                transport
+                    .restore(&r.state.disks[i])
+                    .map_err(DeviceError::VirtioPci)?;
+            }
+            // Where the guest has BAR 0 now (moved, in a restored device).
+            let bar = transport.bar();
+            let transport = Arc::new(Mutex::new(transport));
+            transports.push(transport.clone());
+            let pci_dev: Arc<Mutex<dyn PciDevice>> = transport;
             let mut bus = pci_bus.lock().unwrap();
             let slot = bus.next_device_number().ok_or(DeviceError::NoPciSlot)?;
             bus.add_device(slot, pci_dev.clone())
@@ -306,10 +373,23 @@ impl DeviceManager {
             layout::MEM_32BIT_DEVICES_SIZE,
         );
         let mut user = Vec::new();
+        let mut user_msi = Vec::new();
         for (i, u) in config.user_devices.iter().enumerate() {
             let id = u.id.clone().unwrap_or_else(|| format!("_user{i}"));
-            let dev =
-                Self::add_user_device(&id, u, ram, &router, &ioevents, &mut bars32, &mut bars64)?;
+            let (dev, group) = match restore.as_deref_mut() {
+                Some(r) => r.adopt_user_device(&id, i, u, ram, &router, &ioevents)?,
+                None => Self::add_user_device(
+                    &id,
+                    u,
+                    ram,
+                    &router,
+                    &ioevents,
+                    &mut bars32,
+                    &mut bars64,
+                )?,
+            };
+            msi_groups.push(group.clone());
+            user_msi.push(group);
             let bars = dev.bars();
             let pci_dev = dev.pci();
             let mut bus = pci_bus.lock().unwrap();
@@ -335,8 +415,15 @@ impl DeviceManager {
             pio_bus,
             mmio_bus,
             virtio,
+            transports,
             user,
+            user_msi,
+            msi_groups,
             serial_irq,
+            serial,
+            serial_file,
+            pm_timer,
+            pci_io,
         })
     }
 
@@ -348,15 +435,17 @@ impl DeviceManager {
         ioevents: &Arc<dyn IoEventRegistrar>,
         bars32: &mut AddressAllocator,
         bars64: &mut AddressAllocator,
-    ) -> Result<UserDevice, DeviceError> {
+    ) -> Result<(UserDevice, Arc<KvmMsiGroup>), DeviceError> {
         let err = |e: UserDeviceError| DeviceError::UserDevice(id.to_string(), e);
         let client = Arc::new(VfioUserClient::connect(&u.socket).map_err(|e| err(e.into()))?);
         let vectors = client
             .irq_info(vfio::vfio_user::protocol::PCI_MSIX_IRQ_INDEX)
             .map_err(|e| err(e.into()))?
             .count;
-        let group = KvmMsiGroup::new(router.clone(), vectors.clamp(1, 2048) as u16)
-            .map_err(DeviceError::Interrupts)?;
+        let group = Arc::new(
+            KvmMsiGroup::new(router.clone(), vectors.clamp(1, 2048) as u16)
+                .map_err(DeviceError::Interrupts)?,
+        );
         let mut alloc = |size: u64, is64: bool| {
             if is64 {
                 bars64.allocate(size)
@@ -369,66 +458,24 @@ impl DeviceManager {
             let inner = VfioUserPciDevice::new(
                 id.to_string(),
                 client.clone(),
-                Arc::new(group),
+                group.clone(),
                 ioevents.clone(),
                 &mut alloc,
                 false,
             )
             .map_err(|e| err(e.into()))?;
-            let window = Arc::new(
-                vio::DmaWindow::new(
-                    ram.residency(),
-                    ram.io_mapper(client.clone()),
-                    ram.guest_pages(),
-                )
-                .with_max_maps(client.max_dma_maps()),
-            );
-            if let Some(r) = ram.reclaimer() {
-                r.add_window(&window);
-            }
             let dev = VioPciDevice::new(
                 inner,
                 ram.memory(),
-                window,
-                ram.regions()
-                    .iter()
-                    .map(|r| (r.guest_addr / PAGE_SIZE, r.size / PAGE_SIZE))
-                    .collect(),
+                vio_window(ram, &client),
+                ram_pages(ram),
                 ioevents.clone(),
-                VioOptions {
-                    poll: std::time::Duration::from_micros(vio.poll_us),
-                    setting: vio_setting(vio.mode),
-                    thresholds: Thresholds {
-                        iops_high: vio.iops_high,
-                        iops_low: vio.iops_low,
-                        dwell: std::time::Duration::from_millis(vio.dwell_ms),
-                    },
-                    lockpage: vio.lockpage.then_some(LockOptions {
-                        budget_pct: vio.lock_budget_pct,
-                    }),
-                },
+                vio_options(vio),
             )
             .map_err(|e| err(e.into()))?;
-            return Ok(UserDevice::Vio(Arc::new(Mutex::new(dev))));
+            return Ok((UserDevice::Vio(Arc::new(Mutex::new(dev))), group));
         }
-        if let Some(r) = ram.reclaimer() {
-            // Plain passthrough maps all of guest RAM, so all of it is pinned for reclaim.
-            let pages = ram
-                .regions()
-                .iter()
-                .map(|r| {
-                    (
-                        r.file_offset / PAGE_SIZE,
-                        (r.file_offset + r.size) / PAGE_SIZE,
-                    )
-                })
-                .collect();
-            r.add_passthrough(PassthroughMapping {
-                id: id.to_string(),
-                mapping: client.clone(),
-                pages,
-            });
-        }
+        pin_for_passthrough(ram, id, &client);
         // Plain passthrough: all of guest RAM is DMA-mapped, at IOVA = guest-physical address.
         for r in ram.regions() {
             let backing = DmaBacking {
@@ -443,12 +490,12 @@ impl DeviceManager {
         VfioUserPciDevice::new(
             id.to_string(),
             client,
-            Arc::new(group),
+            group.clone(),
             ioevents.clone(),
             &mut alloc,
             u.io_fds(),
         )
-        .map(|d| UserDevice::Passthrough(Arc::new(Mutex::new(d))))
+        .map(|d| (UserDevice::Passthrough(Arc::new(Mutex::new(d))), group))
         .map_err(|e| err(e.into()))
     }
 
@@ -530,6 +577,66 @@ impl DeviceManager {
     }
 }
 
+/// A `vio` device's DMA window onto guest RAM, known to the reclaimer.
+fn vio_window(ram: &MemoryManager, client: &Arc<VfioUserClient>) -> Arc<vio::DmaWindow> {
+    let window = Arc::new(
+        vio::DmaWindow::new(
+            ram.residency(),
+            ram.io_mapper(client.clone()),
+            ram.guest_pages(),
+        )
+        .with_max_maps(client.max_dma_maps()),
+    );
+    if let Some(r) = ram.reclaimer() {
+        r.add_window(&window);
+    }
+    window
+}
+
+/// Guest RAM as runs of page frames (first, count).
+fn ram_pages(ram: &MemoryManager) -> Vec<(u64, u64)> {
+    ram.regions()
+        .iter()
+        .map(|r| (r.guest_addr / PAGE_SIZE, r.size / PAGE_SIZE))
+        .collect()
+}
+
+fn vio_options(vio: &crate::config::VioConfig) -> VioOptions {
+    VioOptions {
+        poll: std::time::Duration::from_micros(vio.poll_us),
+        setting: vio_setting(vio.mode),
+        thresholds: Thresholds {
+            iops_high: vio.iops_high,
+            iops_low: vio.iops_low,
+            dwell: std::time::Duration::from_millis(vio.dwell_ms),
+        },
+        lockpage: vio.lockpage.then_some(LockOptions {
+            budget_pct: vio.lock_budget_pct,
+        }),
+    }
+}
+
+/// Plain passthrough maps all of guest RAM, so all of it is pinned for reclaim.
+fn pin_for_passthrough(ram: &MemoryManager, id: &str, client: &Arc<VfioUserClient>) {
+    if let Some(r) = ram.reclaimer() {
+        let pages = ram
+            .regions()
+            .iter()
+            .map(|r| {
+                (
+                    r.file_offset / PAGE_SIZE,
+                    (r.file_offset + r.size) / PAGE_SIZE,
+                )
+            })
+            .collect();
+        r.add_passthrough(PassthroughMapping {
+            id: id.to_string(),
+            mapping: client.clone(),
+            pages,
+        });
+    }
+}
+
 pub fn vio_setting(mode: VioMode) -> Setting {
     match mode {
         VioMode::Snoop => Setting::Fixed(Mode::Snoop),
@@ -537,6 +644,9 @@ pub fn vio_setting(mode: VioMode) -> Setting {
         VioMode::Auto => Setting::Auto,
     }
 }
+
+#[path = "device_handover.rs"]
+pub mod handover;
 
 #[cfg(test)]
 mod tests {

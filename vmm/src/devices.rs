@@ -67,6 +67,56 @@ impl SerialDevice {
             serial: Serial::new(EventFdTrigger(irq), out),
         }
     }
+
+    /// The UART's registers, for a live upgrade.
+    pub fn state(&self) -> SerialSnapshot {
+        let s = self.serial.state();
+        SerialSnapshot {
+            regs: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    pub fn from_state(
+        s: &SerialSnapshot,
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+    ) -> io::Result<Self> {
+        let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
+            s.regs;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&state, EventFdTrigger(irq), NoEvents, out)
+            .map_err(|e| io::Error::other(format!("{e:?}")))?;
+        Ok(SerialDevice { serial })
+    }
+}
+
+/// A 16550's registers and its receive buffer.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub regs: [u8; 9],
+    pub in_buffer: Vec<u8>,
 }
 
 impl BusDevice for SerialDevice {
@@ -204,6 +254,19 @@ impl AcpiPmTimer {
         AcpiPmTimer {
             start: Instant::now(),
         }
+    }
+
+    /// A timer that continues from `elapsed` (a live upgrade: the guest sees no jump back).
+    pub fn continuing(elapsed: std::time::Duration) -> Self {
+        AcpiPmTimer {
+            start: Instant::now()
+                .checked_sub(elapsed)
+                .unwrap_or_else(Instant::now),
+        }
+    }
+
+    pub fn elapsed(&self) -> std::time::Duration {
+        self.start.elapsed()
     }
 }
 

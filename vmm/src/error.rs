@@ -28,6 +28,8 @@ pub enum VmmError {
     Device(#[from] DeviceError),
     #[error("Failed to serialise the reply")]
     Reply(#[source] serde_json::Error),
+    #[error("Live upgrade")]
+    Migration(#[from] crate::migration::MigrationError),
 }
 
 /// A reply to a request: a JSON body, or none.

@@ -10,7 +10,9 @@ pub mod error;
 pub mod interrupt;
 pub mod layout;
 pub mod memory_manager;
+pub mod migration;
 pub mod reclaim;
+pub mod vcpu_state;
 pub mod vm;
 pub mod vmm;
 

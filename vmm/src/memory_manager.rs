@@ -64,6 +64,21 @@ impl MemoryManager {
     pub fn new(size: u64, shared: bool) -> Result<Self, MemoryError> {
         let memfd = memfd_create("vio_guest_ram").map_err(MemoryError::Memfd)?;
         memfd.set_len(size).map_err(MemoryError::Truncate)?;
+        Self::with_memfd(memfd, size, shared)
+    }
+
+    /// Guest RAM that another process created (a live upgrade): the same memfd, mapped anew.
+    pub fn adopt(memfd: File, size: u64, shared: bool) -> Result<Self, MemoryError> {
+        let len = memfd.metadata().map_err(MemoryError::Truncate)?.len();
+        if len != size {
+            return Err(MemoryError::Mmap(format!(
+                "the memfd holds {len} bytes, the configuration {size}"
+            )));
+        }
+        Self::with_memfd(memfd, size, shared)
+    }
+
+    fn with_memfd(memfd: File, size: u64, shared: bool) -> Result<Self, MemoryError> {
         let memfd = Arc::new(memfd);
         let mut regions = Vec::new();
         let mut mapped = Vec::new();
@@ -104,8 +119,33 @@ impl MemoryManager {
 
     /// Starts reclaim over all of guest RAM (needs a shared mapping).
     pub fn enable_reclaim(&mut self, cfg: ReclaimConfig) -> Result<(), MemoryError> {
-        let ranges = self
-            .memory
+        let ranges = self.host_ranges();
+        self.reclaimer = Some(Reclaimer::new(self.memfd.clone(), ranges, cfg)?);
+        Ok(())
+    }
+
+    /// Takes over reclaim as another process left it (a live upgrade).
+    pub fn adopt_reclaim(
+        &mut self,
+        cfg: ReclaimConfig,
+        state: &crate::reclaim::ReclaimState,
+        fds: &mut vfio::handover::FdsIn,
+        blob: &vfio::handover::BlobIn,
+    ) -> Result<(), MemoryError> {
+        let ranges = self.host_ranges();
+        self.reclaimer = Some(Reclaimer::adopt(
+            self.memfd.clone(),
+            ranges,
+            cfg,
+            state,
+            fds,
+            blob,
+        )?);
+        Ok(())
+    }
+
+    fn host_ranges(&self) -> Vec<HostRange> {
+        self.memory
             .iter()
             .zip(self.regions.iter())
             .map(|(m, r)| HostRange {
@@ -114,9 +154,7 @@ impl MemoryManager {
                 file_offset: r.file_offset,
                 host_addr: m.as_ptr() as u64,
             })
-            .collect();
-        self.reclaimer = Some(Reclaimer::new(self.memfd.clone(), ranges, cfg)?);
-        Ok(())
+            .collect()
     }
 
     pub fn reclaimer(&self) -> Option<&Arc<Reclaimer>> {

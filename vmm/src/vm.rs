@@ -57,6 +57,8 @@ pub enum VmError {
     Acpi(#[source] vm_memory::GuestMemoryError),
     #[error("Failed to write boot information")]
     BootParams(#[source] linux_loader::configurator::Error),
+    #[error("Live upgrade")]
+    Handover(#[source] Box<handover::HandoverError>),
 }
 
 pub struct Vm {
@@ -66,13 +68,39 @@ pub struct Vm {
     memory: MemoryManager,
     devices: DeviceManager,
     vcpus: Option<VcpuSet>,
+    /// vCPUs off their threads: frozen for a live upgrade, or adopted and not yet started.
+    parked: Option<Vec<(u8, kvm_ioctls::VcpuFd)>>,
     exit: ExitNotifier,
 }
+
+#[path = "vm_handover.rs"]
+pub mod handover;
 
 impl Vm {
     pub fn new(config: &VmConfig, start: Instant, exit: ExitNotifier) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let vm_fd = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
+        Self::setup_vm(&vm_fd)?;
+        let mut memory = MemoryManager::new(config.memory.size, config.memory.shared)?;
+        if config.memory.reclaim {
+            memory.enable_reclaim(config.reclaim.clone())?;
+        }
+        memory.register_with_kvm(&vm_fd)?;
+        let devices =
+            DeviceManager::new(vm_fd.clone(), config, &memory, exit.clone(), start, None)?;
+        Ok(Vm {
+            config: config.clone(),
+            kvm,
+            vm_fd,
+            memory,
+            devices,
+            vcpus: None,
+            parked: None,
+            exit,
+        })
+    }
+
+    fn setup_vm(vm_fd: &VmFd) -> Result<(), VmError> {
         vm_fd
             .set_tss_address(layout::KVM_TSS_START as usize)
             .map_err(|e| VmError::SetupVm("TSS address", e))?;
@@ -81,22 +109,7 @@ impl Vm {
             .map_err(|e| VmError::SetupVm("identity map", e))?;
         vm_fd
             .create_irq_chip()
-            .map_err(|e| VmError::SetupVm("irqchip", e))?;
-        let mut memory = MemoryManager::new(config.memory.size, config.memory.shared)?;
-        if config.memory.reclaim {
-            memory.enable_reclaim(config.reclaim.clone())?;
-        }
-        memory.register_with_kvm(&vm_fd)?;
-        let devices = DeviceManager::new(vm_fd.clone(), config, &memory, exit.clone(), start)?;
-        Ok(Vm {
-            config: config.clone(),
-            kvm,
-            vm_fd,
-            memory,
-            devices,
-            vcpus: None,
-            exit,
-        })
+            .map_err(|e| VmError::SetupVm("irqchip", e))
     }
 
     fn load_kernel(&self) -> Result<u64, VmError> {

@@ -5,6 +5,7 @@ use crate::api::{ApiMessage, ApiRequest};
 use crate::config::VmConfig;
 use crate::devices::{ExitNotifier, ExitReason};
 use crate::error::{VmmError, VmmResult};
+use crate::migration;
 use crate::vm::Vm;
 use serde_json::json;
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -43,6 +44,8 @@ pub enum VmmExit {
     Clean,
     /// The guest crashed.
     GuestCrash(String),
+    /// The VM went to another VMM process (a live upgrade).
+    Migrated,
 }
 
 pub struct Vmm {
@@ -96,16 +99,21 @@ impl Vmm {
         Ok(())
     }
 
+    /// A notifier for the next VM's exits.
+    fn next_exit_notifier(&mut self) -> ExitNotifier {
+        self.generation += 1;
+        let (tx, generation) = (std::sync::Mutex::new(self.tx.clone()), self.generation);
+        ExitNotifier::new(move |r| {
+            let _ = tx.lock().unwrap().send(VmmEvent::Exit(generation, r));
+        })
+    }
+
     pub fn boot(&mut self) -> Result<(), VmmError> {
         let config = self.config.clone().ok_or(VmmError::VmNotCreated)?;
         if matches!(self.state, VmState::Running | VmState::Paused) {
             return Err(VmmError::VmAlreadyBooted);
         }
-        self.generation += 1;
-        let (tx, generation) = (std::sync::Mutex::new(self.tx.clone()), self.generation);
-        let exit = ExitNotifier::new(move |r| {
-            let _ = tx.lock().unwrap().send(VmmEvent::Exit(generation, r));
-        });
+        let exit = self.next_exit_notifier();
         let mut vm = Vm::new(&config, self.start, exit)?;
         vm.boot()?;
         self.vm = Some(vm);
@@ -213,6 +221,18 @@ impl Vmm {
                     serde_json::to_value(vm.vio_info()).map_err(VmmError::Reply)?,
                 ))
             }
+            ApiRequest::VmSendMigration { .. } => unreachable!("handled by the control loop"),
+            ApiRequest::VmReceiveMigration { url } => {
+                if self.config.is_some() {
+                    return Err(VmmError::VmAlreadyCreated);
+                }
+                let exit = self.next_exit_notifier();
+                let r = migration::receive(&url, self.start, exit)?;
+                self.config = Some(r.config);
+                self.vm = Some(r.vm);
+                self.state = VmState::Running;
+                Ok(Some(json!({ "restore_us": r.restore_us })))
+            }
             ApiRequest::VmCounters => {
                 let vm = self.vm.as_ref().ok_or(VmmError::VmNotBooted)?;
                 Ok(Some(
@@ -222,13 +242,59 @@ impl Vmm {
         }
     }
 
+    /// Hands the VM over; on success it is no longer this process's.
+    fn send_migration(
+        &mut self,
+        url: &str,
+        local: bool,
+    ) -> Result<migration::SendReport, VmmError> {
+        if !local {
+            return Err(migration::MigrationError::NotLocal.into());
+        }
+        if !matches!(self.state, VmState::Running | VmState::Paused) {
+            return Err(VmmError::VmNotRunning);
+        }
+        let (Some(vm), Some(config)) = (self.vm.as_mut(), self.config.as_ref()) else {
+            return Err(VmmError::VmNotRunning);
+        };
+        let paused = self.state == VmState::Paused;
+        let report = migration::send(vm, config, url);
+        if report.is_err() && paused {
+            vm.pause();
+        }
+        Ok(report?)
+    }
+
     /// Serves events until the VMM should exit.
     pub fn control_loop(mut self) -> VmmExit {
         while let Ok(ev) = self.rx.recv() {
             match ev {
                 VmmEvent::Api(ApiMessage {
+                    request: ApiRequest::VmSendMigration { url, local },
+                    reply,
+                    written,
+                }) => match self.send_migration(&url, local) {
+                    Ok(report) => {
+                        log::info!(
+                            "VM handed over to {url}: {} us downtime",
+                            report.downtime_us
+                        );
+                        let _ = reply.send(Ok(serde_json::to_value(report).ok()));
+                        let _ = written.recv_timeout(std::time::Duration::from_secs(5));
+                        // The VM, its devices and its memory are the new process's now:
+                        // nothing of them may be torn down from here.
+                        std::mem::forget(self.vm.take());
+                        return VmmExit::Migrated;
+                    }
+                    Err(e) => {
+                        log::info!("API request failed: {}", vio::error_chain(&e));
+                        let _ = reply.send(Err(e.into()));
+                    }
+                },
+                VmmEvent::Api(ApiMessage {
                     request: ApiRequest::VmmShutdown,
                     reply,
+                    ..
                 }) => {
                     self.stop_vm();
                     let _ = reply.send(Ok(None));

@@ -58,6 +58,22 @@ impl VfioUserClient {
         Ok(c)
     }
 
+    /// Takes over a connection another process negotiated (a live upgrade): no VERSION is
+    /// sent, as the server sees one client throughout; message ids continue from `next_id`.
+    pub fn adopt(sock: UnixStream, next_id: u16, max_dma_maps: u64) -> Self {
+        VfioUserClient {
+            sock: Mutex::new((sock, next_id)),
+            max_dma_maps: max_dma_maps.into(),
+        }
+    }
+
+    /// What `adopt` needs in the new process: the socket (a descriptor to pass on) and the
+    /// next message id. The caller must not issue requests from here on.
+    pub fn handover(&self) -> std::io::Result<(UnixStream, u16)> {
+        let g = self.sock.lock().unwrap();
+        Ok((g.0.try_clone()?, g.1))
+    }
+
     /// Sends a command and waits for its reply.
     pub fn request(
         &self,

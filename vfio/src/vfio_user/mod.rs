@@ -5,4 +5,4 @@ pub mod pci_device;
 pub mod protocol;
 
 pub use client::{ClientError, RegionIoFd, VfioUserClient};
-pub use pci_device::{VfioUserDeviceError, VfioUserPciDevice};
+pub use pci_device::{MsixLayoutState, PciFunctionState, VfioUserDeviceError, VfioUserPciDevice};

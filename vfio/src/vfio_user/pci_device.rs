@@ -6,6 +6,7 @@
 
 use super::client::{ClientError, VfioUserClient};
 use super::protocol::*;
+use crate::handover::{FdsIn, FdsOut, HandoverError};
 use log::{error, warn};
 use pci::{
     BarReprogram, IoEventRegistrar, MsiInterruptGroup, MsixConfig, PciBarRegion, PciBarType,
@@ -39,6 +40,8 @@ pub enum VfioUserDeviceError {
     Bar(usize, #[source] pci::ConfigError),
     #[error("Failed to register doorbells")]
     IoEvent(#[source] std::io::Error),
+    #[error("Failed to take the device over")]
+    Adopt(#[source] HandoverError),
 }
 
 struct Msix {
@@ -46,6 +49,28 @@ struct Msix {
     table: (usize, u64, u64),
     pba: (usize, u64, u64),
     config: Arc<Mutex<MsixConfig>>,
+}
+
+/// What the VMM holds of a vfio-user PCI function, for a new VMM process to take it over: the
+/// BARs it placed, the MSI-X table it emulates, and the device's doorbell fds (by index in
+/// the handover's descriptor list). The rest of the function's state lives in the device.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PciFunctionState {
+    pub bars: Vec<PciBarRegion>,
+    pub msix: Option<MsixLayoutState>,
+    pub doorbells: Vec<(u64, usize)>,
+    pub registered: bool,
+    pub has_counters: bool,
+    pub vmm_doorbells: u64,
+    pub failed: bool,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct MsixLayoutState {
+    pub cap_reg: usize,
+    pub table: (usize, u64, u64),
+    pub pba: (usize, u64, u64),
+    pub state: pci::MsixState,
 }
 
 /// Allocates guest-physical space for a BAR: (size, 64-bit) -> address.
@@ -163,6 +188,92 @@ impl VfioUserPciDevice {
         Ok(dev)
     }
 
+    /// The function as the VMM holds it, for `adopt` in another process.
+    pub fn save(&self, fds: &mut FdsOut) -> PciFunctionState {
+        PciFunctionState {
+            bars: self.bars.bars().collect(),
+            msix: self.msix.as_ref().map(|m| MsixLayoutState {
+                cap_reg: m.cap_reg,
+                table: m.table,
+                pba: m.pba,
+                state: m.config.lock().unwrap().state(),
+            }),
+            doorbells: self
+                .doorbells
+                .iter()
+                .map(|(off, fd)| (*off, fds.add(fd)))
+                .collect(),
+            registered: self.registered,
+            has_counters: self.has_counters,
+            vmm_doorbells: self.vmm_doorbells.load(Ordering::Relaxed),
+            failed: self.failed(),
+        }
+    }
+
+    /// Takes over a function another VMM process set up (a live upgrade), without a message
+    /// to the device: `client` adopted the connection, `interrupts` deliver through the same
+    /// eventfds the device already signals, and the MSI-X routes and doorbells are made again
+    /// on this process's VM.
+    pub fn adopt(
+        id: String,
+        client: Arc<VfioUserClient>,
+        interrupts: Arc<dyn MsiInterruptGroup>,
+        registrar: Arc<dyn IoEventRegistrar>,
+        s: &PciFunctionState,
+        fds: &mut FdsIn,
+    ) -> Result<Self, VfioUserDeviceError> {
+        let invalid = |what: String| VfioUserDeviceError::Adopt(HandoverError::Invalid(what));
+        let mut bars =
+            PciConfiguration::new(0, 0, 0, PciClass::Other, 0, 0, PciHeader::Device, 0, 0);
+        for b in &s.bars {
+            bars.add_bar(*b)
+                .map_err(|e| VfioUserDeviceError::Bar(b.index, e))?;
+        }
+        let msix = match &s.msix {
+            None => None,
+            Some(m) => {
+                let n = m.state.entries.len();
+                if n == 0 || n > 2048 {
+                    return Err(invalid(format!("{n} MSI-X vectors")));
+                }
+                let mut config = MsixConfig::new(n as u16, interrupts);
+                config
+                    .restore(&m.state)
+                    .map_err(|e| invalid(e.to_string()))?;
+                Some(Msix {
+                    cap_reg: m.cap_reg,
+                    table: m.table,
+                    pba: m.pba,
+                    config: Arc::new(Mutex::new(config)),
+                })
+            }
+        };
+        let doorbells = s
+            .doorbells
+            .iter()
+            .map(|&(off, i)| Ok((off, fds.take_eventfd(i)?)))
+            .collect::<Result<Vec<_>, HandoverError>>()
+            .map_err(VfioUserDeviceError::Adopt)?;
+        let mut dev = VfioUserPciDevice {
+            id,
+            client,
+            failed: Arc::new(AtomicBool::new(s.failed)),
+            bars,
+            msix,
+            doorbells,
+            registered: false,
+            registrar,
+            vmm_doorbells: AtomicU64::new(s.vmm_doorbells),
+            has_counters: s.has_counters,
+        };
+        if s.registered {
+            dev.register_doorbells()
+                .map_err(VfioUserDeviceError::IoEvent)?;
+        }
+        dev.start_monitor();
+        Ok(dev)
+    }
+
     fn find_msix(
         cfg: &dyn Fn(usize) -> Result<u32, ClientError>,
         interrupts: Arc<dyn MsiInterruptGroup>,
@@ -206,7 +317,8 @@ impl VfioUserPciDevice {
         self.bars.bar(0).map(|b| b.addr).unwrap_or(0)
     }
 
-    fn register_doorbells(&mut self) -> std::io::Result<()> {
+    /// Registers the device's doorbell fds as the guest's doorbells (KVM ioeventfds).
+    pub fn register_doorbells(&mut self) -> std::io::Result<()> {
         let base = self.bar0();
         for (off, fd) in &self.doorbells {
             self.registrar.register(fd, base + off)?;

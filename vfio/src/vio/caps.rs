@@ -11,7 +11,7 @@ const PCI_CAPABILITY_LIST: usize = 0x34;
 const MAX_CAPS: usize = 48;
 
 /// A capability's window into a BAR.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(super) struct CapRegion {
     pub bar: usize,
     pub offset: u64,
@@ -25,7 +25,7 @@ impl CapRegion {
 }
 
 /// The virtio capabilities the front end needs, and how to unlink the VIO one.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(super) struct Caps {
     pub common: CapRegion,
     pub notify: CapRegion,

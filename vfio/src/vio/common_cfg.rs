@@ -22,12 +22,12 @@ pub(super) enum CommonWrite {
 }
 
 /// The driver state the front end tracks, as the guest wrote it.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(super) struct CommonCfgView {
-    device_feature_select: u32,
-    driver_feature_select: u32,
+    pub device_feature_select: u32,
+    pub driver_feature_select: u32,
     pub driver_features: u64,
-    queue_select: u16,
+    pub queue_select: u16,
 }
 
 impl CommonCfgView {

@@ -19,14 +19,16 @@ pub(super) struct Doorbells {
 }
 
 impl Doorbells {
+    /// Doorbells for `mode`, not yet registered (`move_to` places them).
     pub fn new(
         registrar: Arc<dyn IoEventRegistrar>,
         queues: Vec<(u64, Arc<EventFd>, Option<EventFd>)>,
+        mode: Mode,
     ) -> Self {
         Doorbells {
             registrar,
             base: 0,
-            mode: Mode::Snoop,
+            mode,
             queues,
         }
     }

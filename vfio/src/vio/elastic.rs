@@ -20,7 +20,7 @@
 //! 3. only now, with every device acknowledgement in, the whole-RAM pins go: reclaim may take
 //!    pages again.
 
-use super::snoop::Snoop;
+use super::snoop::{QueueSlot, Snoop};
 use log::info;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -96,6 +96,17 @@ impl Elastic {
             last_used: vec![None; queues],
             busy: false,
         }
+    }
+}
+
+impl Elastic {
+    /// An adopted passthrough device's RAM is not pinned yet: no switch until it is.
+    pub(super) fn claim_for_settle(&mut self) {
+        self.busy = true;
+    }
+
+    pub(super) fn settled(&mut self) {
+        self.busy = false;
     }
 }
 
@@ -178,8 +189,9 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
         Ok(r)
     }
 
-    /// Pins, faults in and maps all of guest RAM. Returns (faulted, newly mapped) pages.
-    fn pin_ram(&self) -> Result<(u64, u64), SwitchError> {
+    /// Pins, faults in and maps all of guest RAM, and (`populate`) backs the never-used pages
+    /// with memory. Returns (faulted, newly mapped) pages.
+    pub(super) fn pin_ram(&self, populate: bool) -> Result<(u64, u64), SwitchError> {
         let mapped = self.window.stats.mapped_pages.load(Ordering::Relaxed);
         let mut faulted = 0;
         for (i, &(first, n)) in self.ram.iter().enumerate() {
@@ -191,7 +203,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
                 }
             }
         }
-        for &(first, n) in &self.ram {
+        for &(first, n) in self.ram.iter().filter(|_| populate) {
             if let Err(e) = self.window.populate(first, n) {
                 self.ram.iter().for_each(|&r| self.unpin_run(r));
                 return Err(SwitchError::Map(e));
@@ -219,7 +231,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
     }
 
     fn to_passthrough(&self) -> Result<SwitchReport, SwitchError> {
-        let (faulted, mapped) = self.pin_ram()?;
+        let (faulted, mapped) = self.pin_ram(true)?;
         let paused = Instant::now();
         let mut doorbells = self.doorbells.lock().unwrap();
         self.apply_queue_commands(Mode::Snoop);
@@ -288,9 +300,9 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
         let mut device = Duration::ZERO;
         for q in 0..self.queue_count() {
             let mut slot = self.queues[usize::from(q)].lock().unwrap();
-            let Some((layout, event_idx)) = slot.ring else {
+            if slot.ring.is_none() {
                 continue;
-            };
+            }
             let t = Instant::now();
             if slot.generation != written[usize::from(q)] {
                 slot_iova(q);
@@ -301,33 +313,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
             );
             device += t.elapsed();
             // The write's reply is the device's acknowledgement: the slot holds its index.
-            let exposed = self
-                .shadow
-                .field(q, spec::SLOT_AVAIL_IDX)
-                .load(Ordering::Acquire);
-            let used = self
-                .mem
-                .read_obj::<u16>(GuestAddress(layout.used_ring + 2))
-                .unwrap_or(exposed);
-            let host = self.host(q, &slot);
-            let mut sq = SnoopQueue::adopt(
-                layout,
-                used,
-                exposed,
-                WalkLimits::default(),
-                &*self.mem,
-                &host,
-            )
-            .with_event_idx(event_idx);
-            let generation = slot.generation;
-            if !self.publish(q, generation, exposed, &|| sq.state_suppression(&*self.mem)) {
-                // Retired by the guest meanwhile: its next enable starts afresh.
-                sq.release_all(&host);
-                continue;
-            }
-            sq.poll(&*self.mem, &host);
-            self.kick(q);
-            slot.snoop = Some(sq);
+            self.adopt_engine(q, &mut slot);
         }
         drop(doorbells);
         let pause_us = us(paused.elapsed());
@@ -342,6 +328,43 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
             device_us: us(device),
             ..Default::default()
         })
+    }
+
+    /// Snoops enabled queue `q` from the index its shadow slot holds, the last the device was
+    /// shown: an engine adopts the queue there (pinning the requests the device still holds),
+    /// states the guest's suppression, publishes what came after, and kicks the device.
+    pub(super) fn adopt_engine(&self, q: u16, slot: &mut QueueSlot) {
+        let Some((layout, event_idx)) = slot.ring else {
+            return;
+        };
+        let exposed = self
+            .shadow
+            .field(q, spec::SLOT_AVAIL_IDX)
+            .load(Ordering::Acquire);
+        let used = self
+            .mem
+            .read_obj::<u16>(GuestAddress(layout.used_ring + 2))
+            .unwrap_or(exposed);
+        let host = self.host(q, slot);
+        let mut sq = SnoopQueue::adopt(
+            layout,
+            used,
+            exposed,
+            WalkLimits::default(),
+            &*self.mem,
+            &host,
+        )
+        .with_event_idx(event_idx);
+        if !self.publish(q, slot.generation, exposed, &|| {
+            sq.state_suppression(&*self.mem)
+        }) {
+            // Retired by the guest meanwhile: its next enable starts afresh.
+            sq.release_all(&host);
+            return;
+        }
+        sq.poll(&*self.mem, &host);
+        self.kick(q);
+        slot.snoop = Some(sq);
     }
 
     /// The sampling timer: counts requests without trapping anything, and lets auto mode

@@ -23,11 +23,13 @@ mod common_cfg;
 mod counters;
 mod doorbells;
 mod elastic;
+mod handover;
 mod lockpage;
 mod shadow;
 mod snoop;
 
 pub use elastic::{QueueInfo, SwitchError, SwitchReport, VioHandle, VioInfo};
+pub use handover::{Adoption, RingState, VioDescription, VioSetup, VioState};
 pub use lockpage::{LockInfo, LockOptions, LOCK_PERIOD};
 
 use crate::vfio_user::protocol::PCI_CONFIG_REGION_INDEX;
@@ -78,6 +80,10 @@ pub enum VioDeviceError {
     Thread(#[source] std::io::Error),
     #[error("Failed to start in passthrough mode")]
     Switch(#[source] SwitchError),
+    #[error("Failed to take the device over")]
+    Adopt(#[source] crate::handover::HandoverError),
+    #[error("The driver negotiated packed rings, which have no index to shadow")]
+    PackedRing,
 }
 
 /// Options of a `vio` device.
@@ -99,6 +105,32 @@ pub struct VioPciDevice<M: GuestMemory + Send + Sync + 'static> {
     thread: Option<JoinHandle<()>>,
     common: CommonCfgView,
     guest_vio_accesses: u64,
+    /// Each queue's doorbell offset in BAR 0.
+    notify: Vec<u64>,
+    /// An adopted front end's start, left for `go`.
+    pending: Option<handover::PendingStart>,
+    /// Adopted in passthrough mode, guest RAM not pinned yet (`settle` does).
+    unpinned: bool,
+}
+
+/// What `probe` learns of a device (and a live upgrade carries over instead of asking again).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct DeviceLayout {
+    caps: Caps,
+    version: u32,
+    notify: Vec<u64>,
+}
+
+/// What a front end is assembled from.
+struct Parts<M> {
+    mem: Arc<M>,
+    window: Arc<DmaWindow>,
+    ram: Vec<(u64, u64)>,
+    registrar: Arc<dyn IoEventRegistrar>,
+    opts: VioOptions,
+    shadow: ShadowPage,
+    mode: Mode,
+    common: CommonCfgView,
 }
 
 impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
@@ -114,8 +146,37 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
         registrar: Arc<dyn IoEventRegistrar>,
         opts: VioOptions,
     ) -> Result<Self, VioDeviceError> {
-        let client = inner.client().clone();
-        let id = inner.id().to_string();
+        let layout = Self::probe(&inner)?;
+        let shadow = Self::new_shadow(&inner)?;
+        let setting = opts.setting;
+        let dev = Self::assemble(
+            inner,
+            layout,
+            Parts {
+                mem,
+                window,
+                ram,
+                registrar,
+                opts,
+                shadow,
+                mode: Mode::Snoop,
+                common: CommonCfgView::default(),
+            },
+        )?;
+        let dev = dev.start()?;
+        // Before the guest enables a queue: a fixed passthrough device is all mapped from the
+        // start, and auto mode starts snooped.
+        if setting != Setting::Fixed(Mode::Snoop) {
+            dev.handle().set(setting).map_err(VioDeviceError::Switch)?;
+        }
+        Ok(dev)
+    }
+
+    /// Reads what the front end needs to know of the device: its capabilities, the VIO
+    /// extension's version, its queues and where each one's doorbell is. The queue selector is
+    /// left as it was (a driver may be between selecting a queue and using it).
+    fn probe(inner: &VfioUserPciDevice) -> Result<DeviceLayout, VioDeviceError> {
+        let client = inner.client();
         let cfg = |reg: usize| -> Result<u32, ClientError> {
             let mut b = [0u8; 4];
             client.region_read(PCI_CONFIG_REGION_INDEX, (reg * 4) as u64, &mut b)?;
@@ -137,17 +198,39 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
         if nq > spec::MAX_QUEUES {
             return Err(VioDeviceError::TooManyQueues(nq));
         }
-        let (doorbells, kicks) = Self::doorbells(&inner, &caps, nq)?;
-        let doorbells = Doorbells::new(registrar, doorbells);
-        let elastic = Elastic::new(
-            Setting::Fixed(Mode::Snoop),
-            opts.thresholds,
+        let select = read(c.bar, c.offset + offset::QUEUE_SELECT, 2)? as u16;
+        let mut notify = Vec::new();
+        for q in 0..nq {
+            client.region_write(
+                c.bar as u32,
+                c.offset + offset::QUEUE_SELECT,
+                &q.to_le_bytes(),
+            )?;
+            let off = read(c.bar, c.offset + offset::QUEUE_NOTIFY_OFF, 2)?;
+            notify.push(caps.notify.offset + off * u64::from(caps.notify_mult));
+        }
+        client.region_write(
+            c.bar as u32,
+            c.offset + offset::QUEUE_SELECT,
+            &select.to_le_bytes(),
+        )?;
+        Ok(DeviceLayout {
+            caps,
             version,
-            usize::from(nq),
-        );
+            notify,
+        })
+    }
 
+    /// A new shadow page, DMA-mapped for the device.
+    fn new_shadow(inner: &VfioUserPciDevice) -> Result<ShadowPage, VioDeviceError> {
         let shadow = ShadowPage::new().map_err(VioDeviceError::ShadowPage)?;
-        client
+        Self::map_shadow(inner, &shadow)?;
+        Ok(shadow)
+    }
+
+    fn map_shadow(inner: &VfioUserPciDevice, shadow: &ShadowPage) -> Result<(), VioDeviceError> {
+        inner
+            .client()
             .map(
                 SHADOW_IOVA,
                 PAGE_SIZE,
@@ -157,63 +240,77 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
                     host_addr: shadow.host_addr(),
                 },
             )
-            .map_err(VioDeviceError::ShadowMap)?;
-        let control = (caps.vio.bar as u32, caps.vio.offset);
-        let locks = opts.lockpage.map(|o| {
+            .map_err(VioDeviceError::ShadowMap)
+    }
+
+    /// The front end over `inner`, its doorbells placed for `parts.mode`; the snoop thread is
+    /// not started yet.
+    fn assemble(
+        inner: VfioUserPciDevice,
+        layout: DeviceLayout,
+        parts: Parts<M>,
+    ) -> Result<Self, VioDeviceError> {
+        let id = inner.id().to_string();
+        let (doorbells, kicks) = Self::doorbells(&inner, &layout.notify)?;
+        let doorbells = Doorbells::new(parts.registrar, doorbells, parts.mode);
+        let nq = layout.notify.len();
+        let elastic = Elastic::new(
+            Setting::Fixed(parts.mode),
+            parts.opts.thresholds,
+            layout.version,
+            nq,
+        );
+        let locks = parts.opts.lockpage.map(|o| {
+            let ram = &parts.ram;
             let extent = ram.iter().map(|&(s, n)| s + n).max().unwrap_or(0);
             let pages = ram.iter().map(|&(_, n)| n).sum();
-            lockpage::Locks::new(o, extent, pages, window.max_maps())
+            lockpage::Locks::new(o, extent, pages, parts.window.max_maps())
         });
         let snoop = Snoop::new(
             id.clone(),
-            mem,
-            window,
-            client,
-            shadow,
+            parts.mem,
+            parts.window,
+            inner.client().clone(),
+            parts.shadow,
             kicks,
             doorbells,
-            control,
-            ram,
+            (layout.caps.vio.bar as u32, layout.caps.vio.offset),
+            parts.ram,
             elastic,
             locks,
-            opts.poll,
+            parts.opts.poll,
         )
         .map_err(VioDeviceError::Doorbell)?;
-        let snoop = Arc::new(snoop);
-        let mut dev = VioPciDevice {
+        let dev = VioPciDevice {
             inner,
-            caps,
-            snoop: snoop.clone(),
+            caps: layout.caps,
+            snoop: Arc::new(snoop),
             thread: None,
-            common: CommonCfgView::default(),
+            common: parts.common,
             guest_vio_accesses: 0,
+            notify: layout.notify,
+            pending: None,
+            unpinned: false,
         };
         let bar0 = dev.bar0();
-        snoop
+        dev.snoop
             .doorbells
             .lock()
             .unwrap()
             .move_to(bar0)
             .map_err(VioDeviceError::Doorbell)?;
-        dev.thread = Some(
-            std::thread::Builder::new()
-                .name(format!("{id}-snoop"))
-                .spawn(move || snoop.run())
-                .map_err(VioDeviceError::Thread)?,
-        );
-        // Before the guest enables a queue: a fixed passthrough device is all mapped from the
-        // start, and auto mode starts snooped.
-        if opts.setting != Setting::Fixed(Mode::Snoop) {
-            dev.handle()
-                .set(opts.setting)
-                .map_err(VioDeviceError::Switch)?;
-        }
         info!(
-            "{id}: vio ({}) with {nq} queue(s), shadow page at IOVA {SHADOW_IOVA:#x}, poll {:?}, extension version {version}",
-            opts.setting.name(),
-            opts.poll
+            "{id}: vio ({}) with {nq} queue(s), shadow page at IOVA {SHADOW_IOVA:#x}, poll {:?}, extension version {}",
+            parts.opts.setting.name(),
+            parts.opts.poll,
+            layout.version,
         );
         Ok(dev)
+    }
+
+    fn start(mut self) -> Result<Self, VioDeviceError> {
+        self.thaw()?;
+        Ok(self)
     }
 
     /// The handle the API switches the device's mode through.
@@ -226,11 +323,8 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
     #[allow(clippy::type_complexity)]
     fn doorbells(
         inner: &VfioUserPciDevice,
-        caps: &Caps,
-        nq: u16,
+        notify: &[u64],
     ) -> Result<(Vec<(u64, Arc<EventFd>, Option<EventFd>)>, Vec<DeviceKick>), VioDeviceError> {
-        let client = inner.client();
-        let c = caps.common;
         let mut device_fds: BTreeMap<u64, EventFd> = inner
             .doorbell_fds()
             .map_err(VioDeviceError::Doorbell)?
@@ -238,16 +332,7 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
             .collect();
         let mut doorbells = Vec::new();
         let mut kicks = Vec::new();
-        for q in 0..nq {
-            client.region_write(
-                c.bar as u32,
-                c.offset + offset::QUEUE_SELECT,
-                &q.to_le_bytes(),
-            )?;
-            let mut b = [0u8; 2];
-            client.region_read(c.bar as u32, c.offset + offset::QUEUE_NOTIFY_OFF, &mut b)?;
-            let at =
-                caps.notify.offset + u64::from(u16::from_le_bytes(b)) * u64::from(caps.notify_mult);
+        for (q, &at) in notify.iter().enumerate() {
             let device_fd = device_fds.remove(&at);
             let passthrough_fd = device_fd
                 .as_ref()
@@ -256,16 +341,11 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
                 .map_err(VioDeviceError::Doorbell)?;
             kicks.push(match device_fd {
                 Some(fd) => DeviceKick::Fd(fd),
-                None => DeviceKick::Region(at, q),
+                None => DeviceKick::Region(at, q as u16),
             });
             let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(VioDeviceError::Doorbell)?;
             doorbells.push((at, Arc::new(fd), passthrough_fd));
         }
-        client.region_write(
-            c.bar as u32,
-            c.offset + offset::QUEUE_SELECT,
-            &0u16.to_le_bytes(),
-        )?;
         Ok((doorbells, kicks))
     }
 
@@ -336,31 +416,7 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
             errors.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let n = u64::from(layout.size);
-        let mut ring_pages = Vec::new();
-        for (addr, len) in [
-            (layout.desc_table, 16 * n),
-            (layout.avail_ring, 6 + 2 * n),
-            (layout.used_ring, 6 + 8 * n),
-        ] {
-            let Some(end) = addr.checked_add(len) else {
-                errors.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            let (first, last) = (addr / PAGE_SIZE, (end - 1) / PAGE_SIZE);
-            match self.snoop.window.acquire_range(first, last - first + 1) {
-                Ok(_) => ring_pages.extend(first..=last),
-                Err(e) => {
-                    // The device will fault on this ring and fail the queue itself.
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    warn!(
-                        "{}: queue {q} ring at {addr:#x}: {}",
-                        self.id(),
-                        vio::error_chain(&e)
-                    );
-                }
-            }
-        }
+        let ring_pages = self.acquire_ring(q, &layout);
         // Programmed and posted under the doorbell lock: the snoop thread applies the enable
         // in the mode it was programmed for (a switch applies pending enables first).
         let doorbells = self.snoop.doorbells.lock().unwrap();
@@ -377,6 +433,37 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
             ring_pages,
         });
         drop(doorbells);
+    }
+
+    /// Holds queue `q`'s vring pages (resident and mapped) for as long as it is enabled. A ring
+    /// outside RAM is counted; the device will fault on it and fail the queue itself.
+    fn acquire_ring(&self, q: u16, layout: &QueueLayout) -> Vec<u64> {
+        let errors = &self.snoop.ring_errors[usize::from(q)];
+        let n = u64::from(layout.size);
+        let mut ring_pages = Vec::new();
+        for (addr, len) in [
+            (layout.desc_table, 16 * n),
+            (layout.avail_ring, 6 + 2 * n),
+            (layout.used_ring, 6 + 8 * n),
+        ] {
+            let Some(end) = addr.checked_add(len) else {
+                errors.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let (first, last) = (addr / PAGE_SIZE, (end - 1) / PAGE_SIZE);
+            match self.snoop.window.acquire_range(first, last - first + 1) {
+                Ok(_) => ring_pages.extend(first..=last),
+                Err(e) => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        "{}: queue {q} ring at {addr:#x}: {}",
+                        self.id(),
+                        vio::error_chain(&e)
+                    );
+                }
+            }
+        }
+        ring_pages
     }
 
     /// Points queue `q` of the device at its shadow slot (IOVA first, then control: `vio::spec`).

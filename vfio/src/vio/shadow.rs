@@ -26,6 +26,14 @@ impl ShadowPage {
         // SAFETY: `fd` is a fresh descriptor we own.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(PAGE_SIZE)?;
+        Self::adopt(file)
+    }
+
+    /// Maps a shadow page another process made (a live upgrade: the device has it mapped).
+    pub fn adopt(file: File) -> std::io::Result<Self> {
+        if file.metadata()?.len() != PAGE_SIZE {
+            return Err(std::io::Error::other("The shadow page is not one page"));
+        }
         // SAFETY: a new shared mapping of the whole (page-sized) file; checked for failure.
         let ptr = unsafe {
             libc::mmap(

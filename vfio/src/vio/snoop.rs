@@ -72,7 +72,7 @@ pub(super) struct QueueSlot {
     pub ring: Option<(QueueLayout, bool)>,
     pub generation: u64,
     /// Vring pages held while the queue is enabled.
-    ring_pages: Vec<u64>,
+    pub ring_pages: Vec<u64>,
     /// Stats of earlier incarnations (before a device reset).
     pub past: SnoopStats,
     pub faultin_ns: LatencyHistogram,
@@ -231,6 +231,11 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
         let _ = self.wake.write(1);
     }
 
+    /// Lets a stopped thread's `run` be called again.
+    pub fn unstop(&self) {
+        self.stop.store(false, Ordering::Release);
+    }
+
     /// Writes queue `q`'s shadow index, then `then`, unless the queue was retired since
     /// `generation`.
     pub fn publish(&self, q: u16, generation: u64, idx: u16, then: &dyn Fn()) -> bool {
@@ -277,7 +282,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
     /// Applies the vCPU path's queue changes, in the order they were made, and the mode
     /// switches asked for. A queue's enable was programmed for the mode in force when it was
     /// posted, which is the mode now: a switch applies the commands before it changes mode.
-    fn apply_commands(&self) {
+    pub(super) fn apply_commands(&self) {
         let commands = std::mem::take(&mut *self.commands.lock().unwrap());
         for cmd in commands {
             if let Command::Switch { to, reply } = cmd {
@@ -382,7 +387,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
 
     /// Handles the doorbells in `kicked`, reaps completions, and re-checks queues with requests
     /// in flight. Returns whether any queue still needs polling.
-    fn service(&self, kicked: &[bool], polling: bool) -> bool {
+    pub(super) fn service(&self, kicked: &[bool], polling: bool) -> bool {
         let mut again = false;
         for (i, slot) in self.queues.iter().enumerate() {
             let mut slot = slot.lock().unwrap();

@@ -5,8 +5,8 @@ use super::engine::{BlockCounters, BlockEngine};
 use super::*;
 use crate::{
     read_config_bytes, ActivateError, ActiveQueue, Counters, GuestMemoryMmap, MemoryView,
-    PauseGate, VirtioDevice, VirtioInterrupt, VirtioInterruptType, VIRTIO_F_RING_EVENT_IDX,
-    VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK,
+    PauseGate, QueuePosition, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK,
 };
 use log::{error, warn};
 use std::collections::VecDeque;
@@ -34,7 +34,8 @@ pub struct BlockConfig {
 struct Worker {
     kill: EventFd,
     gate: Arc<PauseGate>,
-    handle: JoinHandle<()>,
+    /// The worker hands its queues back when it stops.
+    handle: JoinHandle<Vec<ActiveQueue>>,
 }
 
 /// Per queue: doorbells seen and requests served.
@@ -56,6 +57,9 @@ pub struct Block<V: MemoryView = GuestMemoryMmap> {
     memory: Arc<V>,
     latency: Option<Duration>,
     worker: Option<Worker>,
+    interrupt: Option<Arc<dyn VirtioInterrupt>>,
+    /// Queues of a worker stopped for a live upgrade, to run again if it fails.
+    stopped: Option<Vec<ActiveQueue>>,
 }
 
 /// Features every virtio-blk of this project offers (the emulated disk and vdpu alike).
@@ -111,6 +115,8 @@ impl<V: MemoryView> Block<V> {
             memory,
             latency: cfg.latency,
             worker: None,
+            interrupt: None,
+            stopped: None,
         }
     }
 }
@@ -123,7 +129,7 @@ fn run_worker<V: MemoryView>(
     queue_stats: Arc<Vec<QueueStats>>,
     mem: Arc<V>,
     interrupt: Arc<dyn VirtioInterrupt>,
-    mut queues: Vec<ActiveQueue>,
+    queues: &mut [ActiveQueue],
     kill: EventFd,
     gate: Arc<PauseGate>,
     latency: Option<Duration>,
@@ -329,6 +335,83 @@ impl<V: MemoryView> VirtioDevice for Block<V> {
             }
         }
         self.reset();
+        self.spawn_worker(interrupt, queues)
+    }
+
+    fn reset(&mut self) {
+        self.stopped = None;
+        if let Some(w) = self.worker.take() {
+            w.gate.resume();
+            let _ = w.kill.write(1);
+            let _ = w.handle.join();
+        }
+    }
+
+    fn pause(&mut self) {
+        if let Some(w) = &self.worker {
+            if !w.gate.pause(std::time::Duration::from_secs(5)) {
+                warn!("virtio-blk: worker did not pause");
+            }
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &self.worker {
+            w.gate.resume();
+        }
+    }
+
+    fn stop_for_handover(&mut self) -> Vec<QueuePosition> {
+        let Some(w) = self.worker.take() else {
+            return Vec::new();
+        };
+        // Paused, the worker is parked between requests: nothing is half done.
+        let _ = w.kill.write(1);
+        w.gate.resume();
+        let queues = w.handle.join().unwrap_or_default();
+        let positions = queues
+            .iter()
+            .map(|q| QueuePosition {
+                index: q.index,
+                next_avail: q.queue.next_avail(),
+                next_used: q.queue.next_used(),
+            })
+            .collect();
+        self.stopped = Some(queues);
+        positions
+    }
+
+    fn resume_stopped(&mut self) {
+        if let (Some(queues), Some(interrupt)) = (self.stopped.take(), self.interrupt.clone()) {
+            if let Err(e) = self.spawn_worker(interrupt, queues) {
+                error!("virtio-blk: restarting the worker: {e}");
+            }
+        }
+    }
+
+    fn counters(&self) -> Counters {
+        let mut c = self.counters.snapshot();
+        for (i, q) in self.queue_stats.iter().enumerate() {
+            c.insert(
+                format!("queue{i}_kicks"),
+                q.kicks.load(AtomicOrdering::Relaxed),
+            );
+            c.insert(
+                format!("queue{i}_requests"),
+                q.requests.load(AtomicOrdering::Relaxed),
+            );
+        }
+        c
+    }
+}
+
+impl<V: MemoryView> Block<V> {
+    fn spawn_worker(
+        &mut self,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        mut queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        self.interrupt = Some(interrupt.clone());
         let mem = self.memory.clone();
         let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
         let kill_worker = kill.try_clone().map_err(ActivateError::Worker)?;
@@ -351,52 +434,16 @@ impl<V: MemoryView> VirtioDevice for Block<V> {
                     queue_stats,
                     mem,
                     interrupt,
-                    queues,
+                    &mut queues,
                     kill_worker,
                     gate_worker,
                     latency,
-                )
+                );
+                queues
             })
             .map_err(ActivateError::Worker)?;
         self.worker = Some(Worker { kill, gate, handle });
         Ok(())
-    }
-
-    fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.gate.resume();
-            let _ = w.kill.write(1);
-            let _ = w.handle.join();
-        }
-    }
-
-    fn pause(&mut self) {
-        if let Some(w) = &self.worker {
-            if !w.gate.pause(std::time::Duration::from_secs(5)) {
-                warn!("virtio-blk: worker did not pause");
-            }
-        }
-    }
-
-    fn resume(&mut self) {
-        if let Some(w) = &self.worker {
-            w.gate.resume();
-        }
-    }
-
-    fn counters(&self) -> Counters {
-        let mut c = self.counters.snapshot();
-        for (i, q) in self.queue_stats.iter().enumerate() {
-            c.insert(
-                format!("queue{i}_kicks"),
-                q.kicks.load(AtomicOrdering::Relaxed),
-            );
-            c.insert(
-                format!("queue{i}_requests"),
-                q.requests.load(AtomicOrdering::Relaxed),
-            );
-        }
-        c
     }
 }
 

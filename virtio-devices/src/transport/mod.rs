@@ -5,6 +5,7 @@ mod pci_device;
 mod vio_shadow;
 
 pub use pci_device::{
-    InterruptDelivery, IoEventRegistrar, VirtioPciDevice, VirtioPciError, VirtioPciLayout,
+    InterruptDelivery, IoEventRegistrar, QueueConfig, VirtioPciDevice, VirtioPciError,
+    VirtioPciLayout, VirtioPciState,
 };
 pub use vio_shadow::{ShadowIndex, VioControlBlock};

@@ -82,7 +82,7 @@ pub enum CommonWrite {
 }
 
 /// The driver-visible state of the common configuration.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct CommonConfig {
     pub device_feature_select: u32,
     pub driver_feature_select: u32,

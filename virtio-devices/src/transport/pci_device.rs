@@ -57,6 +57,8 @@ pub enum VirtioPciError {
     Queue(u16, #[source] virtio_queue::Error),
     #[error("Failed to set up doorbells")]
     Doorbell(#[source] std::io::Error),
+    #[error("Invalid saved state: {0}")]
+    Restore(String),
 }
 
 /// Who applies MSI-X masking.
@@ -541,6 +543,10 @@ impl VirtioPciDevice {
         self.device_type
     }
 }
+
+#[path = "pci_device_state.rs"]
+mod state;
+pub use state::{QueueConfig, VirtioPciState};
 
 #[cfg(test)]
 #[path = "pci_device_tests.rs"]

@@ -159,14 +159,23 @@ fn write_error(w: &mut UnixStream, e: &ApiError, keep_alive: bool) -> io::Result
     write_response(w, e.status(), Some(("text/plain", &line)), keep_alive)
 }
 
-fn dispatch(api: &Mutex<Sender<ApiMessage>>, request: ApiRequest) -> ApiResponse {
+/// Hands `request` to the VMM and waits for its reply; the returned sender tells the VMM the
+/// reply has been written.
+fn dispatch(api: &Mutex<Sender<ApiMessage>>, request: ApiRequest) -> (ApiResponse, Sender<()>) {
     let (tx, rx) = channel();
-    api.lock()
-        .unwrap()
-        .send(ApiMessage { request, reply: tx })
-        .map_err(|_| ApiError::Internal("The VMM is shutting down".into()))?;
-    rx.recv()
-        .map_err(|_| ApiError::Internal("The VMM dropped the request".into()))?
+    let (written_tx, written) = channel();
+    let sent = api.lock().unwrap().send(ApiMessage {
+        request,
+        reply: tx,
+        written,
+    });
+    let res = match sent {
+        Err(_) => Err(ApiError::Internal("The VMM is shutting down".into())),
+        Ok(()) => rx
+            .recv()
+            .unwrap_or_else(|_| Err(ApiError::Internal("The VMM dropped the request".into()))),
+    };
+    (res, written_tx)
 }
 
 fn serve(stream: UnixStream, api: Arc<Mutex<Sender<ApiMessage>>>) {
@@ -194,7 +203,11 @@ fn serve(stream: UnixStream, api: Arc<Mutex<Sender<ApiMessage>>>) {
             return;
         }
         debug!("API: {} {} -> {routed:?}", req.method, req.path);
-        let res = match routed.and_then(|r| dispatch(&api, r)) {
+        let (reply, written) = match routed {
+            Ok(r) => dispatch(&api, r),
+            Err(e) => (Err(e), channel().0),
+        };
+        let res = match reply {
             Ok(Some(v)) => write_response(
                 &mut w,
                 200,
@@ -204,6 +217,8 @@ fn serve(stream: UnixStream, api: Arc<Mutex<Sender<ApiMessage>>>) {
             Ok(None) => write_response(&mut w, 204, None, req.keep_alive),
             Err(e) => write_error(&mut w, &e, req.keep_alive),
         };
+        let _ = w.flush();
+        let _ = written.send(());
         if res.is_err() || !req.keep_alive {
             return;
         }

@@ -6,6 +6,7 @@ pub mod http;
 use crate::config::{ConfigError, VioMode, VmConfig};
 use crate::device_manager::DeviceError;
 use crate::error::VmmError;
+use crate::migration::MigrationError;
 use std::sync::mpsc::Sender;
 use thiserror::Error;
 use vfio::vio::SwitchError;
@@ -43,6 +44,15 @@ pub enum ApiRequest {
     VmReclaim {
         bytes: u64,
         unsafe_unmap_dma: bool,
+    },
+    /// Hands the VM to the VMM listening at `url` (a live upgrade), then exits.
+    VmSendMigration {
+        url: String,
+        local: bool,
+    },
+    /// Waits at `url` for a VMM to hand its VM over.
+    VmReceiveMigration {
+        url: String,
     },
 }
 
@@ -99,7 +109,12 @@ impl From<VmmError> for ApiError {
             VmmError::Device(DeviceError::Switch(_, SwitchError::Unsupported(_))) => {
                 ApiError::BadRequest(text)
             }
-            VmmError::Vm(_) | VmmError::Device(_) | VmmError::Reply(_) => ApiError::Internal(text),
+            VmmError::Migration(
+                MigrationError::Url(_) | MigrationError::NotLocal | MigrationError::Version(_),
+            ) => ApiError::BadRequest(text),
+            VmmError::Vm(_) | VmmError::Device(_) | VmmError::Reply(_) | VmmError::Migration(_) => {
+                ApiError::Internal(text)
+            }
         }
     }
 }
@@ -117,6 +132,9 @@ pub type ApiResponse = Result<Option<serde_json::Value>, ApiError>;
 pub struct ApiMessage {
     pub request: ApiRequest,
     pub reply: Sender<ApiResponse>,
+    /// Signalled once the reply is on the wire (the VMM waits for it before it exits after a
+    /// live upgrade).
+    pub written: std::sync::mpsc::Receiver<()>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,6 +169,8 @@ pub const ROUTES: &[(&str, Method)] = &[
     ("vm.reclaim", Method::Put),
     ("vm.vio-mode", Method::Put),
     ("vm.vio-info", Method::Get),
+    ("vm.send-migration", Method::Put),
+    ("vm.receive-migration", Method::Put),
 ];
 
 /// Maps an HTTP request onto an `ApiRequest`.
@@ -207,6 +227,35 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiErr
             }
         }
         "vm.vio-info" => ApiRequest::VmVioInfo,
+        "vm.send-migration" => {
+            // Cloud Hypervisor's VmSendMigrationData.
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Body {
+                destination_url: String,
+                #[serde(default)]
+                local: bool,
+            }
+            let b: Body = serde_json::from_slice(body)
+                .map_err(|e| ApiError::BadRequest(format!("Invalid body: {e}")))?;
+            ApiRequest::VmSendMigration {
+                url: b.destination_url,
+                local: b.local,
+            }
+        }
+        "vm.receive-migration" => {
+            // Cloud Hypervisor's VmReceiveMigrationData.
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Body {
+                receiver_url: String,
+            }
+            let b: Body = serde_json::from_slice(body)
+                .map_err(|e| ApiError::BadRequest(format!("Invalid body: {e}")))?;
+            ApiRequest::VmReceiveMigration {
+                url: b.receiver_url,
+            }
+        }
         "vm.vio-mode" => {
             #[derive(serde::Deserialize)]
             #[serde(deny_unknown_fields)]

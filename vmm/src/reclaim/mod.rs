@@ -27,6 +27,7 @@
 
 mod bulk;
 mod fault;
+mod handover;
 mod inflight;
 mod pass;
 mod passthrough;
@@ -34,6 +35,7 @@ mod policy;
 mod sample;
 pub mod store;
 
+pub use handover::ReclaimState;
 pub use passthrough::PassthroughMapping;
 
 use log::{debug, warn};
@@ -67,6 +69,18 @@ pub enum ReclaimError {
     Store(#[from] StoreError),
     #[error("Failed to start the fault thread")]
     Thread(#[source] std::io::Error),
+    #[error("Invalid reclaim state: {0}")]
+    Adopt(String),
+}
+
+/// Pages of the memfd that `ranges` span.
+fn total_pages(ranges: &[HostRange]) -> u64 {
+    ranges
+        .iter()
+        .map(|r| r.file_offset + r.size)
+        .max()
+        .unwrap_or(0)
+        / PAGE
 }
 
 /// A range of guest RAM as this process maps it.
@@ -127,6 +141,8 @@ pub struct Reclaimer {
     last_sample: Mutex<Option<Instant>>,
     /// Serialises reclaim and sampling passes.
     pass: Mutex<()>,
+    /// No pass runs (a live upgrade is handing the pages over).
+    frozen: AtomicBool,
 }
 
 impl Reclaimer {
@@ -135,12 +151,13 @@ impl Reclaimer {
         ranges: Vec<HostRange>,
         cfg: ReclaimConfig,
     ) -> Result<Arc<Self>, ReclaimError> {
-        let total = ranges
-            .iter()
-            .map(|r| r.file_offset + r.size)
-            .max()
-            .unwrap_or(0)
-            / PAGE;
+        let uffd = Self::uffd_for(&ranges)?;
+        let lz4 = cfg.compress == Compression::Lz4;
+        let store = Store::create(&cfg.store_dir, lz4, cfg.store_max_bytes)?;
+        Self::build(memfd, ranges, cfg, store, uffd)
+    }
+
+    fn uffd_for(ranges: &[HostRange]) -> Result<Uffd, ReclaimError> {
         // KVM touches guest memory from the kernel, so faults from kernel mode must reach us.
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
@@ -148,7 +165,7 @@ impl Reclaimer {
             .user_mode_only(false)
             .create()
             .map_err(ReclaimError::Uffd)?;
-        for r in &ranges {
+        for r in ranges {
             uffd.register_with_mode(
                 r.host_addr as *mut libc::c_void,
                 r.size as usize,
@@ -156,8 +173,17 @@ impl Reclaimer {
             )
             .map_err(ReclaimError::Register)?;
         }
-        let lz4 = cfg.compress == Compression::Lz4;
-        let store = Store::create(&cfg.store_dir, lz4, cfg.store_max_bytes)?;
+        Ok(uffd)
+    }
+
+    fn build(
+        memfd: Arc<File>,
+        ranges: Vec<HostRange>,
+        cfg: ReclaimConfig,
+        store: Store,
+        uffd: Uffd,
+    ) -> Result<Arc<Self>, ReclaimError> {
+        let total = total_pages(&ranges);
         let r = Arc::new(Reclaimer {
             memfd,
             ranges,
@@ -174,7 +200,14 @@ impl Reclaimer {
             stop: AtomicBool::new(false),
             last_sample: Mutex::new(None),
             pass: Mutex::new(()),
+            frozen: AtomicBool::new(false),
         });
+        r.start_threads()?;
+        Ok(r)
+    }
+
+    fn start_threads(self: &Arc<Self>) -> Result<(), ReclaimError> {
+        let r = self;
         let fr = r.clone();
         std::thread::Builder::new()
             .name("uffd".into())
@@ -187,7 +220,13 @@ impl Reclaimer {
                 .spawn(move || pr.policy_loop())
                 .map_err(ReclaimError::Thread)?;
         }
-        Ok(r)
+        Ok(())
+    }
+
+    /// The pass lock, unless passes are frozen.
+    fn pass_guard(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        let g = self.pass.lock().unwrap();
+        (!self.frozen.load(Ordering::Acquire)).then_some(g)
     }
 
     pub fn stop(&self) {

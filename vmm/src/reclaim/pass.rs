@@ -6,7 +6,12 @@ use super::*;
 impl Reclaimer {
     /// Reclaims up to `bytes` of the coldest reclaimable pages now.
     pub fn reclaim(&self, bytes: u64, unsafe_unmap_dma: bool) -> ReclaimReport {
-        let _g = self.pass.lock().unwrap();
+        let Some(_g) = self.pass_guard() else {
+            return ReclaimReport {
+                skipped_reason: Some("reclaim is frozen for a live upgrade".into()),
+                ..Default::default()
+            };
+        };
         self.stats.reclaim_runs.fetch_add(1, Ordering::Relaxed);
         let want = bytes.div_ceil(PAGE);
         let mut report = ReclaimReport::default();

@@ -8,7 +8,9 @@ impl Reclaimer {
     /// are sampled too: a device's own mapping is untouched, and the unsafe path needs to know
     /// which pinned pages are cold.
     pub fn sample(&self) {
-        let _g = self.pass.lock().unwrap();
+        let Some(_g) = self.pass_guard() else {
+            return;
+        };
         for (s, e) in self.resident_ranges() {
             let mut run: Option<u64> = None;
             for p in s..=e {

@@ -192,6 +192,125 @@ impl Store {
     }
 }
 
+/// A store handed to another process (a live upgrade): the file travels as a descriptor, the
+/// index as two tables of fixed-size records.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct StoreState {
+    pub path: PathBuf,
+    pub compress: bool,
+    pub max_bytes: u64,
+    pub end: u64,
+    pub used: u64,
+}
+
+const INDEX_RECORD: usize = 24;
+const FREE_RECORD: usize = 16;
+const REC_ZERO: u8 = 1;
+const REC_COMPRESSED: u8 = 2;
+
+impl Store {
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The store's state, its index records and its free-list records.
+    pub fn export(&self) -> (StoreState, Vec<u8>, Vec<u8>) {
+        let ix = self.index.lock().unwrap();
+        let mut index = Vec::with_capacity(ix.entries.len() * INDEX_RECORD);
+        for (&page, e) in &ix.entries {
+            let (offset, len, class, flags) = match *e {
+                Entry::Zero => (0, 0, 0, REC_ZERO),
+                Entry::Data {
+                    offset,
+                    class,
+                    len,
+                    compressed,
+                } => (
+                    offset,
+                    len,
+                    class as u8,
+                    if compressed { REC_COMPRESSED } else { 0 },
+                ),
+            };
+            index.extend_from_slice(&page.to_le_bytes());
+            index.extend_from_slice(&offset.to_le_bytes());
+            index.extend_from_slice(&len.to_le_bytes());
+            index.extend_from_slice(&[class, flags, 0, 0]);
+        }
+        let mut free = Vec::new();
+        for (class, offsets) in ix.free.iter().enumerate() {
+            for o in offsets {
+                free.extend_from_slice(&(class as u64).to_le_bytes());
+                free.extend_from_slice(&o.to_le_bytes());
+            }
+        }
+        let state = StoreState {
+            path: self.path.clone(),
+            compress: self.compress,
+            max_bytes: self.max_bytes,
+            end: ix.end,
+            used: ix.used,
+        };
+        (state, index, free)
+    }
+
+    /// Takes over a store another process exported; every record is checked against the file.
+    pub fn adopt(
+        file: File,
+        s: &StoreState,
+        index: &[u8],
+        free: &[u8],
+    ) -> Result<Self, StoreError> {
+        let bad = || StoreError::Io(io::Error::other("Invalid page store records"));
+        if !index.len().is_multiple_of(INDEX_RECORD) || !free.len().is_multiple_of(FREE_RECORD) {
+            return Err(bad());
+        }
+        let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+        let mut ix = Index {
+            end: s.end,
+            used: s.used,
+            ..Default::default()
+        };
+        for r in index.chunks_exact(INDEX_RECORD) {
+            let (page, offset) = (u64_at(r, 0), u64_at(r, 8));
+            let len = u32::from_le_bytes(r[16..20].try_into().unwrap());
+            let (class, flags) = (usize::from(r[20]), r[21]);
+            let e = if flags & REC_ZERO != 0 {
+                Entry::Zero
+            } else {
+                let size = ((class + 1) * UNIT) as u64;
+                if class >= CLASSES
+                    || len as usize > size as usize
+                    || offset.checked_add(size).is_none_or(|end| end > s.end)
+                {
+                    return Err(bad());
+                }
+                Entry::Data {
+                    offset,
+                    class,
+                    len,
+                    compressed: flags & REC_COMPRESSED != 0,
+                }
+            };
+            ix.entries.insert(page, e);
+        }
+        for r in free.chunks_exact(FREE_RECORD) {
+            let class = u64_at(r, 0) as usize;
+            if class >= CLASSES {
+                return Err(bad());
+            }
+            ix.free[class].push(u64_at(r, 8));
+        }
+        Ok(Store {
+            file,
+            path: s.path.clone(),
+            compress: s.compress,
+            max_bytes: s.max_bytes,
+            index: Mutex::new(ix),
+        })
+    }
+}
+
 impl Drop for Store {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
@@ -265,6 +384,40 @@ mod tests {
         s.forget(4);
         s.save(5, &random).unwrap();
         assert_eq!(s.index.lock().unwrap().end, end);
+    }
+
+    #[test]
+    fn an_exported_store_is_adopted_whole() {
+        let dir = std::env::temp_dir();
+        let s = Store::create(&dir, true, 1 << 20).unwrap();
+        s.save(1, &page(1, true)).unwrap();
+        s.save(2, &page(2, false)).unwrap();
+        s.save(3, &[0; PAGE_SIZE]).unwrap();
+        s.save(4, &page(4, true)).unwrap();
+        let mut out = [0u8; PAGE_SIZE];
+        s.take(4, &mut out).unwrap();
+        let (state, index, free) = s.export();
+        let t = Store::adopt(s.file().try_clone().unwrap(), &state, &index, &free).unwrap();
+        assert_eq!(t.pages(), 3);
+        assert_eq!(t.used_bytes(), s.used_bytes());
+        for (p, want) in [(1, page(1, true)), (2, page(2, false)), (3, [0; PAGE_SIZE])] {
+            t.take(p, &mut out).unwrap();
+            assert_eq!(out, want, "page {p}");
+        }
+        // The freed slot of page 4 is reused, not the end of the file.
+        let end = t.index.lock().unwrap().end;
+        t.save(5, &page(4, true)).unwrap();
+        assert_eq!(t.index.lock().unwrap().end, end);
+        // Records pointing past the file are refused.
+        let mut lying = index.clone();
+        let data = lying
+            .chunks_exact_mut(INDEX_RECORD)
+            .find(|r| r[21] & REC_ZERO == 0)
+            .unwrap();
+        data[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(Store::adopt(s.file().try_clone().unwrap(), &state, &lying, &free).is_err());
+        assert!(Store::adopt(s.file().try_clone().unwrap(), &state, &index[1..], &free).is_err());
+        std::mem::forget(t); // one of the two removes the file
     }
 
     #[test]

@@ -1,0 +1,283 @@
+//! The devices across a live upgrade. The old process freezes them (no worker runs, no vector
+//! reaches KVM, a `vio` front end has published all it will) and saves what it holds of each;
+//! the new process builds the same devices in the same order, from that state instead of from
+//! scratch. A passthrough device's connection itself moves: the device process sees the same
+//! socket, the same interrupt eventfds and the same doorbell fds, and no message at all.
+
+use super::*;
+use crate::devices::SerialSnapshot;
+use serde::{Deserialize, Serialize};
+use std::os::unix::net::UnixStream;
+use vfio::handover::{FdsIn, FdsOut, HandoverError};
+use vfio::vfio_user::PciFunctionState;
+use vfio::vio::{Adoption, VioDescription, VioSetup, VioState};
+use virtio_devices::transport::VirtioPciState;
+
+#[derive(Serialize, Deserialize)]
+pub struct DevicesState {
+    pub serial: Option<SerialSnapshot>,
+    pub serial_fd: Option<usize>,
+    pub pm_timer_ns: u64,
+    pub pci_config_address: u32,
+    pub disks: Vec<VirtioPciState>,
+    pub user: Vec<UserDeviceState>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct UserDeviceState {
+    pub id: String,
+    pub socket: usize,
+    pub next_msg_id: u16,
+    pub max_dma_maps: u64,
+    /// The MSI-X vectors' eventfds, which the device signals.
+    pub irqfds: Vec<usize>,
+    pub kind: UserKind,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UserKind {
+    /// With the device described for a VMM that takes it under VIO, if it offers VIO.
+    Passthrough(PciFunctionState, Option<Box<VioDescription>>),
+    Vio(Box<VioState>),
+}
+
+fn handover_err(id: &str, e: HandoverError) -> DeviceError {
+    DeviceError::UserDevice(id.to_string(), UserDeviceError::Handover(e))
+}
+
+impl DeviceManager {
+    /// Stops every device from touching the guest or KVM: `vio` front ends publish what is
+    /// pending and stop, and every vector's irqfd comes off KVM (what devices signal from now
+    /// on waits in the eventfds). The vCPUs and device workers must be paused.
+    pub fn freeze(&self) -> Result<(), DeviceError> {
+        for d in &self.user {
+            if let UserDevice::Vio(v) = d {
+                v.lock().unwrap().freeze();
+            }
+        }
+        for g in &self.msi_groups {
+            g.detach().map_err(DeviceError::Interrupts)?;
+        }
+        Ok(())
+    }
+
+    /// Starts adopted devices once this process owns them (see `VioPciDevice::go`); emulated
+    /// devices look at every queue once.
+    pub fn go(&self) -> Result<(), DeviceError> {
+        for d in &self.user {
+            if let UserDevice::Vio(v) = d {
+                let id = d.id();
+                v.lock()
+                    .unwrap()
+                    .go()
+                    .map_err(|e| DeviceError::UserDevice(id, e.into()))?;
+            }
+        }
+        for t in &self.transports {
+            t.lock().unwrap().kick_all();
+        }
+        Ok(())
+    }
+
+    /// What adopted devices leave until the guest runs (see `VioPciDevice::settle`).
+    pub fn settle(&self) -> Result<(), DeviceError> {
+        for d in &self.user {
+            if let UserDevice::Vio(v) = d {
+                let id = d.id();
+                v.lock()
+                    .unwrap()
+                    .settle()
+                    .map_err(|e| DeviceError::UserDevice(id, e.into()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes `freeze` (and `save`): the upgrade did not happen.
+    pub fn thaw(&self) -> Result<(), DeviceError> {
+        for t in &self.transports {
+            t.lock().unwrap().resume_stopped();
+        }
+        for g in &self.msi_groups {
+            g.reattach().map_err(DeviceError::Interrupts)?;
+        }
+        for d in &self.user {
+            if let UserDevice::Vio(v) = d {
+                let id = d.id();
+                v.lock()
+                    .unwrap()
+                    .thaw()
+                    .map_err(|e| DeviceError::UserDevice(id, e.into()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The frozen devices' state. Emulated devices' workers stop here (`thaw` restarts them).
+    /// `held` keeps the sockets' descriptors open until the state is sent.
+    pub fn save(
+        &self,
+        fds: &mut FdsOut,
+        held: &mut Vec<UnixStream>,
+    ) -> Result<DevicesState, DeviceError> {
+        let mut user = Vec::new();
+        for (d, group) in self.user.iter().zip(&self.user_msi) {
+            let id = d.id();
+            let client = d.client();
+            let (sock, next_msg_id) = client
+                .handover()
+                .map_err(|e| handover_err(&id, HandoverError::Dup(e)))?;
+            let socket = fds.add(&sock);
+            held.push(sock);
+            let irqfds = group.eventfds().iter().map(|f| fds.add(f)).collect();
+            let kind = match d {
+                UserDevice::Passthrough(p) => {
+                    let p = p.lock().unwrap();
+                    let description = match VioPciDevice::<GuestMemoryMmap>::describe(&p) {
+                        Ok(d) => d.map(Box::new),
+                        Err(e) => {
+                            log::warn!("{id}: describing the device: {}", vio::error_chain(&e));
+                            None
+                        }
+                    };
+                    UserKind::Passthrough(p.save(fds), description)
+                }
+                UserDevice::Vio(v) => UserKind::Vio(Box::new(v.lock().unwrap().save(fds))),
+            };
+            user.push(UserDeviceState {
+                id,
+                socket,
+                next_msg_id,
+                max_dma_maps: client.max_dma_maps(),
+                irqfds,
+                kind,
+            });
+        }
+        Ok(DevicesState {
+            serial: self.serial.as_ref().map(|s| s.lock().unwrap().state()),
+            serial_fd: self.serial_file.as_ref().map(|f| fds.add(f)),
+            pm_timer_ns: self.pm_timer.lock().unwrap().elapsed().as_nanos() as u64,
+            pci_config_address: self.pci_io.lock().unwrap().address(),
+            disks: self
+                .transports
+                .iter()
+                .map(|t| t.lock().unwrap().stop_and_save())
+                .collect(),
+            user,
+        })
+    }
+}
+
+impl DeviceRestore<'_> {
+    pub(super) fn serial_file(&mut self) -> Result<std::fs::File, DeviceError> {
+        let i = self
+            .state
+            .serial_fd
+            .ok_or_else(|| DeviceError::Restore("no serial output file was handed over".into()))?;
+        self.fds
+            .take(i)
+            .map(std::fs::File::from)
+            .map_err(|e| DeviceError::Restore(e.to_string()))
+    }
+
+    pub(super) fn check_counts(&self, config: &VmConfig) -> Result<(), DeviceError> {
+        let (d, u) = (&self.state.disks, &self.state.user);
+        if d.len() != config.disks.len() || u.len() != config.user_devices.len() {
+            return Err(DeviceError::Restore(format!(
+                "{} disks and {} user devices saved, {} and {} configured",
+                d.len(),
+                u.len(),
+                config.disks.len(),
+                config.user_devices.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// User device `i` as the old process left it, held as the configuration says: a plain
+    /// passthrough device configured as `vio` is taken under VIO (in passthrough mode) if it
+    /// offers the extension.
+    pub(super) fn adopt_user_device(
+        &mut self,
+        id: &str,
+        i: usize,
+        u: &UserDeviceConfig,
+        ram: &MemoryManager,
+        router: &Arc<GsiRouter>,
+        ioevents: &Arc<dyn IoEventRegistrar>,
+    ) -> Result<(UserDevice, Arc<KvmMsiGroup>), DeviceError> {
+        let st = &self.state.user[i];
+        if st.id != id {
+            return Err(DeviceError::Restore(format!(
+                "user device {i} is {} in the saved state, {id} in the configuration",
+                st.id
+            )));
+        }
+        let err = |e: UserDeviceError| DeviceError::UserDevice(id.to_string(), e);
+        let fds: &mut FdsIn = self.fds;
+        let sock = UnixStream::from(fds.take(st.socket).map_err(|e| handover_err(id, e))?);
+        let client = Arc::new(VfioUserClient::adopt(sock, st.next_msg_id, st.max_dma_maps));
+        let irqfds = st
+            .irqfds
+            .iter()
+            .map(|&k| fds.take_eventfd(k))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| handover_err(id, e))?;
+        let group = Arc::new(KvmMsiGroup::with_eventfds(router.clone(), irqfds));
+        let setup = |vio: &crate::config::VioConfig| VioSetup {
+            mem: ram.memory(),
+            window: vio_window(ram, &client),
+            ram: ram_pages(ram),
+            registrar: ioevents.clone(),
+            opts: vio_options(vio),
+        };
+        let adopt_inner = |f: &PciFunctionState, fds: &mut FdsIn| {
+            VfioUserPciDevice::adopt(
+                id.to_string(),
+                client.clone(),
+                group.clone(),
+                ioevents.clone(),
+                f,
+                fds,
+            )
+            .map_err(|e| err(e.into()))
+        };
+        let dev = match (&st.kind, &u.vio) {
+            (UserKind::Vio(v), Some(vio)) => {
+                let inner = adopt_inner(&v.function, fds)?;
+                let dev = VioPciDevice::adopt(inner, setup(vio), Adoption::Vio(v), fds)
+                    .map_err(|e| err(e.into()))?;
+                UserDevice::Vio(Arc::new(Mutex::new(dev)))
+            }
+            (UserKind::Passthrough(f, Some(desc)), Some(vio)) => {
+                // The front end owns the doorbells; they go to the device's fds again, as the
+                // device starts in passthrough mode.
+                let mut f = f.clone();
+                f.registered = false;
+                let inner = adopt_inner(&f, fds)?;
+                let dev = VioPciDevice::adopt(inner, setup(vio), Adoption::Passthrough(desc), fds)
+                    .map_err(|e| err(e.into()))?;
+                UserDevice::Vio(Arc::new(Mutex::new(dev)))
+            }
+            (UserKind::Passthrough(f, None), Some(_)) => {
+                log::warn!("{id}: the device does not offer VIO; it stays plain passthrough");
+                let inner = adopt_inner(f, fds)?;
+                pin_for_passthrough(ram, id, &client);
+                self.kept_passthrough.push(id.to_string());
+                UserDevice::Passthrough(Arc::new(Mutex::new(inner)))
+            }
+            (UserKind::Passthrough(f, _), None) => {
+                let inner = adopt_inner(f, fds)?;
+                pin_for_passthrough(ram, id, &client);
+                UserDevice::Passthrough(Arc::new(Mutex::new(inner)))
+            }
+            (UserKind::Vio(_), None) => {
+                return Err(DeviceError::Restore(format!(
+                    "{id} was a vio device; the configuration has it plain passthrough"
+                )))
+            }
+        };
+        Ok((dev, group))
+    }
+}
