@@ -188,7 +188,8 @@ fn snooped_vm_upgrades_twice_under_churn() {
 }
 
 /// A VM with a VMM-emulated virtio-blk disk: the transport's registers, the queues and where
-/// the device was in each move; the workload goes on against the same image.
+/// the device was in each move; the workload goes on against the same image, whose file has
+/// been moved away meanwhile (the descriptor moves, nothing is reopened by path).
 #[test]
 fn emulated_disk_vm_upgrades() {
     if !kvm_available("emulated_disk_vm_upgrades") {
@@ -205,11 +206,14 @@ fn emulated_disk_vm_upgrades() {
         .spawn();
     a.wait_line("VIO-GUEST-PROGRESS", Duration::from_secs(60))
         .expect("the guest drives the disk");
+    let moved = disk.path.with_extension("moved");
+    std::fs::rename(&disk.path, &moved).unwrap();
     let mut b = receiver("up-disk-b");
     upgrade_ok(a, &b, "disk");
     b.wait_line("VIO-GUEST-RESULT", TIMEOUT)
         .expect("the workload finishes in the new VMM");
     let out = b.finish(TIMEOUT);
+    std::fs::rename(&moved, &disk.path).unwrap();
     assert!(out.status.success(), "{}", out.describe());
     let res = out.result();
     assert_eq!(u(&res, "mismatches"), 0, "{res}");
@@ -342,7 +346,7 @@ fn an_unknown_migration_version_is_refused_both_ways() {
 
     // A sender, and a receiver that refuses it.
     let a = VmBuilder::new("up-version-a")
-        .memory("size=256M")
+        .memory("size=256M,shared=on")
         .cmdline("vio.workload=mem-verify vio.mem_mb=16 vio.rounds=30 vio.idle_ms=200")
         .api_socket()
         .spawn();
@@ -386,4 +390,21 @@ fn an_unknown_migration_version_is_refused_both_ways() {
     let out = a.finish(TIMEOUT);
     assert!(out.status.success(), "{}", out.describe());
     assert_eq!(u(&out.result(), "mismatches"), 0);
+
+    // Private guest RAM cannot be handed over: refused up front.
+    let p = VmBuilder::new("up-private")
+        .memory("size=128M")
+        .cmdline("vio.workload=mem-verify vio.mem_mb=16 vio.rounds=10 vio.idle_ms=200")
+        .api_socket()
+        .spawn();
+    p.wait_api(Duration::from_secs(10));
+    let (status, text) = p.api(
+        "PUT",
+        "vm.send-migration",
+        &json!({ "destination_url": "unix:/nowhere", "local": true }).to_string(),
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("shared guest RAM"), "{text}");
+    let out = p.finish(TIMEOUT);
+    assert!(out.status.success(), "{}", out.describe());
 }

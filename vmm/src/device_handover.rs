@@ -20,6 +20,8 @@ pub struct DevicesState {
     pub pm_timer_ns: u64,
     pub pci_config_address: u32,
     pub disks: Vec<VirtioPciState>,
+    /// The disks' image files (not reopened by path: the image may have moved since).
+    pub disk_fds: Vec<usize>,
     pub user: Vec<UserDeviceState>,
 }
 
@@ -164,6 +166,7 @@ impl DeviceManager {
                 .iter()
                 .map(|t| t.lock().unwrap().stop_and_save())
                 .collect(),
+            disk_fds: self.disk_files.iter().map(|f| fds.add(f)).collect(),
             user,
         })
     }
@@ -181,9 +184,24 @@ impl DeviceRestore<'_> {
             .map_err(|e| DeviceError::Restore(e.to_string()))
     }
 
+    pub(super) fn disk_file(&mut self, i: usize) -> Result<std::fs::File, DeviceError> {
+        let k = *self
+            .state
+            .disk_fds
+            .get(i)
+            .ok_or_else(|| DeviceError::Restore(format!("no image file for disk {i}")))?;
+        self.fds
+            .take(k)
+            .map(std::fs::File::from)
+            .map_err(|e| DeviceError::Restore(e.to_string()))
+    }
+
     pub(super) fn check_counts(&self, config: &VmConfig) -> Result<(), DeviceError> {
         let (d, u) = (&self.state.disks, &self.state.user);
-        if d.len() != config.disks.len() || u.len() != config.user_devices.len() {
+        if d.len() != config.disks.len()
+            || self.state.disk_fds.len() != d.len()
+            || u.len() != config.user_devices.len()
+        {
             return Err(DeviceError::Restore(format!(
                 "{} disks and {} user devices saved, {} and {} configured",
                 d.len(),

@@ -194,6 +194,8 @@ pub struct DeviceManager {
     virtio: Vec<(String, Arc<Mutex<dyn VirtioDevice>>)>,
     /// The virtio devices' transports, in the same order.
     transports: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    /// The disks' image files, in the same order (a live upgrade hands them on).
+    disk_files: Vec<std::fs::File>,
     user: Vec<UserDevice>,
     /// Each user device's vectors, in the same order.
     user_msi: Vec<Arc<KvmMsiGroup>>,
@@ -308,13 +310,19 @@ impl DeviceManager {
         let mut virtio = Vec::new();
         let mut transports = Vec::new();
         let mut msi_groups = Vec::new();
+        let mut disk_files = Vec::new();
         if let Some(r) = restore.as_deref() {
             r.check_counts(config)?;
         }
         for (i, disk) in config.disks.iter().enumerate() {
             let id = disk.id.clone().unwrap_or_else(|| format!("_disk{i}"));
-            let file = RawFile::open(&disk.path, disk.readonly)
-                .map_err(|e| DeviceError::OpenDisk(disk.path.display().to_string(), e))?;
+            let open_err = |e| DeviceError::OpenDisk(disk.path.display().to_string(), e);
+            let file = match restore.as_deref_mut() {
+                Some(r) => RawFile::from_file(r.disk_file(i)?, disk.readonly),
+                None => RawFile::open(&disk.path, disk.readonly),
+            }
+            .map_err(open_err)?;
+            disk_files.push(file.file().try_clone().map_err(open_err)?);
             let block = Block::new(
                 file,
                 &BlockConfig {
@@ -416,6 +424,7 @@ impl DeviceManager {
             mmio_bus,
             virtio,
             transports,
+            disk_files,
             user,
             user_msi,
             msi_groups,

@@ -17,12 +17,21 @@ pub struct RawFile {
 impl RawFile {
     pub fn open(path: &Path, readonly: bool) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(!readonly).open(path)?;
+        Self::from_file(file, readonly)
+    }
+
+    /// An image already open (a live upgrade hands the old process's descriptor on).
+    pub fn from_file(file: File, readonly: bool) -> io::Result<Self> {
         let size = file.metadata()?.len();
         Ok(RawFile {
             file,
             readonly,
             size,
         })
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     pub fn size(&self) -> u64 {

@@ -110,7 +110,10 @@ impl From<VmmError> for ApiError {
                 ApiError::BadRequest(text)
             }
             VmmError::Migration(
-                MigrationError::Url(_) | MigrationError::NotLocal | MigrationError::Version(_),
+                MigrationError::Url(_)
+                | MigrationError::NotLocal
+                | MigrationError::NotShared
+                | MigrationError::Version(_),
             ) => ApiError::BadRequest(text),
             VmmError::Vm(_) | VmmError::Device(_) | VmmError::Reply(_) | VmmError::Migration(_) => {
                 ApiError::Internal(text)

@@ -463,6 +463,11 @@ impl VmConfig {
 
     /// Checks every value, and what can only be checked against the host (files exist).
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_with(true)
+    }
+
+    /// `files`: also check that the files the configuration names are there.
+    fn validate_with(&self, files: bool) -> Result<(), ConfigError> {
         self.cpus.check().map_err(|r| r.at("cpus"))?;
         self.memory.check().map_err(|r| r.at("memory"))?;
         for (i, d) in self.disks.iter().enumerate() {
@@ -475,6 +480,16 @@ impl VmConfig {
             }
         }
         self.reclaim.check().map_err(|r| r.at("reclaim"))?;
+        if files {
+            self.check_files()?;
+        }
+        if !self.user_devices.is_empty() && !self.memory.shared {
+            return Err(ConfigError::UserDeviceNeedsSharedMemory);
+        }
+        Ok(())
+    }
+
+    fn check_files(&self) -> Result<(), ConfigError> {
         if !self.payload.kernel.is_file() {
             return Err(ConfigError::KernelMissing(self.payload.kernel.clone()));
         }
@@ -486,21 +501,32 @@ impl VmConfig {
                 return Err(ConfigError::DiskMissing(d.path.clone()));
             }
         }
-        if !self.user_devices.is_empty() && !self.memory.shared {
-            return Err(ConfigError::UserDeviceNeedsSharedMemory);
-        }
         Ok(())
     }
 
     /// Parses and checks a `vm.create` body.
     pub fn from_json(body: &str) -> Result<Self, ConfigError> {
+        let config = Self::parse_json(body)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// A running VM's configuration handed over by a live upgrade: checked like `vm.create`'s
+    /// except that the files it names need not be there (the VM is booted, and its disks'
+    /// descriptors come with it).
+    pub fn from_migration_json(body: &str) -> Result<Self, ConfigError> {
+        let config = Self::parse_json(body)?;
+        config.validate_with(false)?;
+        Ok(config)
+    }
+
+    fn parse_json(body: &str) -> Result<Self, ConfigError> {
         let mut v: serde_json::Value =
             serde_json::from_str(body).map_err(|e| ConfigError::Json(e.to_string()))?;
         compat::strip_unsupported(&mut v)?;
         let mut config: VmConfig =
             serde_json::from_value(v).map_err(|e| ConfigError::Json(e.to_string()))?;
         config.normalize();
-        config.validate()?;
         Ok(config)
     }
 
