@@ -187,9 +187,10 @@ fn snooped_vm_upgrades_twice_under_churn() {
     assert!(least < RAM / 4, "{passes:?}");
 }
 
-/// A VM with a VMM-emulated virtio-blk disk: the transport's registers, the queues and where
-/// the device was in each move; the workload goes on against the same image, whose file has
-/// been moved away meanwhile (the descriptor moves, nothing is reopened by path).
+/// A paused VM with two vCPUs and a VMM-emulated virtio-blk disk: the transport's registers,
+/// the queues and where the device was in each move; the VM arrives paused and does nothing
+/// until resumed; the workload then goes on against the same image, whose file has been moved
+/// away meanwhile (the descriptor moves, nothing is reopened by path).
 #[test]
 fn emulated_disk_vm_upgrades() {
     if !kvm_available("emulated_disk_vm_upgrades") {
@@ -201,15 +202,24 @@ fn emulated_disk_vm_upgrades() {
         .memory("size=512M,shared=on")
         .cmdline(&workload(8, 4096))
         .disk(&disk)
+        .flag("--cpus", "boot=2")
         .api_socket()
         .verbose()
         .spawn();
     a.wait_line("VIO-GUEST-PROGRESS", Duration::from_secs(60))
         .expect("the guest drives the disk");
+    assert_eq!(a.api("PUT", "vm.pause", "").0, 204);
     let moved = disk.path.with_extension("moved");
     std::fs::rename(&disk.path, &moved).unwrap();
     let mut b = receiver("up-disk-b");
     upgrade_ok(a, &b, "disk");
+    let (_, state) = b.api("GET", "vm.info", "");
+    assert!(state.contains("\"Paused\""), "arrives paused: {state}");
+    let requests = |vm: &Vm| u(&counters(vm)["_disk0"], "queue0_requests");
+    let before = requests(&b);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(requests(&b), before, "nothing runs while paused");
+    assert_eq!(b.api("PUT", "vm.resume", "").0, 204);
     b.wait_line("VIO-GUEST-RESULT", TIMEOUT)
         .expect("the workload finishes in the new VMM");
     let out = b.finish(TIMEOUT);

@@ -145,17 +145,30 @@ impl Vm {
         let mut err = child.stderr.take().unwrap();
         let (tx, lines) = channel();
         std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line.trim_end_matches('\r').to_string()).is_err() {
+            // Bytes, not `lines()`: one byte that is not UTF-8 on the guest's console (a
+            // kernel's serial probe, say) would end a `lines()` loop, close the pipe, and
+            // silently drop everything the guest prints after it.
+            let mut r = BufReader::new(out);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match r.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let line = String::from_utf8_lossy(&buf);
+                if tx
+                    .send(line.trim_end_matches(['\r', '\n']).to_string())
+                    .is_err()
+                {
                     break;
                 }
             }
         });
         let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
+            let mut s = Vec::new();
+            let _ = err.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
         });
         Vm {
             child,

@@ -337,7 +337,20 @@ impl VcpuSet {
         mmio: Arc<Bus>,
         exit: ExitNotifier,
     ) -> Result<Self, CpuError> {
+        Self::start_as(vcpus, pio, mmio, exit, false)
+    }
+
+    /// Threads for `vcpus`; `paused`: parked before their first KVM_RUN until `resume` (a
+    /// paused VM moved by a live upgrade stays paused).
+    pub fn start_as(
+        vcpus: Vec<(u8, VcpuFd)>,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        exit: ExitNotifier,
+        paused: bool,
+    ) -> Result<Self, CpuError> {
         let control = Arc::new(Control::default());
+        control.pause.lock().unwrap().paused = paused;
         let mut threads = Vec::new();
         for (id, vcpu) in vcpus {
             let ctx = VcpuContext {

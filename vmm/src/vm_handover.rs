@@ -69,23 +69,29 @@ impl Vm {
         Ok(())
     }
 
-    /// Undoes `freeze` (and `save`): the VM runs on here.
-    pub fn thaw(&mut self) -> Result<(), HandoverError> {
+    /// Undoes `freeze` (and `save`): the VM runs on here (or stays paused if it was).
+    pub fn thaw(&mut self, paused: bool) -> Result<(), HandoverError> {
         self.devices.thaw()?;
         if let Some(r) = self.memory.reclaimer() {
             r.thaw();
         }
-        self.devices.resume();
-        self.start_parked()
+        // Workers stopped for the save were started again, unpaused.
+        if paused {
+            self.devices.pause();
+        } else {
+            self.devices.resume();
+        }
+        self.start_parked(paused)
     }
 
-    fn start_parked(&mut self) -> Result<(), HandoverError> {
+    fn start_parked(&mut self, paused: bool) -> Result<(), HandoverError> {
         if let Some(vcpus) = self.parked.take() {
-            self.vcpus = Some(VcpuSet::start(
+            self.vcpus = Some(VcpuSet::start_as(
                 vcpus,
                 self.devices.pio_bus(),
                 self.devices.mmio_bus(),
                 self.exit.clone(),
+                paused,
             )?);
         }
         Ok(())
@@ -186,10 +192,14 @@ impl Vm {
         ))
     }
 
-    /// Starts an adopted VM once this process owns it: its devices, then its vCPUs.
-    pub fn start_adopted(&mut self) -> Result<(), VmError> {
+    /// Starts an adopted VM once this process owns it: its devices, then its vCPUs (parked,
+    /// and the device workers paused, if the VM was paused).
+    pub fn start_adopted(&mut self, paused: bool) -> Result<(), VmError> {
+        if paused {
+            self.devices.pause();
+        }
         self.devices.go()?;
-        self.start_parked()
+        self.start_parked(paused)
             .map_err(|e| VmError::Handover(Box::new(e)))
     }
 

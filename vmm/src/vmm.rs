@@ -230,7 +230,11 @@ impl Vmm {
                 let r = migration::receive(&url, self.start, exit)?;
                 self.config = Some(r.config);
                 self.vm = Some(r.vm);
-                self.state = VmState::Running;
+                self.state = if r.paused {
+                    VmState::Paused
+                } else {
+                    VmState::Running
+                };
                 Ok(Some(json!({ "restore_us": r.restore_us })))
             }
             ApiRequest::VmCounters => {
@@ -258,11 +262,7 @@ impl Vmm {
             return Err(VmmError::VmNotRunning);
         };
         let paused = self.state == VmState::Paused;
-        let report = migration::send(vm, config, url);
-        if report.is_err() && paused {
-            vm.pause();
-        }
-        Ok(report?)
+        Ok(migration::send(vm, config, url, paused)?)
     }
 
     /// Serves events until the VMM should exit.

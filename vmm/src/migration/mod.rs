@@ -87,6 +87,9 @@ enum Message {
     State {
         config: serde_json::Value,
         vm: Box<VmSnapshot>,
+        /// The VM was paused: it arrives paused.
+        #[serde(default)]
+        paused: bool,
     },
     Ready,
     Go,
@@ -129,7 +132,12 @@ pub struct SendReport {
 
 /// Hands `vm` to the VMM listening at `url`. On `Ok` the VM runs there and this process must
 /// exit without touching it; on `Err` it runs here, as before.
-pub fn send(vm: &mut Vm, config: &VmConfig, url: &str) -> Result<SendReport, MigrationError> {
+pub fn send(
+    vm: &mut Vm,
+    config: &VmConfig,
+    url: &str,
+    paused: bool,
+) -> Result<SendReport, MigrationError> {
     let path = unix_path(url)?;
     if !config.memory.shared {
         return Err(MigrationError::NotShared);
@@ -153,7 +161,7 @@ pub fn send(vm: &mut Vm, config: &VmConfig, url: &str) -> Result<SendReport, Mig
     let moved = vm
         .freeze()
         .map_err(MigrationError::Freeze)
-        .and_then(|()| transfer(vm, config, &mut ch, t0));
+        .and_then(|()| transfer(vm, config, &mut ch, t0, paused));
     match moved {
         Ok(r) => Ok(r),
         Err(e) => {
@@ -161,7 +169,7 @@ pub fn send(vm: &mut Vm, config: &VmConfig, url: &str) -> Result<SendReport, Mig
                 "Live upgrade failed, the VM runs on here: {}",
                 vio::error_chain(&e)
             );
-            if let Err(t) = vm.thaw() {
+            if let Err(t) = vm.thaw(paused) {
                 log::error!("Resuming the VM: {}", vio::error_chain(&t));
             }
             Err(e)
@@ -174,11 +182,13 @@ fn transfer(
     config: &VmConfig,
     ch: &mut Channel,
     t0: Instant,
+    paused: bool,
 ) -> Result<SendReport, MigrationError> {
     let (snapshot, held) = vm.save().map_err(MigrationError::Save)?;
     let msg = Message::State {
         config: config.to_json(),
         vm: Box::new(snapshot),
+        paused,
     };
     let state_bytes = serde_json::to_vec(&msg).map_or(0, |v| v.len());
     let save_us = t0.elapsed().as_micros() as u64;
@@ -214,6 +224,8 @@ pub struct Received {
     pub config: VmConfig,
     pub vm: Vm,
     pub restore_us: u64,
+    /// The VM was paused, and is so here.
+    pub paused: bool,
 }
 
 /// Test hook: the receiver sleeps this long before rebuilding the VM (so a test can kill it
@@ -245,7 +257,7 @@ pub fn receive(url: &str, start: Instant, exit: ExitNotifier) -> Result<Received
     }
     let (msg, fds) = ch.recv::<Message>()?;
     let t0 = Instant::now();
-    let Message::State { config, vm } = msg else {
+    let Message::State { config, vm, paused } = msg else {
         return Err(MigrationError::Protocol(msg.name()));
     };
     if let Some(ms) = std::env::var(STALL_ENV).ok().and_then(|v| v.parse().ok()) {
@@ -282,7 +294,7 @@ pub fn receive(url: &str, start: Instant, exit: ExitNotifier) -> Result<Received
         Message::Go => {}
         m => return Err(MigrationError::Protocol(m.name())),
     }
-    vm.start_adopted().map_err(MigrationError::Restore)?;
+    vm.start_adopted(paused).map_err(MigrationError::Restore)?;
     let restore_us = t0.elapsed().as_micros() as u64;
     let _ = ch.send(&Message::Running, &[]);
     vm.settle_adopted();
@@ -291,6 +303,7 @@ pub fn receive(url: &str, start: Instant, exit: ExitNotifier) -> Result<Received
         config,
         vm,
         restore_us,
+        paused,
     })
 }
 
