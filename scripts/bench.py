@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Bench harness: runs each configuration several times in one go and reports medians.
 
-    scripts/bench.py foundation [--runs N]
+    scripts/bench.sh [--quick] [--runs N] [SUITE...]    (this script, built first)
 
 Every number in docs/performance.md comes from here, with the command that produced it.
 """
@@ -609,21 +609,63 @@ def upgrade_suite(runs):
     return rows
 
 
+SUITES = {"foundation": foundation, "vdpu": vdpu_suite, "reclaim": reclaim_suite, "vio": vio_suite,
+          "elastic": elastic_suite, "switch": switch_suite, "lockpage": lockpage_suite,
+          "linux": linux_suite, "upgrade": upgrade_suite}
+
+
+def machine():
+    """What the numbers were measured on (every results file carries it)."""
+    mem = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) << 10
+    kvm = "pvm (kvm_pvm: nested, guest CPL0 emulated)" if os.path.isdir("/sys/module/kvm_pvm") else "kvm"
+    return {"cores": os.cpu_count(), "memory_bytes": mem, "kernel": os.uname().release,
+            "kvm": kvm, "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                                 capture_output=True, text=True).stdout.strip()}
+
+
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("suite", choices=["foundation", "vdpu", "reclaim", "vio", "elastic", "switch", "lockpage", "linux", "upgrade"])
-    ap.add_argument("--runs", type=int, default=5)
+    ap = argparse.ArgumentParser(description="Runs bench suites; each writes a table to stdout "
+                                 "and bench/results/<suite>-<timestamp>.json")
+    ap.add_argument("suites", nargs="*", metavar="SUITE", help=f"any of {', '.join(SUITES)} (default: all)")
+    ap.add_argument("--runs", type=int, default=None, help="repetitions per configuration (default 5; 1 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="one repetition each")
     a = ap.parse_args()
+    unknown = [x for x in a.suites if x not in SUITES]
+    if unknown:
+        ap.error(f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+    suites = a.suites or list(SUITES)
+    runs = a.runs or (1 if a.quick else 5)
     build()
-    rows = {"foundation": foundation, "vdpu": vdpu_suite, "reclaim": reclaim_suite, "vio": vio_suite, "elastic": elastic_suite, "switch": switch_suite, "lockpage": lockpage_suite, "linux": linux_suite, "upgrade": upgrade_suite}[a.suite](a.runs)
-    print(f"Median of {a.runs} runs, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs\n")
-    print("| what | result |\n|---|---|")
-    for what, val, _ in rows:
-        print(f"| {what} | {val} |")
-    print("\nCommands:\n")
-    for what, _, cmd in rows:
-        if cmd:
-            print(f"- {what}: `{cmd.replace(ROOT + '/', '')}`")
+    facts = machine()
+    os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
+    started = time.monotonic()
+    for i, name in enumerate(suites):
+        done = time.monotonic() - started
+        eta = f", about {done / i * (len(suites) - i) / 60:.0f} min left" if i else ""
+        print(f"[{i + 1}/{len(suites)}] {name}: {runs} run(s){eta}", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        rows = SUITES[name](runs)
+        took = time.monotonic() - t0
+        print(f"## {name}\n\nMedian of {runs} runs, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs\n")
+        print("| what | result |\n|---|---|")
+        for what, val, _ in rows:
+            print(f"| {what} | {val} |")
+        print("\nCommands:\n")
+        for what, _, cmd in rows:
+            if cmd:
+                print(f"- {what}: `{cmd.replace(ROOT + '/', '')}`")
+        print(flush=True)
+        out = os.path.join(ROOT, "bench/results", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        with open(out, "w") as f:
+            json.dump({"suite": name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": runs,
+                       "quick": a.quick, "seconds": round(took, 1), "machine": facts,
+                       "rows": [{"what": w, "result": v, "command": (c or "").replace(ROOT + "/", "")}
+                                for w, v, c in rows]}, f, indent=1)
+        print(f"[{i + 1}/{len(suites)}] {name}: {took:.0f} s, {out.replace(ROOT + '/', '')}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
