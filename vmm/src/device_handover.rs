@@ -53,11 +53,10 @@ impl DeviceManager {
     /// pending and stop, and every vector's irqfd comes off KVM (what devices signal from now
     /// on waits in the eventfds). The vCPUs and device workers must be paused.
     pub fn freeze(&self) -> Result<(), DeviceError> {
-        for d in &self.user {
-            if let UserDevice::Vio(v) = d {
-                v.lock().unwrap().freeze();
-            }
-        }
+        self.each_vio(|v| {
+            v.freeze();
+            Ok(())
+        })?;
         for g in &self.msi_groups {
             g.detach().map_err(DeviceError::Interrupts)?;
         }
@@ -67,15 +66,7 @@ impl DeviceManager {
     /// Starts adopted devices once this process owns them (see `VioPciDevice::go`); emulated
     /// devices look at every queue once.
     pub fn go(&self) -> Result<(), DeviceError> {
-        for d in &self.user {
-            if let UserDevice::Vio(v) = d {
-                let id = d.id();
-                v.lock()
-                    .unwrap()
-                    .go()
-                    .map_err(|e| DeviceError::UserDevice(id, e.into()))?;
-            }
-        }
+        self.each_vio(VioPciDevice::go)?;
         for t in &self.transports {
             t.lock().unwrap().kick_all();
         }
@@ -84,13 +75,19 @@ impl DeviceManager {
 
     /// What adopted devices leave until the guest runs (see `VioPciDevice::settle`).
     pub fn settle(&self) -> Result<(), DeviceError> {
+        self.each_vio(VioPciDevice::settle)
+    }
+
+    /// Runs `f` on every `vio` device, stopping at the first error.
+    fn each_vio(
+        &self,
+        f: impl Fn(&mut VioPciDevice<GuestMemoryMmap>) -> Result<(), vfio::vio::VioDeviceError>,
+    ) -> Result<(), DeviceError> {
         for d in &self.user {
             if let UserDevice::Vio(v) = d {
-                let id = d.id();
-                v.lock()
-                    .unwrap()
-                    .settle()
-                    .map_err(|e| DeviceError::UserDevice(id, e.into()))?;
+                let r = f(&mut v.lock().unwrap());
+                // The id is read after the device's lock is released (it takes it again).
+                r.map_err(|e| DeviceError::UserDevice(d.id(), e.into()))?;
             }
         }
         Ok(())
@@ -104,16 +101,7 @@ impl DeviceManager {
         for g in &self.msi_groups {
             g.reattach().map_err(DeviceError::Interrupts)?;
         }
-        for d in &self.user {
-            if let UserDevice::Vio(v) = d {
-                let id = d.id();
-                v.lock()
-                    .unwrap()
-                    .thaw()
-                    .map_err(|e| DeviceError::UserDevice(id, e.into()))?;
-            }
-        }
-        Ok(())
+        self.each_vio(VioPciDevice::thaw)
     }
 
     /// The frozen devices' state. Emulated devices' workers stop here (`thaw` restarts them).

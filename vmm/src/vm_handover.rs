@@ -40,8 +40,6 @@ pub enum HandoverError {
     State(#[from] StateError),
     #[error("Devices")]
     Devices(#[from] DeviceError),
-    #[error("Reclaim")]
-    Reclaim(#[from] MemoryError),
     #[error("Failed to write the state")]
     Io(#[source] std::io::Error),
     #[error("Descriptor")]

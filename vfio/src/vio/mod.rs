@@ -82,8 +82,6 @@ pub enum VioDeviceError {
     Switch(#[source] SwitchError),
     #[error("Failed to take the device over")]
     Adopt(#[source] crate::handover::HandoverError),
-    #[error("The driver negotiated packed rings, which have no index to shadow")]
-    PackedRing,
 }
 
 /// Options of a `vio` device.

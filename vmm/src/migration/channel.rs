@@ -51,7 +51,8 @@ impl Channel {
         &self.0
     }
 
-    pub fn send<T: Serialize>(&mut self, msg: &T, fds: &[RawFd]) -> Result<(), ChannelError> {
+    /// Sends `msg` with `fds`; returns the body's length.
+    pub fn send<T: Serialize>(&mut self, msg: &T, fds: &[RawFd]) -> Result<usize, ChannelError> {
         let body = serde_json::to_vec(msg)?;
         let mut header = [0u8; HEADER_LEN];
         header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
@@ -65,7 +66,7 @@ impl Channel {
             self.0.send_with_fds(&[&[0u8][..]], c).map_err(sys)?;
         }
         self.0.write_all(&body)?;
-        Ok(())
+        Ok(body.len())
     }
 
     /// Reads into `buf` (filling it) and returns the descriptors that came with its first

@@ -190,9 +190,8 @@ fn transfer(
         vm: Box::new(snapshot),
         paused,
     };
-    let state_bytes = serde_json::to_vec(&msg).map_or(0, |v| v.len());
     let save_us = t0.elapsed().as_micros() as u64;
-    ch.send(&msg, held.fds.raw())?;
+    let state_bytes = ch.send(&msg, held.fds.raw())?;
     let t1 = Instant::now();
     match ch.recv::<Message>()?.0 {
         Message::Ready => {}
@@ -242,7 +241,9 @@ pub fn receive(url: &str, start: Instant, exit: ExitNotifier) -> Result<Received
     let (sock, _) = accepted.map_err(|e| MigrationError::Listen(path.display().to_string(), e))?;
     let mut ch = Channel::new(sock);
     match ch.recv::<Message>()?.0 {
-        Message::Hello { version, .. } if version == VERSION => ch.send(&Message::Accept, &[])?,
+        Message::Hello { version, .. } if version == VERSION => {
+            ch.send(&Message::Accept, &[])?;
+        }
         Message::Hello { version, .. } => {
             let e = MigrationError::Version(version);
             let _ = ch.send(
