@@ -6,6 +6,7 @@
 pub mod elastic;
 pub mod lockpage;
 pub mod pages;
+pub mod ring_mem;
 pub mod snoop;
 pub mod spec;
 pub mod stats;

@@ -26,8 +26,8 @@
 //! (to release their pins); no entry depends on it.
 
 use crate::pages::PageError;
-use crate::walker::{ChainWalker, QueueLayout, WalkLimits};
-use std::collections::{BTreeMap, BTreeSet};
+use crate::ring_mem;
+use crate::walker::{ChainWalker, QueueLayout, WalkLimits, WalkReport};
 use std::sync::atomic::{fence, Ordering};
 use virtio_bindings::bindings::virtio_ring::VRING_USED_F_NO_NOTIFY;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
@@ -87,8 +87,9 @@ pub struct SnoopQueue {
     walker: ChainWalker,
     published: u16,
     last_used: u16,
-    /// Pages of published, not yet completed chains, by head index.
-    inflight: BTreeMap<u16, BTreeSet<u64>>,
+    inflight: Inflight,
+    /// The last walk's report, reused.
+    report: WalkReport,
     event_idx: bool,
     pub stats: SnoopStats,
     /// Why the last bad chain or failed acquire failed, for the caller's rate-limited log.
@@ -115,7 +116,8 @@ impl SnoopQueue {
             walker: ChainWalker::new(limits),
             published: start_idx,
             last_used: start_idx,
-            inflight: BTreeMap::new(),
+            inflight: Inflight::new(layout.size),
+            report: WalkReport::default(),
             event_idx: false,
             last_error: None,
             stats: SnoopStats {
@@ -144,13 +146,9 @@ impl SnoopQueue {
         if used != exposed {
             let from = exposed.wrapping_sub(layout.size);
             let r = sq.walker.walk(mem, &sq.layout, from, exposed);
-            for (head, pages) in r.per_chain {
-                let pinned: BTreeSet<u64> = pages
-                    .into_iter()
-                    .filter(|&p| host.acquire(p).is_ok())
-                    .collect();
-                if let Some(old) = sq.inflight.insert(head, pinned) {
-                    old.iter().for_each(|&p| host.release(p));
+            for (head, pages) in r.chains() {
+                if let Some(pinned) = sq.inflight.start(head, host) {
+                    pinned.extend(pages.iter().filter(|&&p| host.acquire(p).is_ok()));
                 }
             }
         }
@@ -158,9 +156,7 @@ impl SnoopQueue {
     }
 
     fn guest_avail<M: GuestMemory>(&self, mem: &M) -> Option<u16> {
-        let v = mem
-            .read_obj::<u16>(GuestAddress(self.layout.avail_ring + 2))
-            .ok();
+        let v = ring_mem::read_u16(mem, self.layout.avail_ring + 2);
         fence(Ordering::Acquire);
         v
     }
@@ -205,7 +201,7 @@ impl SnoopQueue {
         } else if polling {
             self.poll(mem, host);
         }
-        !self.inflight.is_empty()
+        self.inflight.count > 0
     }
 
     /// The VMM is the device's driver: it rings only if the device asked for it (virtio
@@ -242,7 +238,9 @@ impl SnoopQueue {
             // before making the head available again, so it is in the used ring now: reap it,
             // or its (later) reaping would release the new request's pages.
             self.reap_used(mem, host);
-            let r = self.walker.walk(mem, &self.layout, self.published, avail);
+            let mut r = std::mem::take(&mut self.report);
+            self.walker
+                .walk_into(mem, &self.layout, self.published, avail, &mut r);
             self.stats.chains += u64::from(r.chains);
             self.stats.descriptors += u64::from(r.descriptors);
             self.stats.bad_chains += u64::from(r.bad_chains);
@@ -253,15 +251,24 @@ impl SnoopQueue {
                 Some(at) => at,
                 // A garbage index (more than a queue ahead) publishes nothing: the device would
                 // only see garbage. The guest's next valid index is picked up then.
-                None if r.per_chain.is_empty() && r.bad_chains > 0 => break,
+                None if r.per_chain.is_empty() && r.bad_chains > 0 => {
+                    self.report = r;
+                    break;
+                }
                 None => avail,
             };
-            for (head, pages) in r.per_chain {
-                for &p in &pages {
+            for (head, pages) in r.chains() {
+                // A head out of range is a bad chain with no pages: nothing to pin or track.
+                let Some(pinned) = self.inflight.start(head, host) else {
+                    continue;
+                };
+                for &p in pages {
                     self.stats.pages_checked += 1;
                     match host.acquire(p) {
-                        Ok(true) => self.stats.faultins += 1,
-                        Ok(false) => {}
+                        Ok(faulted) => {
+                            self.stats.faultins += u64::from(faulted);
+                            pinned.push(p);
+                        }
                         // The device will fail this request through its IOPF path.
                         Err(e) => {
                             self.stats.acquire_errors += 1;
@@ -269,12 +276,8 @@ impl SnoopQueue {
                         }
                     }
                 }
-                if let Some(old) = self.inflight.insert(head, pages) {
-                    // A head reused before its completion was seen: the guest broke the ring
-                    // protocol. Release the old pages rather than leak their pins.
-                    old.iter().for_each(|&p| host.release(p));
-                }
             }
+            self.report = r;
             fence(Ordering::Release);
             let published = host.publish(new, &|| {
                 if self.event_idx {
@@ -298,7 +301,7 @@ impl SnoopQueue {
 
     /// Releases the pages of requests the device has completed (per the used ring).
     pub fn reap_used<M: GuestMemory>(&mut self, mem: &M, host: &dyn SnoopHost) -> usize {
-        let Ok(used) = mem.read_obj::<u16>(GuestAddress(self.layout.used_ring + 2)) else {
+        let Some(used) = ring_mem::read_u16(mem, self.layout.used_ring + 2) else {
             return 0;
         };
         fence(Ordering::Acquire);
@@ -307,13 +310,8 @@ impl SnoopQueue {
             let slot = self.layout.used_ring
                 + 4
                 + 8 * u64::from(self.last_used.wrapping_add(i) % self.layout.size);
-            if let Ok(id) = mem.read_obj::<u32>(GuestAddress(slot)) {
-                if let Some(pages) = u16::try_from(id)
-                    .ok()
-                    .and_then(|h| self.inflight.remove(&h))
-                {
-                    pages.iter().for_each(|&p| host.release(p));
-                }
+            if let Some(id) = ring_mem::read_u32(mem, slot) {
+                self.inflight.complete(id, host);
             }
         }
         self.last_used = used;
@@ -322,7 +320,7 @@ impl SnoopQueue {
 
     /// Requests published and not yet seen completed.
     pub fn inflight(&self) -> usize {
-        self.inflight.len()
+        self.inflight.count
     }
 
     pub fn published(&self) -> u16 {
@@ -331,8 +329,59 @@ impl SnoopQueue {
 
     /// Pins of every in-flight page, e.g. to release them all when snooping stops.
     pub fn release_all(&mut self, host: &dyn SnoopHost) {
-        for pages in std::mem::take(&mut self.inflight).into_values() {
-            pages.iter().for_each(|&p| host.release(p));
+        for head in 0..self.inflight.slots.len() {
+            self.inflight.complete(head as u32, host);
+        }
+    }
+}
+
+/// Pages pinned for published, not yet completed chains, by head index. A slot keeps its
+/// allocation when its request completes, so a busy queue allocates nothing per request.
+struct Inflight {
+    slots: Vec<Slot>,
+    count: usize,
+}
+
+#[derive(Default)]
+struct Slot {
+    busy: bool,
+    pages: Vec<u64>,
+}
+
+impl Inflight {
+    fn new(size: u16) -> Self {
+        Inflight {
+            slots: (0..size).map(|_| Slot::default()).collect(),
+            count: 0,
+        }
+    }
+
+    /// Head `head` is in flight from now on; returns the list its pinned pages go into, or
+    /// None for a head out of range. A head still in flight was reused before its completion
+    /// was seen: the guest broke the ring protocol, and its old pages are released rather than
+    /// their pins leaked.
+    fn start(&mut self, head: u16, host: &dyn SnoopHost) -> Option<&mut Vec<u64>> {
+        let slot = self.slots.get_mut(usize::from(head))?;
+        if slot.busy {
+            slot.pages.iter().for_each(|&p| host.release(p));
+        } else {
+            slot.busy = true;
+            self.count += 1;
+        }
+        slot.pages.clear();
+        Some(&mut slot.pages)
+    }
+
+    /// The device completed head `id` (as the used ring says, so any value may come).
+    fn complete(&mut self, id: u32, host: &dyn SnoopHost) {
+        let Some(slot) = usize::try_from(id).ok().and_then(|i| self.slots.get_mut(i)) else {
+            return;
+        };
+        if slot.busy {
+            slot.pages.iter().for_each(|&p| host.release(p));
+            slot.pages.clear();
+            slot.busy = false;
+            self.count -= 1;
         }
     }
 }
@@ -341,7 +390,7 @@ impl SnoopQueue {
 mod tests {
     use super::*;
     use std::cell::RefCell;
-    use std::collections::HashMap;
+    use std::collections::{BTreeSet, HashMap};
     use vm_memory::GuestMemoryMmap;
 
     type Mem = GuestMemoryMmap<()>;
@@ -468,6 +517,35 @@ mod tests {
         let kicks = *h.kicks.borrow();
         q.on_kick(&m, &h);
         assert_eq!(*h.kicks.borrow(), kicks);
+    }
+
+    /// A page that cannot be made reachable (here: pages from 0x100 on) is counted and the
+    /// request still published (the device fails it), but only the pages actually pinned are
+    /// released at completion: the test host panics on a release without its acquire.
+    #[test]
+    fn a_page_that_fails_to_pin_is_not_released() {
+        let m = mem();
+        let h = Host::default();
+        let mut q = SnoopQueue::new(Q, 0, WalkLimits::default());
+        post(&m, 0, 0);
+        // Head 1: two descriptors, page 0x11 and page 0x150 (in guest memory, not pinnable).
+        post(&m, 1, 1);
+        let d1 = Q.desc_table + 16;
+        m.write_obj(1u16, GuestAddress(d1 + 12)).unwrap(); // NEXT
+        m.write_obj(2u16, GuestAddress(d1 + 14)).unwrap();
+        let d2 = Q.desc_table + 32;
+        m.write_obj(0x150_000u64, GuestAddress(d2)).unwrap();
+        m.write_obj(512u32, GuestAddress(d2 + 8)).unwrap();
+        m.write_obj(0u16, GuestAddress(d2 + 12)).unwrap();
+        set_avail(&m, 2);
+        assert_eq!(q.on_kick(&m, &h), 2);
+        assert_eq!(q.stats.acquire_errors, 1);
+        assert!(matches!(q.last_error, Some(SnoopError::Acquire(_))));
+        complete(&m, 1, 1);
+        complete(&m, 2, 0);
+        q.reap_used(&m, &h);
+        assert!(h.pins.borrow().is_empty(), "{:?}", h.pins.borrow());
+        assert_eq!(q.inflight(), 0);
     }
 
     /// Passthrough to snoop: the device was shown heads 0..5 on its own and completed two of

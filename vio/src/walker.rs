@@ -8,10 +8,12 @@
 //! the index so the device fails the request through its own error path instead of the ring
 //! stalling.
 
+use crate::ring_mem;
 use crate::spec::PAGE_SIZE;
 use std::collections::BTreeSet;
+use std::ops::Range;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::{GuestAddress, GuestMemory};
 
 const DESC_SIZE: u64 = 16;
 
@@ -44,21 +46,47 @@ impl Default for WalkLimits {
     }
 }
 
-/// What one walk found.
+/// What one walk found. Reusable: `walk_into` clears it and keeps its allocations, so the
+/// snoop path allocates nothing per chain.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct WalkReport {
     pub chains: u32,
     pub descriptors: u32,
     pub bad_chains: u32,
-    /// Guest page frame numbers the device will touch (sorted, unique).
-    pub pages: BTreeSet<u64>,
-    /// Per walked chain (good or bad): its head index and the pages it touches.
-    pub per_chain: Vec<(u16, BTreeSet<u64>)>,
+    /// Guest page frame numbers the device will touch: each chain's, sorted and unique within
+    /// it, one chain after the other.
+    pub pages: Vec<u64>,
+    /// Per walked chain (good or bad): its head index and where its pages are in `pages`.
+    pub per_chain: Vec<(u16, Range<usize>)>,
     /// Why the last bad chain was bad, for logging.
     pub last_error: Option<&'static str>,
     /// The walk stopped early at the per-call budget; entries from this avail index on were not
     /// looked at.
     pub stopped_at: Option<u16>,
+}
+
+impl WalkReport {
+    /// Each walked chain's head and pages.
+    pub fn chains(&self) -> impl Iterator<Item = (u16, &[u64])> {
+        self.per_chain
+            .iter()
+            .map(|(head, r)| (*head, &self.pages[r.clone()]))
+    }
+
+    /// Every page of the walk, once.
+    pub fn all_pages(&self) -> BTreeSet<u64> {
+        self.pages.iter().copied().collect()
+    }
+
+    fn clear(&mut self) {
+        self.chains = 0;
+        self.descriptors = 0;
+        self.bad_chains = 0;
+        self.pages.clear();
+        self.per_chain.clear();
+        self.last_error = None;
+        self.stopped_at = None;
+    }
 }
 
 enum Stop {
@@ -87,7 +115,9 @@ pub struct ChainWalker {
 fn read_desc<M: GuestMemory>(mem: &M, table: u64, index: u64) -> Option<Desc> {
     let at = table.checked_add(index.checked_mul(DESC_SIZE)?)?;
     let mut raw = [0u8; 16];
-    mem.read_slice(&mut raw, GuestAddress(at)).ok()?;
+    if !ring_mem::read(mem, at, &mut raw) {
+        return None;
+    }
     Some(Desc {
         addr: u64::from_le_bytes(raw[0..8].try_into().unwrap()),
         len: u32::from_le_bytes(raw[8..12].try_into().unwrap()),
@@ -99,7 +129,7 @@ fn read_desc<M: GuestMemory>(mem: &M, table: u64, index: u64) -> Option<Desc> {
 /// Adds the pages of [addr, addr+len) if they all lie in guest memory.
 fn add_range<M: GuestMemory>(
     mem: &M,
-    pages: &mut BTreeSet<u64>,
+    pages: &mut Vec<u64>,
     addr: u64,
     len: u64,
 ) -> Result<(), &'static str> {
@@ -116,10 +146,21 @@ fn add_range<M: GuestMemory>(
     ) {
         return Err("buffer outside guest memory");
     }
-    for p in addr / PAGE_SIZE..end.div_ceil(PAGE_SIZE) {
-        pages.insert(p);
-    }
+    pages.extend(addr / PAGE_SIZE..end.div_ceil(PAGE_SIZE));
     Ok(())
+}
+
+/// Sorts `pages[from..]` and drops its repeats.
+fn sort_unique_tail(pages: &mut Vec<u64>, from: usize) {
+    pages[from..].sort_unstable();
+    let mut kept = from;
+    for i in from..pages.len() {
+        if kept == from || pages[i] != pages[kept - 1] {
+            pages[kept] = pages[i];
+            kept += 1;
+        }
+    }
+    pages.truncate(kept);
 }
 
 impl ChainWalker {
@@ -130,16 +171,30 @@ impl ChainWalker {
     /// Walks the chains at avail ring positions [from, to) (wrapping 16-bit indices).
     pub fn walk<M: GuestMemory>(&self, mem: &M, q: &QueueLayout, from: u16, to: u16) -> WalkReport {
         let mut r = WalkReport::default();
+        self.walk_into(mem, q, from, to, &mut r);
+        r
+    }
+
+    /// `walk`, into a report that is cleared first and keeps its allocations.
+    pub fn walk_into<M: GuestMemory>(
+        &self,
+        mem: &M,
+        q: &QueueLayout,
+        from: u16,
+        to: u16,
+        r: &mut WalkReport,
+    ) {
+        r.clear();
         if q.size == 0 || !q.size.is_power_of_two() {
             r.last_error = Some("queue size is not a power of two");
-            return r;
+            return;
         }
         let pending = to.wrapping_sub(from);
         if pending > q.size {
             // More entries than the ring holds: the index is garbage. Nothing here is trustworthy.
             r.bad_chains = 1;
             r.last_error = Some("avail index is more than a queue ahead");
-            return r;
+            return;
         }
         let mut budget = self.limits.max_descriptors_per_call;
         for i in 0..pending {
@@ -150,24 +205,17 @@ impl ChainWalker {
             }
             let slot = q.avail_ring + 4 + 2 * u64::from(pos % q.size);
             r.chains += 1;
-            let head = match mem.read_obj::<u16>(GuestAddress(slot)) {
-                Ok(h) => h,
-                Err(_) => {
+            let head = match ring_mem::read_u16(mem, slot) {
+                Some(h) => h,
+                None => {
                     r.bad_chains += 1;
                     r.last_error = Some("avail ring outside guest memory");
                     continue;
                 }
             };
             let descriptors = r.descriptors;
-            let mut chain_pages = BTreeSet::new();
-            match self.walk_chain(
-                mem,
-                q,
-                head,
-                &mut r.descriptors,
-                &mut chain_pages,
-                &mut budget,
-            ) {
+            let start = r.pages.len();
+            match self.walk_chain(mem, q, head, &mut r.descriptors, &mut r.pages, &mut budget) {
                 Ok(()) => {}
                 Err(Stop::Bad(e)) => {
                     r.bad_chains += 1;
@@ -178,14 +226,14 @@ impl ChainWalker {
                     // rest next time.
                     r.chains -= 1;
                     r.descriptors = descriptors;
+                    r.pages.truncate(start);
                     r.stopped_at = Some(pos);
                     break;
                 }
             }
-            r.pages.extend(chain_pages.iter().copied());
-            r.per_chain.push((head, chain_pages));
+            sort_unique_tail(&mut r.pages, start);
+            r.per_chain.push((head, start..r.pages.len()));
         }
-        r
     }
 
     fn walk_chain<M: GuestMemory>(
@@ -194,7 +242,7 @@ impl ChainWalker {
         q: &QueueLayout,
         head: u16,
         descriptors: &mut u32,
-        pages: &mut BTreeSet<u64>,
+        pages: &mut Vec<u64>,
         budget: &mut u32,
     ) -> Result<(), Stop> {
         if head >= q.size {
@@ -240,7 +288,7 @@ impl ChainWalker {
         mem: &M,
         t: Desc,
         descriptors: &mut u32,
-        pages: &mut BTreeSet<u64>,
+        pages: &mut Vec<u64>,
         budget: &mut u32,
     ) -> Result<(), Stop> {
         if !u64::from(t.len).is_multiple_of(DESC_SIZE) || t.len == 0 {
@@ -289,6 +337,7 @@ impl ChainWalker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::Bytes;
     use vm_memory::GuestMemoryMmap;
 
     type Mem = GuestMemoryMmap<()>;
@@ -327,7 +376,7 @@ mod tests {
     }
 
     fn pages(r: &WalkReport) -> Vec<u64> {
-        r.pages.iter().copied().collect()
+        r.all_pages().into_iter().collect()
     }
 
     #[test]

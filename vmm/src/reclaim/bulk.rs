@@ -1,6 +1,7 @@
 //! Bringing guest RAM in by the range (a `vio` device entering passthrough pins all of it):
-//! reclaimed pages come back from the store in batches, one UFFDIO_COPY and one wake per run of
-//! them instead of one per page, and pages never written are filled with zero pages in runs.
+//! reclaimed pages come back from the store in batches of up to 1 MiB, one store read per run of
+//! them that lies back to back in the store file and one UFFDIO_COPY and one wake per batch
+//! instead of one per page, and pages never written are filled with zero pages in runs.
 
 use super::*;
 
@@ -64,12 +65,6 @@ impl Reclaimer {
                 host: host0 + i * PAGE,
                 len: 0,
             });
-            let at = (p.len * PAGE) as usize;
-            let out: &mut [u8; PAGE_SIZE] = (&mut buf[at..at + PAGE_SIZE]).try_into().unwrap();
-            if let Err(e) = self.store.take(page, out) {
-                log::error!("Restoring guest page {page}: {e}; mapping zeros");
-                out.fill(0);
-            }
             p.len += 1;
             if p.len == BATCH {
                 let p = pending.take().unwrap();
@@ -87,6 +82,9 @@ impl Reclaimer {
     fn restore_batch(&self, p: Pending, buf: &mut [u8]) {
         let t0 = Instant::now();
         let bytes = (p.len * PAGE) as usize;
+        self.store.take_run(p.start, &mut buf[..bytes], |page, e| {
+            log::error!("Restoring guest page {page}: {e}; mapping zeros")
+        });
         // SAFETY: the pages are ours to fill: reclaimed (absent from the memfd and every
         // mapping) and locked, so no one else installs them; `buf` holds `bytes` bytes.
         let copied = unsafe {

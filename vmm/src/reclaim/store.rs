@@ -48,32 +48,81 @@ struct Index {
     used: u64,
 }
 
+impl Index {
+    fn remove(&mut self, page: u64) {
+        if let Some(Entry::Data { offset, class, .. }) = self.entries.remove(&page) {
+            self.free[class].push(offset);
+            self.used -= ((class + 1) * UNIT) as u64;
+        }
+    }
+}
+
+/// A page's contents from its entry and the bytes the entry points at.
+fn unpack(
+    page: u64,
+    entry: Entry,
+    bytes: &[u8],
+    out: &mut [u8; PAGE_SIZE],
+) -> Result<(), StoreError> {
+    match entry {
+        Entry::Zero => out.fill(0),
+        Entry::Data {
+            compressed: true, ..
+        } => {
+            let n = lz4_flex::block::decompress_into(bytes, out)
+                .map_err(|_| StoreError::Corrupt(page))?;
+            if n != PAGE_SIZE {
+                return Err(StoreError::Corrupt(page));
+            }
+        }
+        Entry::Data { .. } => out.copy_from_slice(bytes),
+    }
+    Ok(())
+}
+
 pub struct Store {
     file: File,
-    path: PathBuf,
+    dir: PathBuf,
     compress: bool,
     max_bytes: u64,
     index: Mutex<Index>,
 }
 
 impl Store {
-    /// A new, empty store file in `dir` (removed when the store is dropped).
+    /// A new, empty store file in `dir`. The file has no name (O_TMPFILE, or unlinked at once
+    /// where the filesystem lacks it): a VMM that is killed, or exits without unwinding, leaves
+    /// nothing behind, and a live upgrade hands the file over as a descriptor.
     pub fn create(dir: &Path, compress: bool, max_bytes: u64) -> Result<Self, StoreError> {
-        let path = dir.join(format!(
-            "vio-pages-{}-{:x}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        let file = OpenOptions::new()
+        let err = |e| StoreError::Create(dir.to_path_buf(), e);
+        let tmpfile = OpenOptions::new()
             .read(true)
             .write(true)
-            .create_new(true)
+            .custom_flags(libc::O_TMPFILE)
             .mode(0o600)
-            .open(&path)
-            .map_err(|e| StoreError::Create(dir.to_path_buf(), e))?;
+            .open(dir);
+        let file = match tmpfile {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                let path = dir.join(format!(
+                    "vio-pages-{}-{:x}",
+                    std::process::id(),
+                    rand_suffix()
+                ));
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(err)?;
+                std::fs::remove_file(&path).map_err(err)?;
+                f
+            }
+            Err(e) => return Err(err(e)),
+        };
         Ok(Store {
             file,
-            path,
+            dir: dir.to_path_buf(),
             compress,
             max_bytes,
             index: Mutex::default(),
@@ -136,46 +185,120 @@ impl Store {
 
     /// Reads a page back into `out` and forgets it.
     pub fn take(&self, page: u64, out: &mut [u8; PAGE_SIZE]) -> Result<(), StoreError> {
-        let entry = *self
-            .index
-            .lock()
-            .unwrap()
-            .entries
-            .get(&page)
-            .ok_or(StoreError::Missing(page))?;
-        match entry {
-            Entry::Zero => out.fill(0),
-            Entry::Data {
-                offset,
-                len,
-                compressed,
-                ..
-            } => {
-                let mut buf = vec![0u8; len as usize];
-                self.file
-                    .read_exact_at(&mut buf, offset)
-                    .map_err(StoreError::Io)?;
-                if compressed {
-                    let n = lz4_flex::block::decompress_into(&buf, out)
-                        .map_err(|_| StoreError::Corrupt(page))?;
-                    if n != PAGE_SIZE {
-                        return Err(StoreError::Corrupt(page));
-                    }
-                } else {
-                    out.copy_from_slice(&buf);
-                }
-            }
+        let entry = self.entry(page)?;
+        if let Entry::Data { offset, len, .. } = entry {
+            let mut buf = vec![0u8; len as usize];
+            self.file
+                .read_exact_at(&mut buf, offset)
+                .map_err(StoreError::Io)?;
+            unpack(page, entry, &buf, out)?;
+        } else {
+            unpack(page, entry, &[], out)?;
         }
         self.forget(page);
         Ok(())
     }
 
-    pub fn forget(&self, page: u64) {
-        let mut ix = self.index.lock().unwrap();
-        if let Some(Entry::Data { offset, class, .. }) = ix.entries.remove(&page) {
-            ix.free[class].push(offset);
-            ix.used -= ((class + 1) * UNIT) as u64;
+    /// `take` for the pages from `first` on, one per `PAGE_SIZE` of `out`, with one read for
+    /// each run of them that lie back to back in the file (a reclaim pass writes a run of
+    /// pages that way). A page that cannot be read is handed to `failed`, its part of `out`
+    /// zeroed, and it stays in the store.
+    pub fn take_run(&self, first: u64, out: &mut [u8], mut failed: impl FnMut(u64, StoreError)) {
+        let n = out.len() / PAGE_SIZE;
+        let entries: Vec<Option<Entry>> = {
+            let ix = self.index.lock().unwrap();
+            (0..n as u64)
+                .map(|i| ix.entries.get(&(first + i)).copied())
+                .collect()
+        };
+        let mut done = vec![false; n];
+        let mut scratch = Vec::new();
+        let mut i = 0;
+        while i < n {
+            let page = first + i as u64;
+            let Some(entry) = entries[i] else {
+                failed(page, StoreError::Missing(page));
+                out[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].fill(0);
+                i += 1;
+                continue;
+            };
+            let Entry::Data { offset, .. } = entry else {
+                out[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].fill(0);
+                done[i] = true;
+                i += 1;
+                continue;
+            };
+            // The run: the entries after this one, each starting where the one before ends.
+            // The file may end inside the last one's slot: read up to its bytes, not its slot.
+            let (mut next, mut end) = (offset, offset);
+            let mut j = i;
+            let mut packed = false;
+            while let Some(Some(Entry::Data {
+                offset: o,
+                class,
+                len,
+                compressed,
+            })) = entries.get(j)
+            {
+                if *o != next {
+                    break;
+                }
+                next += ((class + 1) * UNIT) as u64;
+                end = o + u64::from(*len);
+                packed |= *compressed || (class + 1) * UNIT != PAGE_SIZE;
+                j += 1;
+            }
+            let span = (end - offset) as usize;
+            let read = if packed {
+                scratch.resize(span, 0);
+                self.file.read_exact_at(&mut scratch, offset)
+            } else {
+                // Whole uncompressed pages: straight into place.
+                self.file
+                    .read_exact_at(&mut out[i * PAGE_SIZE..j * PAGE_SIZE], offset)
+            };
+            for k in i..j {
+                let page = first + k as u64;
+                let dst: &mut [u8; PAGE_SIZE] = (&mut out[k * PAGE_SIZE..(k + 1) * PAGE_SIZE])
+                    .try_into()
+                    .unwrap();
+                let unpacked = match (&read, entries[k]) {
+                    (Err(e), _) => Err(StoreError::Io(io::Error::new(e.kind(), e.to_string()))),
+                    (Ok(()), _) if !packed => Ok(()),
+                    (Ok(()), Some(e @ Entry::Data { offset: o, len, .. })) => {
+                        let at = (o - offset) as usize;
+                        unpack(page, e, &scratch[at..at + len as usize], dst)
+                    }
+                    (Ok(()), _) => unreachable!("a run holds data entries only"),
+                };
+                match unpacked {
+                    Ok(()) => done[k] = true,
+                    Err(e) => {
+                        dst.fill(0);
+                        failed(page, e);
+                    }
+                }
+            }
+            i = j;
         }
+        let mut ix = self.index.lock().unwrap();
+        for (k, _) in done.iter().enumerate().filter(|(_, &d)| d) {
+            ix.remove(first + k as u64);
+        }
+    }
+
+    fn entry(&self, page: u64) -> Result<Entry, StoreError> {
+        self.index
+            .lock()
+            .unwrap()
+            .entries
+            .get(&page)
+            .copied()
+            .ok_or(StoreError::Missing(page))
+    }
+
+    pub fn forget(&self, page: u64) {
+        self.index.lock().unwrap().remove(page);
     }
 
     pub fn contains(&self, page: u64) -> bool {
@@ -196,7 +319,8 @@ impl Store {
 /// index as two tables of fixed-size records.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct StoreState {
-    pub path: PathBuf,
+    /// Where the (nameless) file lives: for messages.
+    pub dir: PathBuf,
     pub compress: bool,
     pub max_bytes: u64,
     pub end: u64,
@@ -245,7 +369,7 @@ impl Store {
             }
         }
         let state = StoreState {
-            path: self.path.clone(),
+            dir: self.dir.clone(),
             compress: self.compress,
             max_bytes: self.max_bytes,
             end: ix.end,
@@ -303,17 +427,11 @@ impl Store {
         }
         Ok(Store {
             file,
-            path: s.path.clone(),
+            dir: s.dir.clone(),
             compress: s.compress,
             max_bytes: s.max_bytes,
             index: Mutex::new(ix),
         })
-    }
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -417,7 +535,6 @@ mod tests {
         data[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
         assert!(Store::adopt(s.file().try_clone().unwrap(), &state, &lying, &free).is_err());
         assert!(Store::adopt(s.file().try_clone().unwrap(), &state, &index[1..], &free).is_err());
-        std::mem::forget(t); // one of the two removes the file
     }
 
     #[test]
@@ -449,5 +566,74 @@ mod tests {
             "{e}"
         );
         std::fs::remove_file(&f).unwrap();
+    }
+
+    /// A run mixing every kind of entry: back-to-back raw pages (one read straight into
+    /// place), compressed pages, a zero page, a page not in the store, a page stored out of
+    /// order (its own read), a compressed page at the end of the file; every page comes back
+    /// as `take` would give it.
+    #[test]
+    fn a_run_is_taken_whole() {
+        let s = Store::create(&std::env::temp_dir(), true, 1 << 30).unwrap();
+        let want: Vec<Option<[u8; PAGE_SIZE]>> = vec![
+            Some(page(1, true)),
+            Some(page(2, true)),
+            Some(page(3, true)),
+            Some(page(4, false)),
+            Some(page(5, false)),
+            Some([0; PAGE_SIZE]),
+            None,
+            Some(page(8, false)), // last in the file: it ends inside its slot
+            Some(page(9, true)),
+        ];
+        // Page 18 first: the file holds it before the rest of its neighbours.
+        s.save(18, want[8].as_ref().unwrap()).unwrap();
+        for (i, w) in want.iter().enumerate().take(8) {
+            if let Some(w) = w {
+                s.save(10 + i as u64, w).unwrap();
+            }
+        }
+        let mut out = vec![7u8; want.len() * PAGE_SIZE];
+        let mut failed = Vec::new();
+        s.take_run(10, &mut out, |p, e| failed.push((p, e.to_string())));
+        assert_eq!(failed, [(16, "Page 16 is not in the store".to_string())]);
+        for (i, w) in want.iter().enumerate() {
+            let got = &out[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+            assert_eq!(got, &w.unwrap_or([0; PAGE_SIZE])[..], "page {}", 10 + i);
+        }
+        assert_eq!(s.pages(), 0);
+        assert_eq!(s.used_bytes(), 0);
+    }
+
+    /// A read that fails (the file is write-only here) fails every page of its run, zeroes
+    /// them, and leaves them in the store.
+    #[test]
+    fn a_failed_run_read_keeps_the_pages() {
+        let dir = std::env::temp_dir().join(format!("vio-store-run-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let s = Store::create(&dir, false, 1 << 30).unwrap();
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "the store file has no name"
+        );
+        s.save(1, &page(1, true)).unwrap();
+        s.save(2, &page(2, true)).unwrap();
+        let write_only = OpenOptions::new()
+            .write(true)
+            .open(format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&s.file)
+            ))
+            .unwrap();
+        let (state, index, free) = s.export();
+        let t = Store::adopt(write_only, &state, &index, &free).unwrap();
+        let mut out = vec![7u8; 2 * PAGE_SIZE];
+        let mut failed = Vec::new();
+        t.take_run(1, &mut out, |p, _| failed.push(p));
+        assert_eq!(failed, [1, 2]);
+        assert!(out.iter().all(|&b| b == 0));
+        assert_eq!(t.pages(), 2);
+        std::fs::remove_dir(&dir).unwrap();
     }
 }
