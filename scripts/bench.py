@@ -7,55 +7,18 @@ Every number in docs/performance.md comes from here, with the command that produ
 """
 import argparse
 import json
-import mmap
 import os
-import re
 import shlex
-import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VMM = os.path.join(ROOT, "target/release/vio-hypervisor")
-GUEST = os.path.join(ROOT, "guest/target/x86_64-unknown-linux-gnu/release/vio-guest")
-LINUX = os.environ.get("VIO_LINUX_KERNEL", os.path.join(os.path.dirname(ROOT), "shared/linux/vmlinux"))
-INITRAMFS = os.path.join(ROOT, "build/linux-initramfs.cpio")
-# What the shared kernel needs on this machine (its README); tests/common/mod.rs has the same.
-LINUX_CMDLINE = ("console=ttyS0 noxsave clearcpuid=popcnt,smap,fsgsbase,rdpid,rdtscp,114,erms,fsrm,pcid,invpcid "
-                 "nopti loglevel=5 printk.devkmsg=on panic=-1")
-PROGRESS = re.compile(r"Guest boot progress: code 0x40 at ([0-9.]+) ms")
-
-
-def build():
-    subprocess.run([os.path.join(ROOT, "scripts/build-guest.sh")], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cargo", "build", "--workspace", "--release", "--locked", "-q"], check=True, cwd=ROOT)
-
-
-def boot(cmdline, disk=None, memory="size=512M", extra=()):
-    args = [VMM, "-v", "--kernel", GUEST, "--memory", memory, "--serial", "tty", "--cmdline", cmdline]
-    if disk:
-        args += ["--disk", f"path={disk}"]
-    args += list(extra)
-    t0 = time.monotonic()
-    p = subprocess.run(args, capture_output=True, text=True, timeout=600)
-    wall = time.monotonic() - t0
-    if p.returncode != 0:
-        sys.exit(f"VMM failed ({p.returncode}): {p.stderr[-2000:]}")
-    result = None
-    result_at = None
-    for line in p.stdout.splitlines():
-        if line.startswith("VIO-GUEST-RESULT "):
-            result = json.loads(line[len("VIO-GUEST-RESULT "):])
-    m = PROGRESS.search(p.stderr)
-    cpl3_ms = float(m.group(1)) if m else None
-    return {"wall_s": wall, "cpl3_ms": cpl3_ms, "result": result, "cmd": shlex.join(args)}
-
-
-def med(xs):
-    return statistics.median(xs)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import paper, record  # noqa: E402
+from benchlib.common import *  # noqa: E402,F401,F403
 
 
 def foundation(runs):
@@ -77,33 +40,6 @@ def foundation(runs):
             p99 = med([r["result"]["lat_p99_ns"] for r in rs]) / 1000
             rows.append((f"blk-verify qd={qd}, emulated virtio-blk, tmpfs", f"{iops:,.0f} IOPS (p50 {p50:.1f} us, p99 {p99:.1f} us)", rs[0]["cmd"]))
     return rows
-
-
-class Vdpu:
-    """A vdpu process serving `disk` for the duration of a `with` block."""
-
-    def __init__(self, disk, opts=""):
-        self.sock = os.path.join(os.path.dirname(disk), f"vdpu-{os.getpid()}.sock")
-        self.cmd = [os.path.join(ROOT, "target/release/vdpu"), "--socket", self.sock, "--blk", f"path={disk}{opts}"]
-
-    def __enter__(self):
-        self.p = subprocess.Popen(self.cmd, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not os.path.exists(self.sock):
-            if time.monotonic() > deadline:
-                sys.exit("vdpu did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *a):
-        self.p.terminate()
-        self.p.wait()
-
-
-def shown_with_vdpu(cmd, tmpfs, vdpu):
-    """A VMM command line as documented: tmpfs paths as $TMPFS, with the vdpu it talks to."""
-    cmd = cmd.replace(tmpfs, "$TMPFS").replace(os.path.basename(vdpu.sock), "vdpu.sock")
-    return "(vdpu --socket $TMPFS/vdpu.sock --blk path=$TMPFS/disk.img) " + cmd
 
 
 def vdpu_suite(runs):
@@ -139,47 +75,6 @@ def vdpu_suite(runs):
                     shown = shown_with_vdpu(shown, d, v)
                 rows.append((f"qd={qd}, {name}", f"{iops:,.0f} IOPS (p50 {p50:.1f} us, p99 {p99:.1f} us)", shown))
     return rows
-
-
-def api(sock, method, endpoint, body=""):
-    import socket
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(sock)
-    s.sendall(f"{method} /api/v1/{endpoint} HTTP/1.1\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
-    out = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        out += chunk
-    head, _, body = out.decode().partition("\r\n\r\n")
-    parts = head.split(" ")
-    if len(parts) < 2:
-        # The VMM went away mid-request (the guest powered off).
-        raise OSError("no response")
-    return int(parts[1]), body
-
-
-def wait_resident(sock, at_least, timeout=120):
-    """Waits until the guest has made `at_least` bytes of its RAM resident."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            st, body = api(sock, "GET", "vm.counters")
-            if st == 200 and json.loads(body)["memory"]["resident_bytes"] >= at_least:
-                return
-        except (OSError, KeyError, ValueError):
-            pass
-        time.sleep(0.05)
-    sys.exit("guest never filled its memory")
-
-
-def logged_counters(stderr, dev):
-    key = f"Device {dev} counters: "
-    for line in reversed(stderr.splitlines()):
-        if key in line:
-            return json.loads(line.split(key, 1)[1])
-    sys.exit(f"no counters for {dev}")
 
 
 def reclaim_suite(runs):
@@ -283,44 +178,6 @@ def vio_suite(runs):
     return rows
 
 
-def vio_run(disk, args, cmd, during=None):
-    """blk-verify with a vdpu device (`args`: its flag and value), an API socket, and `during`
-    (called with the socket while the guest runs); returns the result, the device's counters,
-    what `during` returned and the command line."""
-    sock = os.path.join(os.path.dirname(disk), f"api-{os.getpid()}.sock")
-    full = [VMM, "-v", "--kernel", GUEST, "--memory", "size=512M,shared=on,reclaim=on", "--serial", "tty",
-            "--api-socket", sock] + args + ["--cmdline", cmd]
-    p = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    err = []
-    t = threading.Thread(target=lambda: err.append(p.stderr.read()))
-    t.start()
-    got = None
-    if during:
-        while not os.path.exists(sock) and p.poll() is None:
-            time.sleep(0.01)
-        got = during(sock, p)
-    out = p.stdout.read()
-    p.wait()
-    t.join()
-    if "VIO-GUEST-RESULT " not in out:
-        sys.exit(f"no result: {out[-2000:]}\n{err[0][-2000:]}")
-    res = json.loads(out.split("VIO-GUEST-RESULT ", 1)[1].splitlines()[0])
-    assert res["mismatches"] == 0 and res["io_errors"] == 0, res
-    res["steady_iops"] = steady_iops(out, res)
-    return res, logged_counters(err[0], "dpu0"), got, shlex.join(full)
-
-
-def steady_iops(out, res, after_ns=2_000_000_000):
-    """The rate from the first progress line at least `after_ns` into the run to its end: auto
-    mode's steady state, after its dwell and switch."""
-    for line in out.splitlines():
-        if line.startswith("VIO-GUEST-PROGRESS "):
-            p = json.loads(line[len("VIO-GUEST-PROGRESS "):])
-            if p["elapsed_ns"] >= after_ns and res["elapsed_ns"] > p["elapsed_ns"]:
-                return (res["ops"] - p["ops"]) * 1e9 / (res["elapsed_ns"] - p["elapsed_ns"])
-    return res["iops"]
-
-
 def elastic_suite(runs):
     """Elastic passthrough: IOPS of passthrough, snoop and auto side by side (interleaved), the
     snoop thread's CPU per request, the switch pause per direction, and fault-in/map rates."""
@@ -359,10 +216,11 @@ def elastic_suite(runs):
     return rows
 
 
-def switch_suite(runs):
+def switch_suite(runs, quick=False):
     """Elastic switches: the pause of each direction under qd 32 load, and the fault-in and map
     throughput of entering passthrough with most of guest RAM reclaimed."""
     rows = []
+    record.plan(2 * runs)
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
         disk = os.path.join(d, "disk.img")
         with open(disk, "wb") as f:
@@ -382,10 +240,12 @@ def switch_suite(runs):
                     time.sleep(0.05)
             return reps
         reps = []
+        ops = 600_000 if quick else 3_000_000
         for rep in range(runs):
+            record.begin("forced switches every 50 ms under qd 32", rep, runs)
             with Vdpu(disk) as v:
                 _, c, r, full = vio_run(disk, ["--vio", f"socket={v.sock},id=dpu0"],
-                                        "vio.workload=blk-verify vio.ops=3000000 vio.qd=32 vio.seed=1", switching)
+                                        f"vio.workload=blk-verify vio.ops={ops} vio.qd=32 vio.seed=1", switching)
                 assert c["iopf"] == 0, c
                 reps += r
         for direction in ("passthrough", "snoop"):
@@ -403,6 +263,7 @@ def switch_suite(runs):
             return json.loads(body)["switch"]
         fr, mr, host = [], [], []
         for rep in range(runs):
+            record.begin("fault-in of 384 MiB reclaimed", rep, runs)
             host.append(fresh_memory_rate(384 << 20))
             with Vdpu(disk) as v:
                 # A guest that has written 384 MiB and idles; all of it reclaimed, then passed through.
@@ -419,6 +280,7 @@ def switch_suite(runs):
                     time.sleep(0.01)
                 r = faultin(sock, p)
                 p.wait()
+                record.raw({"switch": r, "host_fresh_gib_s": host[-1]}, shlex.join(full))
                 fr.append(r["faultin_bytes"] / (r["took_us"] / 1e6) / (1 << 30))
                 mr.append(r["mapped_bytes"] / (r["took_us"] / 1e6) / (1 << 30))
                 shown = shlex.join(full).replace(d, "$TMPFS")
@@ -427,23 +289,6 @@ def switch_suite(runs):
                      f"{med(host):.2f} GiB/s for writing fresh memory, measured just before each), {med(mr):.2f} GiB/s mapped",
                      shown + " ; once 380 MiB are resident: PUT vm.reclaim 512M, PUT vm.vio-mode passthrough"))
     return rows
-
-
-def fresh_memory_rate(size):
-    """GiB/s at which this host hands out memory a process writes for the first time (a fresh
-    memfd, filled 1 MiB at a time): the bound for any fault-in, which copies into fresh pages.
-    On a nested host it moves with the host's own host, so fault-in is reported against it."""
-    chunk = os.urandom(1 << 20)
-    fd = os.memfd_create("bench-fresh")
-    try:
-        os.ftruncate(fd, size)
-        with mmap.mmap(fd, size) as m:
-            t0 = time.perf_counter()
-            for off in range(0, size, len(chunk)):
-                m[off:off + len(chunk)] = chunk
-            return size / (time.perf_counter() - t0) / (1 << 30)
-    finally:
-        os.close(fd)
 
 
 def churn_and_watch(sock, p):
@@ -542,15 +387,6 @@ def linux_suite(runs):
     return rows
 
 
-def run_linux(args):
-    p = subprocess.run(args, capture_output=True, text=True, timeout=900)
-    if p.returncode != 0 or "VIO-GUEST-RESULT " not in p.stdout:
-        sys.exit(f"Linux run failed ({p.returncode}): {p.stdout[-2000:]}\n{p.stderr[-2000:]}")
-    r = json.loads(p.stdout.split("VIO-GUEST-RESULT ", 1)[1].splitlines()[0])
-    assert r["mismatches"] == 0 and r["io_errors"] == 0, r
-    return r
-
-
 def upgrade_chain(d, v, memory, n, cmd):
     """Boots a VM with vdpu passed through (`--user-device`), then live-upgrades it `n` times in
     a row into fresh VMMs (A -> B -> C ...) while blk-verify runs. Returns the senders'
@@ -598,7 +434,7 @@ def upgrade_chain(d, v, memory, n, cmd):
     return reports, result, shlex.join([VMM] + full)
 
 
-def upgrade_suite(runs):
+def upgrade_suite(runs, quick=False):
     """Live upgrade: the downtime (vCPUs stopped, from the sender's freeze to the receiver's
     "running") over chains of upgrades of a VM with vdpu passed through and busy, for guest RAM
     sizes from 256 MiB to 4 GiB (nothing is copied, so it should not grow)."""
@@ -607,14 +443,19 @@ def upgrade_suite(runs):
         disk = os.path.join(d, "disk.img")
         with open(disk, "wb") as f:
             f.truncate(64 << 20)
-        for mem in ("256M", "1G", "4G"):
+        mems = ("256M",) if quick else ("256M", "1G", "4G")
+        chain, secs = (3, 5) if quick else (10, 12)
+        record.plan(len(mems) * runs)
+        for mem in mems:
             reports, ops = [], 0
             for rep in range(runs):
+                record.begin(f"{mem} VM, {chain} upgrades in a row", rep, runs)
                 with Vdpu(disk) as v:
-                    r, res, full = upgrade_chain(d, v, f"size={mem},shared=on", 10,
+                    r, res, full = upgrade_chain(d, v, f"size={mem},shared=on", chain,
                                                  "vio.workload=blk-verify vio.ops=1000000000 vio.qd=16 "
-                                                 "vio.seed=1 vio.phases=0:12s vio.stall_s=5")
+                                                 f"vio.seed=1 vio.phases=0:{secs}s vio.stall_s=5")
                     assert res["mismatches"] == 0 and res["io_errors"] == 0, res
+                    record.raw({"upgrades": r, "result": res}, full)
                     ops += res["ops"]
                     reports += r
             down = sorted(x["downtime_us"] for x in reports)
@@ -625,67 +466,100 @@ def upgrade_suite(runs):
                          f"({len(down)} upgrades); of it p50 {save / 1000:.1f} ms freeze+save, "
                          f"{restore / 1000:.1f} ms the receiver's rebuild; {ops} ops verified",
                          shown_with_vdpu(full.replace(d + "/", "$TMPFS/"), d, v)
-                         + " --api-socket $TMPFS/up0.sock ; then 10 x (vio-hypervisor --api-socket NEW &"
+                         + f" --api-socket $TMPFS/up0.sock ; then {chain} x (vio-hypervisor --api-socket NEW &"
                          " receive-migration; send-migration --local)"))
     return rows
 
 
-SUITES = {"foundation": foundation, "vdpu": vdpu_suite, "reclaim": reclaim_suite, "vio": vio_suite,
-          "elastic": elastic_suite, "switch": switch_suite, "lockpage": lockpage_suite,
-          "linux": linux_suite, "upgrade": upgrade_suite}
+def legacy(f):
+    """A per-feature suite from before the paper's set: (runs) -> rows."""
+    return lambda runs, quick, peer: f(runs)
 
 
-def machine():
-    """What the numbers were measured on (every results file carries it)."""
-    mem = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) << 10
-    kvm = "pvm (kvm_pvm: nested, guest CPL0 emulated)" if os.path.isdir("/sys/module/kvm_pvm") else "kvm"
-    return {"cores": os.cpu_count(), "memory_bytes": mem, "kernel": os.uname().release,
-            "kvm": kvm, "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                                 capture_output=True, text=True).stdout.strip()}
+# The paper's evaluation (the default set), then the per-feature suites kept for their docs.
+SUITES = {"overhead": paper.overhead, "iopf": paper.iopf, "memory": paper.memory,
+          "switch": lambda runs, quick, peer: switch_suite(runs, quick),
+          "upgrade": lambda runs, quick, peer: upgrade_suite(runs, quick), "walker": paper.walker,
+          "foundation": legacy(foundation), "vdpu": legacy(vdpu_suite), "reclaim": legacy(reclaim_suite),
+          "vio": legacy(vio_suite), "elastic": legacy(elastic_suite), "lockpage": legacy(lockpage_suite),
+          "linux": legacy(linux_suite)}
+DEFAULT = ["overhead", "iopf", "memory", "switch", "upgrade", "walker"]
+
+
+def write_docs(name, table):
+    """Replaces the text between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in
+    docs/performance.md with `table`; a suite without markers there is left out."""
+    path = os.path.join(ROOT, "docs/performance.md")
+    with open(path) as f:
+        doc = f.read()
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    if start not in doc or end not in doc:
+        print(f"docs/performance.md has no {start} section; not written", file=sys.stderr)
+        return
+    a, b = doc.index(start) + len(start), doc.index(end)
+    with open(path, "w") as f:
+        f.write(doc[:a] + "\n" + table + "\n" + doc[b:])
 
 
 def main():
     ap = argparse.ArgumentParser(description="Runs bench suites; each writes a table to stdout "
-                                 "and bench/results/<suite>-<timestamp>.json")
-    ap.add_argument("suites", nargs="*", metavar="SUITE", help=f"any of {', '.join(SUITES)} (default: all)")
-    ap.add_argument("--runs", type=int, default=None, help="repetitions per configuration (default 5; 1 with --quick)")
-    ap.add_argument("--quick", action="store_true", help="one repetition each")
+                                 "and bench/results/<suite>-<timestamp>.json (and a .png)")
+    ap.add_argument("suites", nargs="*", metavar="SUITE",
+                    help=f"any of {', '.join(SUITES)} (default: {' '.join(DEFAULT)})")
+    ap.add_argument("--runs", type=int, default=None, help="repetitions per configuration (default 3; 1 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="every suite small: one repetition, fewer points, short runs")
+    ap.add_argument("--peer-vmm", metavar="PATH", help="another Cloud-Hypervisor-compatible VMM binary: its "
+                    "emulated virtio-blk and its --user-device join the overhead suite")
+    ap.add_argument("--out", metavar="DIR", default=os.path.join(ROOT, "bench/results"), help="where results go")
+    ap.add_argument("--docs", action="store_true", help="also write each table into docs/performance.md "
+                    "(between <!-- bench:SUITE --> markers)")
     a = ap.parse_args()
     unknown = [x for x in a.suites if x not in SUITES]
     if unknown:
         ap.error(f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
-    suites = a.suites or list(SUITES)
-    runs = a.runs or (1 if a.quick else 5)
+    if a.peer_vmm and not os.access(a.peer_vmm, os.X_OK):
+        ap.error(f"--peer-vmm {a.peer_vmm}: not an executable")
+    suites = a.suites or DEFAULT
+    runs = a.runs or (1 if a.quick else 3)
     build()
     facts = machine()
-    os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
+    os.makedirs(a.out, exist_ok=True)
     started = time.monotonic()
     for i, name in enumerate(suites):
         done = time.monotonic() - started
         eta = f", about {done / i * (len(suites) - i) / 60:.0f} min left" if i else ""
         print(f"[{i + 1}/{len(suites)}] {name}: {runs} run(s){eta}", file=sys.stderr, flush=True)
         t0 = time.monotonic()
-        rows = SUITES[name](runs)
+        record.start_suite(name)
+        got = SUITES[name](runs, a.quick, a.peer_vmm)
+        rows, series = got if isinstance(got, tuple) else (got, None)
         took = time.monotonic() - t0
-        print(f"## {name}\n\nMedian of {runs} runs, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs\n")
-        print("| what | result |\n|---|---|")
-        for what, val, _ in rows:
-            print(f"| {what} | {val} |")
-        print("\nCommands:\n")
-        for what, _, cmd in rows:
-            if cmd:
-                print(f"- {what}: `{cmd.replace(ROOT + '/', '')}`")
-        print(flush=True)
-        out = os.path.join(ROOT, "bench/results", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        table = [f"Median of {runs} run(s), {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "
+                 f"`scripts/bench.sh{' --quick' if a.quick else ''} --runs {runs} {name}`\n",
+                 "| what | result |", "|---|---|"]
+        table += [f"| {what} | {val} |" for what, val, _ in rows]
+        table += ["", "Commands:", ""]
+        table += [f"- {what}: `{cmd.replace(ROOT + '/', '')}`" for what, _, cmd in rows if cmd]
+        table = "\n".join(table)
+        print(f"## {name}\n\n{table}\n", flush=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = os.path.join(a.out, f"{name}-{stamp}.json")
         with open(out, "w") as f:
             json.dump({"suite": name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": runs,
                        "quick": a.quick, "seconds": round(took, 1), "machine": facts,
+                       "command": shlex.join(sys.argv),
                        "rows": [{"what": w, "result": v, "command": (c or "").replace(ROOT + "/", "")}
-                                for w, v, c in rows]}, f, indent=1)
+                                for w, v, c in rows],
+                       "series": series, "repetitions": record.repetitions()}, f, indent=1)
+        png = None
+        if series:
+            from benchlib.plot import plot
+            png = os.path.join(a.out, f"{name}-{stamp}.png")
+            plot(name, series, png)
+        if a.docs and not a.quick:
+            write_docs(name, table)
+            if png:
+                shutil.copyfile(png, os.path.join(ROOT, "docs/img", f"{name}.png"))
         print(f"[{i + 1}/{len(suites)}] {name}: {took:.0f} s, {out.replace(ROOT + '/', '')}", file=sys.stderr, flush=True)
 
 

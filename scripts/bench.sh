@@ -1,5 +1,8 @@
 #!/bin/sh
-# The bench harness's entry point: scripts/bench.sh [--quick] [--runs N] [SUITE...]
-# Builds what it runs, then runs each suite (all by default), printing a markdown table per
-# suite and writing bench/results/<suite>-<timestamp>.json (docs/performance.md).
+# The bench harness's entry point: scripts/bench.sh [--quick] [--runs N] [--peer-vmm PATH] [SUITE...]
+# Builds what it runs, then runs each suite (the paper's set by default), printing a markdown
+# table per suite and writing bench/results/<suite>-<timestamp>.json and .png
+# (docs/performance.md). matplotlib draws the plots; it is installed here if missing.
+set -e
+python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install -q --disable-pip-version-check matplotlib
 exec python3 "$(dirname "$0")/bench.py" "$@"

@@ -133,6 +133,13 @@ fn reclaim_requires_shared_memory_and_enablement() {
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("not enabled"), "{body}");
     assert_eq!(vm.api("PUT", "vm.reclaim", r#"{"byte": 1}"#).0, 400);
+    let (status, body) = vm.api(
+        "PUT",
+        "vm.reclaim",
+        r#"{"bytes": 4096, "dma_only": true, "unsafe_unmap_dma": true}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("exclude each other"), "{body}");
     assert_eq!(vm.api("PUT", "vmm.shutdown", "").0, 204);
     let _ = vm.finish(TIMEOUT);
 }

@@ -294,10 +294,15 @@ impl Vm {
         &self,
         bytes: u64,
         unsafe_unmap_dma: bool,
+        dma_only: bool,
     ) -> Option<crate::reclaim::ReclaimReport> {
-        self.memory
-            .reclaimer()
-            .map(|r| r.reclaim(bytes, unsafe_unmap_dma))
+        self.memory.reclaimer().map(|r| {
+            if dma_only {
+                r.reclaim_dma_mapped(bytes)
+            } else {
+                r.reclaim(bytes, unsafe_unmap_dma)
+            }
+        })
     }
 
     pub fn dma_unmap(&self, id: &str, iova: u64, size: u64) -> Result<(), DeviceError> {

@@ -198,10 +198,11 @@ impl Vmm {
             ApiRequest::VmReclaim {
                 bytes,
                 unsafe_unmap_dma,
+                dma_only,
             } => {
                 let vm = self.vm.as_ref().ok_or(VmmError::VmNotBooted)?;
                 let report = vm
-                    .reclaim(bytes, unsafe_unmap_dma)
+                    .reclaim(bytes, unsafe_unmap_dma, dma_only)
                     .ok_or(VmmError::ReclaimDisabled)?;
                 Ok(Some(serde_json::to_value(report).map_err(VmmError::Reply)?))
             }

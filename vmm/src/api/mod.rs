@@ -44,6 +44,8 @@ pub enum ApiRequest {
     VmReclaim {
         bytes: u64,
         unsafe_unmap_dma: bool,
+        /// Only pages a `vio` device has DMA-mapped and is not using (fault experiments).
+        dma_only: bool,
     },
     /// Hands the VM to the VMM listening at `url` (a live upgrade), then exits.
     VmSendMigration {
@@ -221,12 +223,20 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiErr
                 bytes: u64,
                 #[serde(default)]
                 unsafe_unmap_dma: bool,
+                #[serde(default)]
+                dma_only: bool,
             }
             let b: Body = serde_json::from_slice(body)
                 .map_err(|e| ApiError::BadRequest(format!("Invalid body: {e}")))?;
+            if b.dma_only && b.unsafe_unmap_dma {
+                return Err(ApiError::BadRequest(
+                    "dma_only and unsafe_unmap_dma exclude each other".into(),
+                ));
+            }
             ApiRequest::VmReclaim {
                 bytes: b.bytes,
                 unsafe_unmap_dma: b.unsafe_unmap_dma,
+                dma_only: b.dma_only,
             }
         }
         "vm.vio-info" => ApiRequest::VmVioInfo,

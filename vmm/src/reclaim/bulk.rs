@@ -83,7 +83,12 @@ impl Reclaimer {
         let t0 = Instant::now();
         let bytes = (p.len * PAGE) as usize;
         self.store.take_run(p.start, &mut buf[..bytes], |page, e| {
-            log::error!("Restoring guest page {page}: {e}; mapping zeros")
+            self.stats.restore_errors.fetch_add(1, Ordering::Relaxed);
+            log::error!(
+                "Restoring guest page {page}: {}; the guest gets a zero page",
+                vio::error_chain(&e)
+            );
+            self.store.forget(page);
         });
         // SAFETY: the pages are ours to fill: reclaimed (absent from the memfd and every
         // mapping) and locked, so no one else installs them; `buf` holds `bytes` bytes.

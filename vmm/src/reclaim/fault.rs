@@ -88,8 +88,14 @@ impl Reclaimer {
             std::thread::sleep(Duration::from_micros(self.cfg.fault_latency_us));
         }
         if let Err(e) = self.store.take(page, buf) {
-            // Nothing sensible to give the guest: the page is lost. Say so loudly.
-            log::error!("Restoring guest page {page}: {e}; mapping zeros");
+            // Nothing sensible to give the guest: the page is lost. Say so loudly
+            // (docs/security.md: what the guest sees, and why).
+            self.stats.restore_errors.fetch_add(1, Ordering::Relaxed);
+            log::error!(
+                "Restoring guest page {page}: {}; the guest gets a zero page",
+                vio::error_chain(&e)
+            );
+            self.store.forget(page);
             buf.fill(0);
         }
         // SAFETY: `buf` is a page of our own memory; `host` is a page of the registered guest

@@ -99,6 +99,10 @@ pub struct ReclaimStats {
     pub dma_faultins: AtomicU64,
     pub minor_faults: AtomicU64,
     pub zero_fills: AtomicU64,
+    /// Reclaim passes a store failure ended (the pages stayed in RAM).
+    pub store_errors: AtomicU64,
+    /// Restores whose store read failed: the guest got a zero page instead of its data.
+    pub restore_errors: AtomicU64,
     pub reclaim_runs: AtomicU64,
     pub sample_runs: AtomicU64,
     pub restore_ns_total: AtomicU64,
@@ -115,6 +119,8 @@ pub struct ReclaimReport {
     pub skipped_locked_bytes: u64,
     pub skipped_reason: Option<String>,
     pub errors: u64,
+    /// The store failure that ended the pass early, if one did.
+    pub error: Option<String>,
 }
 
 pub struct Reclaimer {
@@ -365,6 +371,8 @@ impl Reclaimer {
             ("sample_runs", s.sample_runs.load(Ordering::Relaxed)),
             ("minor_faults", s.minor_faults.load(Ordering::Relaxed)),
             ("zero_fills", s.zero_fills.load(Ordering::Relaxed)),
+            ("store_errors", s.store_errors.load(Ordering::Relaxed)),
+            ("restore_errors", s.restore_errors.load(Ordering::Relaxed)),
             (
                 "restore_ns_avg",
                 s.restore_ns_total

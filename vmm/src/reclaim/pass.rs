@@ -6,6 +6,17 @@ use super::*;
 impl Reclaimer {
     /// Reclaims up to `bytes` of the coldest reclaimable pages now.
     pub fn reclaim(&self, bytes: u64, unsafe_unmap_dma: bool) -> ReclaimReport {
+        self.reclaim_among(bytes, unsafe_unmap_dma, false)
+    }
+
+    /// Reclaims up to `bytes` of the pages some `vio` device has DMA-mapped and is not using
+    /// (oldest first, whatever their age): each comes back as a snoop fault-in the next time
+    /// the device needs it. This is how the bench makes device page faults at a chosen rate.
+    pub fn reclaim_dma_mapped(&self, bytes: u64) -> ReclaimReport {
+        self.reclaim_among(bytes, false, true)
+    }
+
+    fn reclaim_among(&self, bytes: u64, unsafe_unmap_dma: bool, dma_only: bool) -> ReclaimReport {
         let Some(_g) = self.pass_guard() else {
             return ReclaimReport {
                 skipped_reason: Some("reclaim is frozen for a live upgrade".into()),
@@ -18,12 +29,26 @@ impl Reclaimer {
         // Oldest first. Once sampling has aged pages, only cold ones (a whole round untouched)
         // qualify: "up to N bytes of the coldest". Without sampling there is no such knowledge and
         // any page may go, coldest first by address.
-        let informed = self.stats.sample_runs.load(Ordering::Relaxed) >= 2;
+        let informed = self.stats.sample_runs.load(Ordering::Relaxed) >= 2 && !dma_only;
+        let windows: Vec<Arc<DmaWindow>> = if dma_only {
+            self.windows
+                .lock()
+                .unwrap()
+                .iter()
+                .filter_map(std::sync::Weak::upgrade)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let dma_mapped = |p: u64| {
+            self.guest_addr(p)
+                .is_some_and(|a| windows.iter().any(|w| w.is_mapped(a / PAGE)))
+        };
         let mut by_age: Vec<Vec<u64>> = vec![Vec::new(); 256];
         for (s, e) in self.resident_ranges() {
             for p in s..e {
                 let a = self.age(p);
-                if a >= 1 || !informed {
+                if (a >= 1 || !informed) && (!dma_only || dma_mapped(p)) {
                     by_age[a as usize].push(p);
                 }
             }
@@ -54,15 +79,18 @@ impl Reclaimer {
             }
             chosen.push(p);
         }
-        let (done, errors) = self.reclaim_pages(chosen);
+        let (done, errors, error) = self.reclaim_pages(chosen);
         report.reclaimed_bytes = done * PAGE;
         report.errors = errors;
+        report.error = error.map(|e| vio::error_chain(&e));
         report
     }
 
     /// Reclaims `pages` in contiguous runs (one madvise, one pread and one hole punch per
-    /// run). Returns (pages reclaimed, errors).
-    pub(super) fn reclaim_pages(&self, mut pages: Vec<u64>) -> (u64, u64) {
+    /// run). A store failure (full, or an I/O error) ends the pass: the pages not yet saved
+    /// stay resident, and a store that failed once is likely to fail again. Returns (pages
+    /// reclaimed, errors, the store failure that ended the pass).
+    pub(super) fn reclaim_pages(&self, mut pages: Vec<u64>) -> (u64, u64, Option<StoreError>) {
         const MAX_RUN: u64 = 512;
         // Pages held and DMA-evicted together: one unmap can then cover many runs.
         const GROUP: u64 = 16384;
@@ -107,15 +135,18 @@ impl Reclaimer {
                 done += saved;
                 if let Some(e) = err {
                     errors += 1;
-                    warn!("Reclaiming pages {start}..{}: {e}", start + n);
-                    if matches!(e, StoreError::Full(_)) {
-                        unlock(&held[k + 1..]);
-                        return (done, errors);
-                    }
+                    self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        "Reclaim stopped at pages {start}..{} (kept in RAM): {}",
+                        start + n,
+                        vio::error_chain(&e)
+                    );
+                    unlock(&held[k + 1..]);
+                    return (done, errors, Some(e));
                 }
             }
         }
-        (done, errors)
+        (done, errors, None)
     }
 
     /// Holds the first pages of [start, start+n) for reclaim (busy, and not pinned for a request

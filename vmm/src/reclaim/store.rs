@@ -86,6 +86,19 @@ pub struct Store {
     compress: bool,
     max_bytes: u64,
     index: Mutex<Index>,
+    /// Tests make the file fail after this many more writes or reads.
+    #[cfg(test)]
+    pub(crate) ok_writes: std::sync::atomic::AtomicU64,
+    #[cfg(test)]
+    pub(crate) ok_reads: std::sync::atomic::AtomicU64,
+}
+
+#[cfg(test)]
+fn injected(left: &std::sync::atomic::AtomicU64) -> Result<(), StoreError> {
+    use std::sync::atomic::Ordering;
+    left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .map(|_| ())
+        .map_err(|_| StoreError::Io(io::Error::from_raw_os_error(libc::EIO)))
 }
 
 impl Store {
@@ -126,11 +139,17 @@ impl Store {
             compress,
             max_bytes,
             index: Mutex::default(),
+            #[cfg(test)]
+            ok_writes: u64::MAX.into(),
+            #[cfg(test)]
+            ok_reads: u64::MAX.into(),
         })
     }
 
     /// Saves a page's content. On error nothing is stored.
     pub fn save(&self, page: u64, data: &[u8; PAGE_SIZE]) -> Result<(), StoreError> {
+        #[cfg(test)]
+        injected(&self.ok_writes)?;
         if data.iter().all(|&b| b == 0) {
             self.forget(page);
             self.index.lock().unwrap().entries.insert(page, Entry::Zero);
@@ -185,6 +204,8 @@ impl Store {
 
     /// Reads a page back into `out` and forgets it.
     pub fn take(&self, page: u64, out: &mut [u8; PAGE_SIZE]) -> Result<(), StoreError> {
+        #[cfg(test)]
+        injected(&self.ok_reads)?;
         let entry = self.entry(page)?;
         if let Entry::Data { offset, len, .. } = entry {
             let mut buf = vec![0u8; len as usize];
@@ -431,6 +452,10 @@ impl Store {
             compress: s.compress,
             max_bytes: s.max_bytes,
             index: Mutex::new(ix),
+            #[cfg(test)]
+            ok_writes: u64::MAX.into(),
+            #[cfg(test)]
+            ok_reads: u64::MAX.into(),
         })
     }
 }

@@ -182,6 +182,30 @@ fn snoop_pins_fault_in_map_and_block_reclaim() {
     ));
 }
 
+/// `reclaim_dma_mapped` takes only pages a device has mapped and is not using, whatever else
+/// is resident and older; each then comes back as a device fault-in.
+#[test]
+fn dma_only_reclaim_takes_idle_device_pages() {
+    let mm = setup(ReclaimConfig::default());
+    let (r, io, w) = snooped(&mm);
+    fill(&mm, 16);
+    for p in [2, 9, 11] {
+        w.acquire(p).unwrap();
+    }
+    w.release(2);
+    w.release(9);
+    // Page 11 is in flight (pinned); the 13 unmapped resident pages are not candidates.
+    let rep = r.reclaim_dma_mapped(16 * PAGE);
+    assert_eq!(rep.reclaimed_bytes, 2 * PAGE, "{rep:?}");
+    assert_eq!(*io.mapped.lock().unwrap(), [11].into_iter().collect());
+    assert!(
+        matches!(w.acquire(9), Ok(true)),
+        "back as a device fault-in"
+    );
+    assert_eq!(r.counters()["dma_faultins"], 1);
+    check(&mm, 16);
+}
+
 /// Locked pages are pins that reclaim reports as locked; unlocked, they are reclaimable.
 #[test]
 fn locked_pages_are_skipped_and_reported() {
@@ -305,6 +329,56 @@ fn a_full_store_reclaims_what_fits_and_loses_nothing() {
     assert_eq!(rep.reclaimed_bytes, 4 * PAGE);
     assert_eq!(rep.errors, 1, "stops at the first full-store error");
     check(&mm, 16);
+}
+
+/// The store's write fails part-way through a pass (an I/O error, not a full store): the pass
+/// stops there with the error reported, the page whose write failed and everything after it
+/// stay resident, and the guest's data is intact.
+#[test]
+fn a_store_write_failure_ends_the_pass_and_loses_nothing() {
+    let cfg = ReclaimConfig {
+        compress: Compression::None,
+        ..Default::default()
+    };
+    let mm = setup(cfg);
+    let r = mm.reclaimer().unwrap().clone();
+    fill(&mm, 64);
+    let resident = r.resident_bytes();
+    r.store.ok_writes.store(10, Ordering::SeqCst);
+    let rep = r.reclaim(64 * PAGE, false);
+    assert_eq!(rep.reclaimed_bytes, 10 * PAGE);
+    assert_eq!(rep.errors, 1, "the pass stopped at the first failure");
+    let why = rep.error.expect("the failure is reported");
+    assert!(why.contains("Page store I/O failed"), "{why}");
+    assert_eq!(r.counters()["store_errors"], 1);
+    assert_eq!(resident - r.resident_bytes(), 10 * PAGE);
+    check(&mm, 64);
+}
+
+/// A restore whose store read fails: the guest gets a zero page (the data is gone), and that is
+/// counted and logged, not hidden; the other pages come back intact.
+#[test]
+fn a_failed_restore_is_counted_and_the_rest_comes_back() {
+    let mm = setup(ReclaimConfig::default());
+    let r = mm.reclaimer().unwrap().clone();
+    fill(&mm, 4);
+    assert_eq!(r.reclaim(4 * PAGE, false).reclaimed_bytes, 4 * PAGE);
+    r.store.ok_reads.store(0, Ordering::SeqCst);
+    let mem = mm.memory();
+    assert_eq!(
+        mem.read_obj::<u64>(GuestAddress(0)).unwrap(),
+        0,
+        "lost: zeros"
+    );
+    assert_eq!(r.counters()["restore_errors"], 1);
+    assert_eq!(r.store.pages(), 3, "the lost page's store space is freed");
+    r.store.ok_reads.store(u64::MAX, Ordering::SeqCst);
+    for p in 1..4 {
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(p * PAGE)).unwrap(),
+            p * 7 + 1
+        );
+    }
 }
 
 /// A range pinned in bulk (a `vio` device entering passthrough): the reclaimed pages in it
