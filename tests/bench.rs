@@ -1,5 +1,6 @@
 //! The bench harness itself: `scripts/bench.sh --quick` runs every suite of the paper's set
-//! small, and each must produce well-formed results in which every configuration has numbers.
+//! small (with our own binary as `--peer-vmm`), and each must produce well-formed results in
+//! which every configuration has numbers.
 //! What the numbers are is not checked here (performance claims come from full runs).
 
 mod common;
@@ -39,10 +40,13 @@ fn quick_bench_produces_numbers_for_every_configuration() {
     }
     let out = tempfile_dir();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Our own binary as the peer VMM: its configurations must show up like any other.
     let run = Command::new(root.join("scripts/bench.sh"))
         .arg("--quick")
         .arg("--out")
         .arg(&out)
+        .arg("--peer-vmm")
+        .arg(env!("CARGO_BIN_EXE_vio-hypervisor"))
         .current_dir(root)
         .output()
         .expect("scripts/bench.sh runs");
@@ -94,6 +98,8 @@ fn quick_bench_produces_numbers_for_every_configuration() {
                 "vdpu passthrough",
                 "vio snoop",
                 "vio auto",
+                "peer emulated virtio-blk",
+                "peer vdpu passthrough",
             ] {
                 assert!(configs.contains(want), "overhead: no {want} in {configs:?}");
             }

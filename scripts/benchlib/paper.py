@@ -67,18 +67,20 @@ class Sampler:
 
     def line(self, line):
         if line.startswith("VIO-GUEST-PROGRESS "):
-            self.progress.append((time.monotonic(), json.loads(line[len("VIO-GUEST-PROGRESS "):])["ops"]))
+            p = json.loads(line[len("VIO-GUEST-PROGRESS "):])
+            self.progress.append((time.monotonic(), p["ops"], p["elapsed_ns"]))
 
     def finish(self):
         self.stop.set()
         self.t.join()
 
-    def cpu_per_request(self, pid, skip=lambda name: False):
-        """CPU seconds of `pid`'s threads (but those `skip` names) per request, between the
-        second and the last progress line (the first is the ramp-up)."""
-        if len(self.progress) < 3:
+    def cpu_per_request(self, pid, after_ns, skip=lambda name: False):
+        """CPU seconds of `pid`'s threads (but those `skip` names) per request, from the first
+        progress line `after_ns` into the run to the last (the same window as the IOPS)."""
+        steady = [x for x in self.progress if x[2] >= after_ns]
+        if len(steady) < 2:
             return None
-        (t0, ops0), (t1, ops1) = self.progress[1], self.progress[-1]
+        (t0, ops0, _), (t1, ops1, _) = steady[0], steady[-1]
 
         def at(t):
             s = min(self.samples, key=lambda x: abs(x[0] - t))[1].get(pid, {})
@@ -88,7 +90,7 @@ class Sampler:
         return spent / max(ops1 - ops0, 1)
 
 
-def run_blk(vmm, args, cmd, vdpu=None, during=None, dev="dpu0"):
+def run_blk(vmm, args, cmd, vdpu=None, during=None, dev="dpu0", steady_after_s=1):
     """blk-verify in a VM (`args` add the device), with the CPU per request of the VMM's
     threads other than the vCPU (which spins polling) and of vdpu's. Returns (result, counters
     or None, numbers, command line)."""
@@ -113,8 +115,9 @@ def run_blk(vmm, args, cmd, vdpu=None, during=None, dev="dpu0"):
         p.wait()
         s.finish()
         out = "".join(out)
-        vmm_cpu = s.cpu_per_request(p.pid, skip=lambda n: n.startswith("vcpu"))
-        vdpu_cpu = s.cpu_per_request(vdpu.p.pid) if vdpu else None
+        after = int(steady_after_s * 1e9)
+        vmm_cpu = s.cpu_per_request(p.pid, after, skip=lambda n: n.startswith("vcpu"))
+        vdpu_cpu = s.cpu_per_request(vdpu.p.pid, after) if vdpu else None
     if "VIO-GUEST-RESULT " not in out:
         sys.exit(f"no result from {shlex.join(full)}: {out[-2000:]}\n{err[0][-2000:]}")
     res = json.loads(out.split("VIO-GUEST-RESULT ", 1)[1].splitlines()[0])
@@ -122,7 +125,7 @@ def run_blk(vmm, args, cmd, vdpu=None, during=None, dev="dpu0"):
     counters = None
     if dev and f"Device {dev} counters: " in err[0]:
         counters = logged_counters(err[0], dev)
-    nums = {"iops": steady_iops(out, res, 1_000_000_000), "lat_p50_us": res["lat_p50_ns"] / 1000,
+    nums = {"iops": steady_iops(out, res, int(steady_after_s * 1e9)), "lat_p50_us": res["lat_p50_ns"] / 1000,
             "lat_p99_us": res["lat_p99_ns"] / 1000, "ops": res["ops"],
             "vmm_cpu_us_per_req": None if vmm_cpu is None else vmm_cpu * 1e6,
             "vdpu_cpu_us_per_req": None if vdpu_cpu is None else vdpu_cpu * 1e6}
@@ -138,6 +141,8 @@ def overhead(runs, quick, peer):
     qds = (1, 32) if quick else (1, 4, 16, 32)
     lats = (0,) if quick else (0, 20)
     secs = 3 if quick else 5
+    # The steady state: from 2 s on, auto mode is past its dwell (1 s) and switch.
+    steady = 1 if quick else 2
     mem = "size=512M,shared=on,reclaim=on"
     plain = "size=512M,shared=on"
     configs = [
@@ -168,10 +173,10 @@ def overhead(runs, quick, peer):
                     record.begin(f"{name}, latency_us={lat if with_vdpu else 0}, qd={qd}", rep, runs)
                     if with_vdpu:
                         with Vdpu(disk, f",latency_us={lat}") as v:
-                            _, c, nums, full, _ = run_blk(vmm, args(disk, v), cmd, v)
+                            _, c, nums, full, _ = run_blk(vmm, args(disk, v), cmd, v, steady_after_s=steady)
                         assert nums.get("iopf", 0) == 0, nums
                     else:
-                        _, _, nums, full, _ = run_blk(vmm, args(disk, None), cmd, None)
+                        _, _, nums, full, _ = run_blk(vmm, args(disk, None), cmd, None, steady_after_s=steady)
                     key = (name, lat if with_vdpu else 0, qd)
                     got.setdefault(key, []).append(nums)
                     cmds[key] = full.replace(d, "$TMPFS").replace(ROOT + "/", "")

@@ -11,6 +11,9 @@ def plot(suite, series, path):
     if kind == "iops_vs_faults":
         data = {"": data}
     panels = list(data.items())
+    # One colour per configuration across panels, in order of first appearance.
+    names = list(dict.fromkeys(n for _, lines in panels for n in lines))
+    colour = {n: f"C{i % 10}" for i, n in enumerate(names)}
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     for ax, (panel, lines) in zip(axes[0], panels):
         for name, pts in lines.items():
@@ -19,7 +22,7 @@ def plot(suite, series, path):
             ys = [p[1] for p in pts]
             if kind == "resident_over_time":
                 ys = [y / (1 << 20) for y in ys]
-            ax.plot(xs, ys, marker="o" if kind != "resident_over_time" else None, label=name)
+            ax.plot(xs, ys, marker="o" if kind != "resident_over_time" else None, label=name, color=colour[name])
         if kind == "iops_vs_qd":
             ax.set_xscale("log", base=2)
             ax.set_xlabel("queue depth")
