@@ -4,5 +4,5 @@
 # table per suite and writing bench/results/<suite>-<timestamp>.json and .png
 # (docs/performance.md). matplotlib draws the plots; it is installed here if missing.
 set -e
-python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install -q --disable-pip-version-check matplotlib
+"$(dirname "$0")/ensure-matplotlib.sh"
 exec python3 "$(dirname "$0")/bench.py" "$@"
