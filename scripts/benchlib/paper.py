@@ -93,7 +93,8 @@ class Sampler:
 def run_blk(vmm, args, cmd, vdpu=None, during=None, dev="dpu0", steady_after_s=1):
     """blk-verify in a VM (`args` add the device), with the CPU per request of the VMM's
     threads other than the vCPU (which spins polling) and of vdpu's. Returns (result, counters
-    or None, numbers, command line)."""
+    or None, numbers, command line, what `during` returned). The numbers are this repetition's
+    record itself: what a suite adds to them afterwards lands in the same repetition."""
     with tempfile.TemporaryDirectory() as d:
         sock = os.path.join(d, "api.sock")
         full = [vmm, "-v", "--kernel", GUEST, "--serial", "tty", "--api-socket", sock] + args + ["--cmdline", cmd]
@@ -249,7 +250,6 @@ def memory(runs, quick, peer):
                     tail = [b for t, b in trace if t >= trace[-1][0] * 0.75] if trace else [0]
                     nums.update(resident_end=med(tail), resident_max=max(b for _, b in trace) if trace else 0,
                                 trace=[[round(t, 2), b] for t, b in trace])
-                    record.raw({"resident_end": nums["resident_end"], "trace": nums["trace"]}, full)
                     got.setdefault((wl, name), []).append(nums)
                     cmds[(wl, name)] = full.replace(d, "$TMPFS").replace(ROOT + "/", "")
     rows, series = [], {}
@@ -335,7 +335,6 @@ def iopf(runs, quick, peer):
                     res, c, nums, full, _ = run_blk(VMM, args, cmd, v, during=churn)
                 assert c["iopf"] == 0, c
                 nums["faults_per_s"] = c["faultins"] * 1e9 / res["elapsed_ns"]
-                record.raw({"faults_per_s": nums["faults_per_s"], "iops": nums["iops"]}, full)
                 got.setdefault(rate, []).append(nums)
                 cmds[rate] = full.replace(d, "$TMPFS").replace(ROOT + "/", "")
     rows, pts = [], []
