@@ -103,6 +103,7 @@ fn forced_switches_under_churn_lose_nothing() {
         assert_eq!(d["iopf"].as_u64(), Some(0), "{d}");
         assert_eq!(d["bad_chains"].as_u64(), Some(0), "{d}");
         assert_eq!(d["acquire_errors"].as_u64(), Some(0), "{d}");
+        assert_eq!(d["missed_doorbells"].as_u64(), Some(0), "{d}");
         let to = |m: &str| switches.iter().filter(|s| s["to"] == m).count();
         assert!(
             to("passthrough") >= 10 && to("snoop") >= 10,

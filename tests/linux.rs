@@ -199,6 +199,7 @@ fn linux_under_vio_survives_churn_that_breaks_passthrough() {
             let m = logged_counters(&out.stderr, "memory");
             assert_eq!(d["iopf"].as_u64(), Some(0), "{d}");
             assert_eq!(d["acquire_errors"].as_u64(), Some(0), "{d}");
+            assert_eq!(d["missed_doorbells"].as_u64(), Some(0), "{d}");
             // Reclaim took pages the device had mapped, from under it (and the device never
             // faulted). Whether the snoop path also had to bring one back is timing: a page
             // Linux touched with the CPU after it was reclaimed (a write buffer being filled,

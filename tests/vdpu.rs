@@ -162,6 +162,69 @@ fn vdpu_killed_mid_run() {
     assert!(!out.stderr.contains("panicked"), "{}", out.describe());
 }
 
+/// vdpu stops answering mid-run (stopped, not dead: its socket stays open): a request to it
+/// fails after the client's timeout instead of hanging the VMM, the device is marked failed,
+/// and later requests fail at once. The VM keeps running throughout.
+#[test]
+fn vdpu_hung_mid_run() {
+    if !kvm_available("vdpu_hung_mid_run") {
+        return;
+    }
+    let disk = TmpDisk::new("hang", 64 << 20);
+    let vdpu = Vdpu::start("hang", &disk);
+    let mut vm = VmBuilder::new("hang")
+        .memory("size=256M,shared=on")
+        .cmdline("vio.workload=blk-verify vio.ops=100000000 vio.qd=8 vio.stall_s=600")
+        .device("--user-device", &vdpu, "")
+        .api_socket()
+        .spawn();
+    let sock = vm.api_path().to_path_buf();
+    vm.wait_line("VIO-GUEST-PROGRESS", Duration::from_secs(60))
+        .expect("guest runs");
+    let signal = |sig| {
+        // SAFETY: signals our own child, which has not been waited for.
+        assert_eq!(unsafe { libc::kill(vdpu.child.id() as i32, sig) }, 0);
+    };
+    signal(libc::SIGSTOP);
+    let counters = || {
+        let t = Instant::now();
+        let (status, body) = api(&sock, "GET", "vm.counters", "");
+        assert_eq!(status, 200, "{body}");
+        let c: Value = serde_json::from_str(&body).unwrap();
+        (c["dpu0"]["failed"].as_u64(), t.elapsed())
+    };
+    let (failed, took) = counters();
+    assert_eq!(
+        failed,
+        Some(1),
+        "a request that got no reply fails the device"
+    );
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_secs(15),
+        "bounded by the request timeout: {took:?}"
+    );
+    let (failed, took) = counters();
+    assert_eq!(failed, Some(1));
+    assert!(took < Duration::from_secs(1), "no second wait: {took:?}");
+    let (status, body) = api(&sock, "GET", "vm.info", "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["state"],
+        "Running"
+    );
+    signal(libc::SIGCONT);
+    let (status, _) = api(&sock, "PUT", "vmm.shutdown", "");
+    assert_eq!(status, 204);
+    let out = vm.finish(Duration::from_secs(30));
+    assert!(out.status.success(), "{}", out.describe());
+    assert!(
+        out.stderr.contains("No reply to command"),
+        "{}",
+        out.describe()
+    );
+    assert!(!out.stderr.contains("panicked"), "{}", out.describe());
+}
+
 /// The problem VIO solves, shown: pages the guest uses for DMA are unmapped from the device
 /// mid-run (as reclaim under plain passthrough would have to). The device faults on them (IOPF,
 /// which it cannot resolve), the guest sees I/O errors, and no memory is corrupted.

@@ -55,6 +55,12 @@ fn assert_verified(r: &Run, ops: u64) {
     assert_eq!(r.device["failed"].as_u64(), Some(0), "{}", r.device);
     assert_eq!(r.device["bad_chains"].as_u64(), Some(0), "{}", r.device);
     assert_eq!(r.device["acquire_errors"].as_u64(), Some(0), "{}", r.device);
+    assert_eq!(
+        r.device["missed_doorbells"].as_u64(),
+        Some(0),
+        "{}",
+        r.device
+    );
 }
 
 /// The headline: the same workload and the same reclaim churn (half of RAM every 100 ms,

@@ -100,7 +100,8 @@ impl Outcome {
     pub fn result(&self) -> Value {
         self.line_json("VIO-GUEST-RESULT ").unwrap_or_else(|| {
             panic!(
-                "no RESULT line\nstdout:\n{}\nstderr:\n{}",
+                "no RESULT line\n{}stdout:\n{}\nstderr:\n{}",
+                self.summary(),
                 self.stdout.join("\n"),
                 self.stderr
             )
@@ -122,10 +123,23 @@ impl Outcome {
             .map(|l| serde_json::from_str(l[prefix.len()..].trim()).expect("RESULT is JSON"))
     }
 
+    /// The lines that tell what went wrong, first: a long log is cut in the middle by whoever
+    /// shows it, and the counters (a stalled ring's indices) are logged near its end.
+    fn summary(&self) -> String {
+        let key =
+            |l: &&str| l.contains(" counters: ") || l.contains(" WARN:") || l.contains(" ERROR:");
+        let lines: Vec<&str> = self.stderr.lines().filter(key).take(40).collect();
+        if lines.is_empty() {
+            return String::new();
+        }
+        format!("key stderr lines:\n{}\n", lines.join("\n"))
+    }
+
     pub fn describe(&self) -> String {
         format!(
-            "status {:?}\nstdout:\n{}\nstderr:\n{}",
+            "status {:?}\n{}stdout:\n{}\nstderr:\n{}",
             self.status,
+            self.summary(),
             self.stdout.join("\n"),
             self.stderr
         )

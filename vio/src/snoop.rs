@@ -22,8 +22,13 @@
 //!   and rings.
 //!
 //! Either way every available entry is published by the doorbell it causes or by the re-read
-//! that follows a publish. Polling while requests are in flight only reaps completions early
-//! (to release their pins); no entry depends on it.
+//! that follows a publish. A poll that stops before that re-read (its round cap, or an index
+//! it cannot use) asks to be polled again, and the next poll re-reads. Polling while requests
+//! are in flight otherwise only reaps completions early (to release their pins).
+//!
+//! Indices the guest and the device write while we read them are read in one access
+//! (`ring_mem`): a torn `avail->idx` looks like garbage, and the entries behind it would wait
+//! for a doorbell the guest, waiting for them, never rings.
 
 use crate::pages::PageError;
 use crate::ring_mem;
@@ -64,6 +69,9 @@ pub struct SnoopStats {
     /// Doorbells the VMM rang on the device, and the ones the device's suppression spared.
     pub device_kicks: u64,
     pub device_kicks_suppressed: u64,
+    /// Entries found waiting with nothing in flight and no doorbell for them (`check_idle`):
+    /// a lost wake-up, which the argument above says cannot happen, published late.
+    pub missed_doorbells: u64,
     pub shadow_idx: u16,
 }
 
@@ -79,6 +87,7 @@ impl SnoopStats {
         self.acquire_errors += other.acquire_errors;
         self.device_kicks += other.device_kicks;
         self.device_kicks_suppressed += other.device_kicks_suppressed;
+        self.missed_doorbells += other.missed_doorbells;
     }
 }
 
@@ -88,6 +97,11 @@ pub struct SnoopQueue {
     published: u16,
     last_used: u16,
     inflight: Inflight,
+    /// The last poll left entries unpublished (its round cap, or an index it could not use):
+    /// the next poll must come without waiting for a doorbell the guest may never ring.
+    behind: bool,
+    /// Idle checks in a row that found the guest's index ahead, and the index they found.
+    idle_ahead: (u32, u16),
     /// The last walk's report, reused.
     report: WalkReport,
     event_idx: bool,
@@ -108,6 +122,9 @@ pub enum SnoopError {
 /// long a guest that keeps adding entries can hold the VMM in one call.
 const MAX_ROUNDS: u32 = 8;
 
+/// Idle checks (`check_idle`) that must see the same unpublished index to call it lost.
+pub const IDLE_CHECKS: u32 = 3;
+
 impl SnoopQueue {
     /// Starts snooping a queue whose device has consumed up to `start_idx`.
     pub fn new(layout: QueueLayout, start_idx: u16, limits: WalkLimits) -> Self {
@@ -117,6 +134,8 @@ impl SnoopQueue {
             published: start_idx,
             last_used: start_idx,
             inflight: Inflight::new(layout.size),
+            behind: false,
+            idle_ahead: (0, 0),
             report: WalkReport::default(),
             event_idx: false,
             last_error: None,
@@ -187,7 +206,8 @@ impl SnoopQueue {
     }
 
     /// One pass for the VMM: reap completions, publish new entries on a doorbell or a poll.
-    /// Returns whether requests are still in flight (worth polling for their completions).
+    /// Returns whether to poll again: requests are in flight (their completions release pins)
+    /// or entries were left behind.
     pub fn service<M: GuestMemory>(
         &mut self,
         mem: &M,
@@ -201,7 +221,7 @@ impl SnoopQueue {
         } else if polling {
             self.poll(mem, host);
         }
-        self.inflight.count > 0
+        self.inflight.count > 0 || self.behind
     }
 
     /// The VMM is the device's driver: it rings only if the device asked for it (virtio
@@ -227,11 +247,13 @@ impl SnoopQueue {
 
     /// Publishes whatever the guest made available since the last call, doorbell or not.
     pub fn poll<M: GuestMemory>(&mut self, mem: &M, host: &dyn SnoopHost) -> u16 {
+        self.behind = true;
         for _ in 0..MAX_ROUNDS {
             let Some(avail) = self.guest_avail(mem) else {
                 break;
             };
             if avail == self.published {
+                self.behind = false;
                 break;
             }
             // A head the guest reuses was completed first, and the guest saw that completion
@@ -285,6 +307,8 @@ impl SnoopQueue {
                 }
             });
             if !published {
+                // Retired: this engine is done with the ring.
+                self.behind = false;
                 break;
             }
             let prev = std::mem::replace(&mut self.published, new);
@@ -316,6 +340,28 @@ impl SnoopQueue {
         }
         self.last_used = used;
         usize::from(n)
+    }
+
+    /// A periodic check of an engine with nothing to poll for (nothing in flight, nothing left
+    /// behind): if the guest's index has stood ahead of the published one for `IDLE_CHECKS`
+    /// checks in a row, its doorbell was lost. Returns the guest's index then, counted in
+    /// `missed_doorbells`; the caller reports it and polls. A guest between writing its index
+    /// and ringing is ahead for an instant, not for several checks.
+    pub fn check_idle<M: GuestMemory>(&mut self, mem: &M) -> Option<u16> {
+        let avail = self.guest_avail(mem).filter(|&a| a != self.published);
+        let (n, seen) = self.idle_ahead;
+        self.idle_ahead = match avail {
+            Some(a) if self.inflight.count == 0 && !self.behind => {
+                (if seen == a { n + 1 } else { 1 }, a)
+            }
+            _ => (0, 0),
+        };
+        if self.idle_ahead.0 < IDLE_CHECKS {
+            return None;
+        }
+        self.idle_ahead = (0, 0);
+        self.stats.missed_doorbells += 1;
+        avail
     }
 
     /// Requests published and not yet seen completed.
@@ -844,5 +890,93 @@ mod tests {
         assert_eq!(*h.published.borrow(), vec![3, 6]);
         q.release_all(&h);
         assert!(h.pins.borrow().is_empty());
+    }
+
+    /// An index the engine cannot use (here more than a queue ahead, as a torn read of it once
+    /// looked) publishes nothing; with nothing in flight the engine still asks to be polled,
+    /// because the guest, waiting for those requests, rings no more. The next poll publishes
+    /// them once the index reads right, and then polling stops.
+    #[test]
+    fn entries_left_behind_are_polled_for() {
+        let m = mem();
+        let h = Host::default();
+        let mut q = SnoopQueue::new(Q, 0, WalkLimits::default());
+        post(&m, 0, 0);
+        post(&m, 1, 1);
+        set_avail(&m, 0x102);
+        assert!(
+            q.service(&m, &h, true, false),
+            "nothing in flight, entries behind: poll"
+        );
+        assert_eq!(q.published(), 0);
+        set_avail(&m, 2);
+        assert!(q.service(&m, &h, false, true));
+        assert_eq!(q.published(), 2);
+        complete(&m, 1, 0);
+        complete(&m, 2, 1);
+        assert!(!q.service(&m, &h, false, true), "caught up and idle");
+    }
+
+    /// A guest that keeps adding entries holds a poll for at most its round cap; what is left
+    /// is the next poll's, without a doorbell.
+    #[test]
+    fn the_round_cap_leaves_a_poll_behind() {
+        let m = mem();
+        let h = Host::default();
+        post(&m, 0, 0);
+        set_avail(&m, 1);
+        let m2 = m.clone();
+        *h.on_acquire.borrow_mut() = Some(Box::new(move || {
+            let idx = m2.read_obj::<u16>(GuestAddress(Q.avail_ring + 2)).unwrap();
+            if idx <= MAX_ROUNDS as u16 {
+                post(&m2, idx, idx % Q.size);
+                set_avail(&m2, idx + 1);
+            }
+        }));
+        let mut q = SnoopQueue::new(Q, 0, WalkLimits::default());
+        q.service(&m, &h, true, false);
+        assert_eq!(q.published(), MAX_ROUNDS as u16);
+        // Complete everything published: only the entries behind keep the poll going.
+        for i in 1..=MAX_ROUNDS as u16 {
+            complete(&m, i, (i - 1) % Q.size);
+        }
+        q.reap_used(&m, &h);
+        assert_eq!(q.inflight(), 0);
+        *h.on_acquire.borrow_mut() = None;
+        assert!(q.service(&m, &h, false, false), "behind: poll");
+        q.poll(&m, &h);
+        assert_eq!(q.published(), MAX_ROUNDS as u16 + 1, "the one added last");
+    }
+
+    /// Entries waiting with nothing in flight and no doorbell are found by the periodic idle
+    /// check once they have waited `IDLE_CHECKS` checks at the same index, and counted; an
+    /// index that moves, or requests in flight, restart the count.
+    #[test]
+    fn the_idle_check_finds_a_lost_doorbell() {
+        let m = mem();
+        let h = Host::default();
+        let mut q = SnoopQueue::new(Q, 0, WalkLimits::default());
+        assert_eq!(q.check_idle(&m), None, "nothing waiting");
+        post(&m, 0, 0);
+        set_avail(&m, 1);
+        for _ in 1..IDLE_CHECKS {
+            assert_eq!(q.check_idle(&m), None);
+        }
+        post(&m, 1, 1);
+        set_avail(&m, 2);
+        for _ in 1..IDLE_CHECKS {
+            assert_eq!(q.check_idle(&m), None, "the guest is still adding");
+        }
+        assert_eq!(q.check_idle(&m), Some(2));
+        assert_eq!(q.stats.missed_doorbells, 1);
+        q.poll(&m, &h);
+        assert_eq!(q.published(), 2);
+        // In flight: the poll covers it, nothing is lost.
+        post(&m, 2, 2);
+        set_avail(&m, 3);
+        for _ in 0..2 * IDLE_CHECKS {
+            assert_eq!(q.check_idle(&m), None);
+        }
+        assert_eq!(q.stats.missed_doorbells, 1);
     }
 }

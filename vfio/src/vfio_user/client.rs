@@ -7,7 +7,9 @@ use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 use thiserror::Error;
 use vm_memory::ByteValued;
 
@@ -23,6 +25,10 @@ pub enum ClientError {
     BadReply(u16),
     #[error("Server version {0}.{1} is not supported")]
     Version(u16, u16),
+    #[error("No reply to command {0} within {1:?}")]
+    Timeout(u16, Duration),
+    #[error("The connection is out of step after an earlier failure")]
+    Broken,
 }
 
 impl ClientError {
@@ -31,8 +37,22 @@ impl ClientError {
     }
 }
 
+/// How long a request waits for its reply. A device that takes longer is treated as hung: the
+/// request fails and the connection is closed to requests (its replies would come out of
+/// step), so a vCPU or the snoop thread waits at most this long for a dead device once.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Conn {
+    sock: UnixStream,
+    next_id: u16,
+}
+
 pub struct VfioUserClient {
-    sock: Mutex<(UnixStream, u16)>,
+    conn: Mutex<Conn>,
+    /// A request failed between its send and its reply: what arrives next may answer it.
+    /// Set under `conn`, read without it.
+    broken: AtomicBool,
+    timeout: Duration,
     /// DMA mappings the server holds at once (its `max_dma_maps` capability).
     max_dma_maps: std::sync::atomic::AtomicU64,
 }
@@ -50,19 +70,35 @@ impl VfioUserClient {
     pub fn connect(path: &Path) -> Result<Self, ClientError> {
         let s = UnixStream::connect(path)
             .map_err(|e| ClientError::Connect(path.display().to_string(), e))?;
-        let c = VfioUserClient {
-            sock: Mutex::new((s, 0)),
-            max_dma_maps: DEFAULT_MAX_DMA_MAPS.into(),
-        };
+        let c = Self::adopt(s, 0, DEFAULT_MAX_DMA_MAPS);
         c.negotiate()?;
         Ok(c)
+    }
+
+    /// Replies are waited for at most `timeout` (default `REQUEST_TIMEOUT`).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        Self::apply_timeout(&self.conn.get_mut().unwrap().sock, timeout);
+        self
+    }
+
+    fn apply_timeout(sock: &UnixStream, t: Duration) {
+        let r = sock
+            .set_read_timeout(Some(t))
+            .and_then(|()| sock.set_write_timeout(Some(t)));
+        if let Err(e) = r {
+            log::warn!("vfio-user: no request timeout on the socket: {e}");
+        }
     }
 
     /// Takes over a connection another process negotiated (a live upgrade): no VERSION is
     /// sent, as the server sees one client throughout; message ids continue from `next_id`.
     pub fn adopt(sock: UnixStream, next_id: u16, max_dma_maps: u64) -> Self {
+        Self::apply_timeout(&sock, REQUEST_TIMEOUT);
         VfioUserClient {
-            sock: Mutex::new((sock, next_id)),
+            conn: Mutex::new(Conn { sock, next_id }),
+            broken: AtomicBool::new(false),
+            timeout: REQUEST_TIMEOUT,
             max_dma_maps: max_dma_maps.into(),
         }
     }
@@ -70,37 +106,39 @@ impl VfioUserClient {
     /// What `adopt` needs in the new process: the socket (a descriptor to pass on) and the
     /// next message id. The caller must not issue requests from here on.
     pub fn handover(&self) -> std::io::Result<(UnixStream, u16)> {
-        let g = self.sock.lock().unwrap();
-        Ok((g.0.try_clone()?, g.1))
+        let g = self.conn.lock().unwrap();
+        Ok((g.sock.try_clone()?, g.next_id))
     }
 
-    /// Sends a command and waits for its reply.
+    /// Sends a command and waits for its reply. A request that fails anywhere between the two
+    /// (an I/O error, no reply in time, a reply to something else) leaves the connection out
+    /// of step, and every later request fails at once.
     pub fn request(
         &self,
         cmd: u16,
         payload: &[&[u8]],
         fds: &[RawFd],
     ) -> Result<Message, ClientError> {
-        let mut g = self.sock.lock().unwrap();
-        let id = g.1;
-        g.1 = g.1.wrapping_add(1);
-        send(
-            &g.0,
-            Header {
-                msg_id: id,
-                cmd,
-                ..Default::default()
-            },
-            payload,
-            fds,
-        )?;
-        let reply = recv(&g.0)?;
-        if reply.header.flags & 0xf != FLAG_REPLY
-            || reply.header.msg_id != id
-            || reply.header.cmd != cmd
-        {
-            return Err(ClientError::BadReply(cmd));
+        if fds.len() > MAX_FDS {
+            // Refused before anything is sent: the connection stays in step.
+            return Err(ProtocolError::TooManyFds.into());
         }
+        let mut g = self.conn.lock().unwrap();
+        if self.broken.load(Ordering::Acquire) {
+            return Err(ClientError::Broken);
+        }
+        let id = g.next_id;
+        g.next_id = g.next_id.wrapping_add(1);
+        let reply = self
+            .exchange(&g.sock, id, cmd, payload, fds)
+            .and_then(|reply| {
+                let h = &reply.header;
+                if h.flags & 0xf != FLAG_REPLY || h.msg_id != id || h.cmd != cmd {
+                    return Err(ClientError::BadReply(cmd));
+                }
+                Ok(reply)
+            })
+            .inspect_err(|_| self.broken.store(true, Ordering::Release))?;
         if reply.header.flags & FLAG_ERROR != 0 {
             return Err(ClientError::Refused {
                 cmd,
@@ -108,6 +146,32 @@ impl VfioUserClient {
             });
         }
         Ok(reply)
+    }
+
+    fn exchange(
+        &self,
+        sock: &UnixStream,
+        id: u16,
+        cmd: u16,
+        payload: &[&[u8]],
+        fds: &[RawFd],
+    ) -> Result<Message, ClientError> {
+        let timeout = |e: ProtocolError| match e {
+            ProtocolError::Io(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                ClientError::Timeout(cmd, self.timeout)
+            }
+            ProtocolError::Io(e) if e.kind() == io::ErrorKind::TimedOut => {
+                ClientError::Timeout(cmd, self.timeout)
+            }
+            e => ClientError::Protocol(e),
+        };
+        let header = Header {
+            msg_id: id,
+            cmd,
+            ..Default::default()
+        };
+        send(sock, header, payload, fds).map_err(timeout)?;
+        recv(sock).map_err(timeout)
     }
 
     fn negotiate(&self) -> Result<(), ClientError> {
@@ -129,6 +193,12 @@ impl VfioUserClient {
         self.max_dma_maps
             .store(max, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// A request failed between its send and its reply (see `request`): the device is gone
+    /// for this connection.
+    pub fn broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
     }
 
     /// DMA mappings the server holds at once: the client keeps below this.
@@ -253,7 +323,7 @@ impl VfioUserClient {
 
     /// A second handle on the socket, for watching it (not for requests).
     pub fn try_clone_socket(&self) -> std::io::Result<UnixStream> {
-        self.sock.lock().unwrap().0.try_clone()
+        self.conn.lock().unwrap().sock.try_clone()
     }
 
     pub fn reset(&self) -> Result<(), ClientError> {
@@ -313,6 +383,68 @@ fn server_max_dma_maps(json: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
+
+    /// A device that answers the first `good` requests, then answers none (`Silent`) or
+    /// answers with another request's id (`WrongId`).
+    enum Then {
+        Silent,
+        WrongId,
+    }
+
+    fn device(good: usize, then: Then) -> (VfioUserClient, std::thread::JoinHandle<()>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut served = 0;
+            while let Ok(m) = recv(&theirs) {
+                let mut h = Header {
+                    flags: FLAG_REPLY,
+                    ..m.header
+                };
+                if served >= good {
+                    match then {
+                        Then::Silent => continue,
+                        Then::WrongId => h.msg_id = h.msg_id.wrapping_add(7),
+                    }
+                }
+                served += 1;
+                let _ = send(&theirs, h, &[], &[]);
+            }
+        });
+        let c = VfioUserClient::adopt(ours, 0, DEFAULT_MAX_DMA_MAPS)
+            .with_timeout(Duration::from_millis(200));
+        (c, server)
+    }
+
+    /// A device that stops answering fails the request in bounded time, and every request
+    /// after it fails at once: a late reply must not be taken for the next request's.
+    #[test]
+    fn a_silent_device_times_out_and_the_connection_is_closed_to_requests() {
+        let (c, server) = device(1, Then::Silent);
+        c.region_write(0, 0, &[1]).expect("answered");
+        let t = Instant::now();
+        let e = c.region_write(0, 0, &[2]).unwrap_err();
+        assert!(
+            matches!(e, ClientError::Timeout(CMD_REGION_WRITE, _)),
+            "{e}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        let t = Instant::now();
+        assert!(matches!(c.reset(), Err(ClientError::Broken)));
+        assert!(t.elapsed() < Duration::from_millis(100));
+        assert!(c.broken());
+        drop(c);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_reply_to_another_request_breaks_the_connection() {
+        let (c, server) = device(0, Then::WrongId);
+        assert!(matches!(c.reset(), Err(ClientError::BadReply(_))));
+        assert!(matches!(c.reset(), Err(ClientError::Broken)));
+        drop(c);
+        server.join().unwrap();
+    }
 
     #[test]
     fn max_dma_maps_from_the_version_reply() {

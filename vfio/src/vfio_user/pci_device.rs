@@ -362,8 +362,10 @@ impl VfioUserPciDevice {
         }
     }
 
+    /// The device process went away, or a request to it failed: a connection that lost a
+    /// reply (a hung device's, say) is one whoever used it last may not have reported.
     pub fn failed(&self) -> bool {
-        self.failed.load(Ordering::Acquire)
+        self.failed.load(Ordering::Acquire) || self.client.broken()
     }
 
     pub fn bar(&self, index: usize) -> Option<PciBarRegion> {

@@ -46,6 +46,7 @@ pub(super) fn add_snoop_counters<M: GuestMemory + Send + Sync + 'static>(
             ("acquire_errors", s.acquire_errors),
             ("device_kicks", s.device_kicks),
             ("device_kicks_suppressed", s.device_kicks_suppressed),
+            ("missed_doorbells", s.missed_doorbells),
             ("ring_errors", snoop.ring_errors[q].load(Ordering::Relaxed)),
         ] {
             c.insert(format!("q{q}_{k}"), v);
@@ -59,6 +60,7 @@ pub(super) fn add_snoop_counters<M: GuestMemory + Send + Sync + 'static>(
         ("faultins", total.faultins),
         ("bad_chains", total.bad_chains),
         ("acquire_errors", total.acquire_errors),
+        ("missed_doorbells", total.missed_doorbells),
         ("polls", snoop.polls.load(Ordering::Relaxed)),
         ("snoop_cpu_ns", snoop.cpu_ns.load(Ordering::Relaxed)),
         ("passthrough", u64::from(snoop.mode() == Mode::Passthrough)),

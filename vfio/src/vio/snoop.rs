@@ -24,7 +24,7 @@ use vio::{
     DmaWindow, LatencyHistogram, LogLimiter, PageError, QueueLayout, SnoopHost, SnoopQueue,
     SnoopStats, WalkLimits,
 };
-use vm_memory::GuestMemory;
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -36,6 +36,9 @@ use super::shadow::ShadowPage;
 use vio::elastic::Mode;
 
 static SNOOP_LOG: LogLimiter = LogLimiter::new(10, 10_000);
+
+/// A round of the snoop thread longer than this is logged.
+const SLOW_ROUND: Duration = Duration::from_millis(500);
 
 /// How often the request rate is sampled (auto mode and `vm.vio-info`).
 const SAMPLE_PERIOD: Duration = Duration::from_millis(100);
@@ -412,6 +415,42 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
         again
     }
 
+    /// The sampler's check for lost doorbells (`SnoopQueue::check_idle`): one found is
+    /// reported with everything that decides who should have rung whom, then published.
+    fn check_idle(&self) {
+        // Before any queue's lock: a switch takes the doorbells' lock first.
+        let mode = self.mode();
+        for (i, slot) in self.queues.iter().enumerate() {
+            let mut slot = slot.lock().unwrap();
+            let slot = &mut *slot;
+            let Some(mut sq) = slot.snoop.take() else {
+                continue;
+            };
+            if let Some(avail) = sq.check_idle(&*self.mem) {
+                let q = i as u16;
+                let l = sq.layout;
+                let rd = |a: u64| self.mem.read_obj::<u16>(GuestAddress(a)).ok();
+                let field = |f| self.shadow.field(q, f).load(Ordering::Acquire);
+                warn!(
+                    "{}: queue {q}: a doorbell was lost: guest avail {avail}, published {}, \
+                     shadow {}, used {:?}, guest avail_event {:?}, used flags {:?}, device \
+                     avail_event {} flags {}, mode {}",
+                    self.id,
+                    sq.published(),
+                    field(SLOT_AVAIL_IDX),
+                    rd(l.used_ring + 2),
+                    rd(l.used_ring + 4 + 8 * u64::from(l.size)),
+                    rd(l.used_ring),
+                    field(SLOT_AVAIL_EVENT),
+                    field(SLOT_USED_FLAGS),
+                    mode.name(),
+                );
+                sq.poll(&*self.mem, &self.host(q, slot));
+            }
+            slot.snoop = Some(sq);
+        }
+    }
+
     pub fn run(self: Arc<Self>) {
         let doorbells = self.doorbells.lock().unwrap().vmm_fds();
         if let Err(e) = self.event_loop(&doorbells) {
@@ -447,6 +486,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
+            let t0 = Instant::now();
             let mut kicked = vec![false; doorbells.len()];
             let mut polling = false;
             for ev in &events[..n] {
@@ -464,6 +504,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
                     let _ = sampler.wait();
                     self.cpu_ns.store(thread_cpu_ns(), Ordering::Relaxed);
                     self.sample();
+                    self.check_idle();
                     if let Some(locks) = &self.locks {
                         locks.sample(&self.window, SAMPLE_PERIOD);
                     }
@@ -472,9 +513,21 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
             // A doorbell seen here was rung after the queue change that preceded it was
             // posted, so the change is applied first.
             self.apply_commands();
+            let t1 = Instant::now();
             // While anything is in flight the device may have consumed entries the guest made
             // available without a doorbell (event-idx), and completions must be reaped: poll.
             let again = self.service(&kicked, polling);
+            // Nothing is published while this thread is elsewhere: a long absence is worth a
+            // line (a guest gives up after a few seconds without completions).
+            if t0.elapsed() > SLOW_ROUND && SNOOP_LOG.hit() {
+                warn!(
+                    "{}: snoop thread away {} ms (timers and commands {} ms, queues {} ms)",
+                    self.id,
+                    t0.elapsed().as_millis(),
+                    (t1 - t0).as_millis(),
+                    t1.elapsed().as_millis()
+                );
+            }
             if again != armed {
                 if again {
                     timer.reset(self.poll, Some(self.poll))?;
