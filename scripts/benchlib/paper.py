@@ -297,13 +297,19 @@ def walker(runs, quick, peer):
 
 def iopf(runs, quick, peer):
     """Throughput as the rate of I/O page faults grows, each fault costing 5 ms (a reclaim store
-    with that service time): buffer pages the device has mapped are reclaimed at the matching
-    rate while blk-verify runs under VIO; the achieved fault rate is reported next to the
-    target."""
+    with that service time): pages the device has mapped are reclaimed at the matching rate
+    while blk-verify runs, under VIO (faults resolved before the device sees the request) and
+    under the PRI baseline (the device stops on the missing page and asks for it); the achieved
+    fault rate is reported next to the target, with the time a fault costs."""
     rates = (0, 10, 100) if quick else (0, 1, 10, 100, 1000)
     secs = 4 if quick else 8
     mem = "size=512M,shared=on,reclaim=on"
-    record.plan(len(rates) * runs)
+    # (name, vdpu options, device flag, the counter of device faults, of their cost in ns)
+    configs = [
+        ("vio snoop", "", "--vio", "faultins", "q0_faultin_ns_p50"),
+        ("PRI", ",pri=on", "--user-device", "pri_requests", "pri_resolve_ns_p50"),
+    ]
+    record.plan(len(rates) * len(configs) * runs)
     got, cmds = {}, {}
     with tmpfs_dir() as d:
         disk = disk_in(d)
@@ -311,42 +317,49 @@ def iopf(runs, quick, peer):
                f"vio.pool_pages=4096 vio.seed=1")
         for rep in range(runs):
             for rate in rates:
-                record.begin(f"vio snoop, {rate} faults/s of 5 ms", rep, runs)
+                for name, opts, flag, faults, cost in configs:
+                    record.begin(f"{name}, {rate} faults/s of 5 ms", rep, runs)
 
-                def churn(sock, p, rate=rate):
-                    # Reclaim what should come back as `rate` device faults a second: every
-                    # 100 ms a tenth of it, or one page every 1/rate s below 10/s, taking only
-                    # buffer pages the device has mapped and is not using (`dma_only`). A page
-                    # the guest does not reuse soon does not fault, so the achieved rate is
-                    # measured, not assumed.
-                    tick = max(0.1, 1 / rate) if rate else 0
-                    n = 0
-                    while p.poll() is None and rate:
-                        try:
-                            api(sock, "PUT", "vm.reclaim", json.dumps({"bytes": max(1, round(rate * tick)) * 4096,
-                                                                       "dma_only": True}))
-                            n += 1
-                        except OSError:
-                            pass
-                        time.sleep(tick)
-                    return n
-                with Vdpu(disk) as v:
-                    args = ["--memory", mem, "--reclaim", "fault_latency_us=5000", "--vio", f"socket={v.sock},id=dpu0"]
-                    res, c, nums, full, _ = run_blk(VMM, args, cmd, v, during=churn)
-                assert c["iopf"] == 0, c
-                nums["faults_per_s"] = c["faultins"] * 1e9 / res["elapsed_ns"]
-                got.setdefault(rate, []).append(nums)
-                cmds[rate] = full.replace(d, "$TMPFS").replace(ROOT + "/", "")
-    rows, pts = [], []
-    base = med([n["iops"] for n in got[rates[0]]])
-    for rate in rates:
-        ns = got[rate]
-        iops = med([n["iops"] for n in ns])
-        fr = med([n["faults_per_s"] for n in ns])
-        rows.append((f"vio snoop, target {rate} faults/s of 5 ms", f"{iops:,.0f} IOPS ({iops / base:.2f}x of no faults), "
-                     f"{fr:,.1f} device faults/s achieved, p99 {med([n['lat_p99_us'] for n in ns]):,.0f} us",
-                     cmds[rate] + (f" ; meanwhile PUT vm.reclaim of {max(1, round(rate * max(0.1, 1 / rate)))} page(s) every "
-                                   f"{max(0.1, 1 / rate) * 1000:.0f} ms" if rate else "")))
-        pts.append((fr, iops))
-    rows.append(("PRI baseline", "not measured: the PRI baseline (issue #15) has not landed", ""))
-    return rows, {"kind": "iops_vs_faults", "data": {"vio snoop": pts}}
+                    def churn(sock, p, rate=rate):
+                        # Reclaim what should come back as `rate` device faults a second: every
+                        # 100 ms a tenth of it, or one page every 1/rate s below 10/s, taking
+                        # only pages the device has mapped and is not using (`dma_only`). A page
+                        # the guest does not touch soon does not fault, so the achieved rate is
+                        # measured, not assumed.
+                        tick = max(0.1, 1 / rate) if rate else 0
+                        n = 0
+                        while p.poll() is None and rate:
+                            try:
+                                api(sock, "PUT", "vm.reclaim", json.dumps({"bytes": max(1, round(rate * tick)) * 4096,
+                                                                           "dma_only": True}))
+                                n += 1
+                            except OSError:
+                                pass
+                            time.sleep(tick)
+                        return n
+                    with Vdpu(disk, opts) as v:
+                        args = ["--memory", mem, "--reclaim", "fault_latency_us=5000", flag,
+                                f"socket={v.sock},id=dpu0" + (",pri=on" if opts else "")]
+                        res, c, nums, full, _ = run_blk(VMM, args, cmd, v, during=churn)
+                    if not opts:
+                        assert c["iopf"] == 0, c
+                    nums["faults_per_s"] = c[faults] * 1e9 / res["elapsed_ns"]
+                    nums["fault_ns_p50"] = c.get(cost, 0)
+                    got.setdefault((name, rate), []).append(nums)
+                    cmds[(name, rate)] = full.replace(d, "$TMPFS").replace(ROOT + "/", "")
+    rows, series = [], {}
+    for name, _, _, _, _ in configs:
+        base = med([n["iops"] for n in got[(name, rates[0])]])
+        pts = series.setdefault(name, [])
+        for rate in rates:
+            ns = got[(name, rate)]
+            iops = med([n["iops"] for n in ns])
+            fr = med([n["faults_per_s"] for n in ns])
+            cost = med([n["fault_ns_p50"] for n in ns]) / 1000
+            rows.append((f"{name}, target {rate} faults/s of 5 ms",
+                         f"{iops:,.0f} IOPS ({iops / base:.2f}x of no faults), {fr:,.1f} device faults/s achieved, "
+                         f"p99 {med([n['lat_p99_us'] for n in ns]):,.0f} us, fault p50 {cost:,.0f} us",
+                         cmds[(name, rate)] + (f" ; meanwhile PUT vm.reclaim of {max(1, round(rate * max(0.1, 1 / rate)))} "
+                                               f"page(s) every {max(0.1, 1 / rate) * 1000:.0f} ms" if rate else "")))
+            pts.append((fr, iops))
+    return rows, {"kind": "iops_vs_faults", "data": series}

@@ -600,6 +600,17 @@ pub fn kernel_trouble(stdout: &[String]) -> Vec<&String> {
 
 /// Reclaims `bytes` of guest RAM (`vm.reclaim`) every 100 ms until stopped; records the host's
 /// view of guest RAM after each pass, measured from outside the VMM.
+/// The most the host held of guest RAM after any churn pass (the last pass may have raced the
+/// VM's exit and found no memfd: those are left out).
+pub fn worst_resident(passes: &[(u64, u64, u64)]) -> u64 {
+    passes
+        .iter()
+        .map(|p| p.1)
+        .filter(|&b| b != u64::MAX)
+        .max()
+        .expect("at least one churn pass")
+}
+
 pub struct Churn {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<Vec<(u64, u64, u64)>>>,

@@ -4,6 +4,7 @@
 
 use crate::iommu::Iommu;
 use crate::irq::ClientIrqs;
+use crate::pri::PageRequests;
 use crate::server::Device;
 use std::io;
 use std::path::PathBuf;
@@ -35,10 +36,19 @@ pub struct BlkConfig {
     pub id: String,
     /// Service time per request (0: as fast as the backing file).
     pub latency_us: u64,
+    /// A DMA to an unmapped page becomes a page request (the PRI baseline, `vio::pri`).
+    pub pri: bool,
+    /// How long a queue waits for a page request's answer before failing the access.
+    pub pri_timeout_ms: u64,
 }
 
+/// The default page-request timeout: far above a fault-in from a slow store (5 ms), far below
+/// the guest's own patience.
+pub const DEFAULT_PRI_TIMEOUT_MS: u64 = 1000;
+
 impl BlkConfig {
-    /// `path=FILE[,readonly=on,num_queues=N,queue_size=N,id=NAME,latency_us=N]`
+    /// `path=FILE[,readonly=on,num_queues=N,queue_size=N,id=NAME,latency_us=N,pri=on,
+    /// pri_timeout_ms=N]`
     pub fn parse(raw: &str) -> Result<Self, DeviceError> {
         let err = |m: &str| DeviceError::Parse(raw.to_string(), m.to_string());
         let mut c = BlkConfig {
@@ -48,6 +58,8 @@ impl BlkConfig {
             queue_size: DEFAULT_QUEUE_SIZE,
             id: "vdpu-blk".into(),
             latency_us: 0,
+            pri: false,
+            pri_timeout_ms: DEFAULT_PRI_TIMEOUT_MS,
         };
         let mut have_path = false;
         for item in raw.split(',') {
@@ -60,10 +72,15 @@ impl BlkConfig {
                     have_path = !v.is_empty();
                 }
                 "readonly" => {
-                    c.readonly = match v {
-                        "on" | "true" => true,
-                        "off" | "false" => false,
-                        _ => return Err(err("readonly must be on or off")),
+                    c.readonly = toggle(v).ok_or_else(|| err("readonly must be on or off"))?
+                }
+                "pri" => c.pri = toggle(v).ok_or_else(|| err("pri must be on or off"))?,
+                "pri_timeout_ms" => {
+                    c.pri_timeout_ms = v
+                        .parse()
+                        .map_err(|_| err("pri_timeout_ms must be a number"))?;
+                    if !(1..=60_000).contains(&c.pri_timeout_ms) {
+                        return Err(err("pri_timeout_ms must be 1..60000"));
                     }
                 }
                 "num_queues" => {
@@ -95,6 +112,14 @@ impl BlkConfig {
     }
 }
 
+fn toggle(v: &str) -> Option<bool> {
+    match v {
+        "on" | "true" => Some(true),
+        "off" | "false" => Some(false),
+        _ => None,
+    }
+}
+
 /// The client registers the doorbells with its hypervisor; vdpu reads them directly.
 struct ClientDoorbells;
 
@@ -111,7 +136,16 @@ pub fn build_blk(cfg: &BlkConfig) -> Result<Device, DeviceError> {
     let disk = RawFile::open(&cfg.path, cfg.readonly)
         .map_err(|e| DeviceError::Open(cfg.path.display().to_string(), e))?;
     let iommu = Arc::new(Iommu::new());
-    let block = Block::new(
+    let pri = if cfg.pri {
+        iommu.enable_page_requests();
+        let timeout = std::time::Duration::from_millis(cfg.pri_timeout_ms);
+        Some(Arc::new(
+            PageRequests::new(cfg.num_queues, timeout).map_err(DeviceError::Doorbell)?,
+        ))
+    } else {
+        None
+    };
+    let mut block = Block::new(
         disk,
         &BlockConfig {
             id: cfg.id.clone(),
@@ -121,6 +155,9 @@ pub fn build_blk(cfg: &BlkConfig) -> Result<Device, DeviceError> {
         },
         iommu.clone(),
     );
+    if let Some(p) = &pri {
+        block = block.with_pri(p.clone());
+    }
     let virtio: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(block));
     let irqs = Arc::new(ClientIrqs::new(cfg.num_queues + 1));
     let pci = VirtioPciDevice::new(
@@ -140,6 +177,7 @@ pub fn build_blk(cfg: &BlkConfig) -> Result<Device, DeviceError> {
         iommu,
         irqs,
         notifiers,
+        pri,
     })
 }
 
@@ -153,9 +191,11 @@ mod tests {
             BlkConfig::parse("path=/x.img,readonly=on,num_queues=2,queue_size=128,latency_us=50")
                 .unwrap();
         assert_eq!(
-            (c.readonly, c.num_queues, c.queue_size, c.latency_us),
-            (true, 2, 128, 50)
+            (c.readonly, c.num_queues, c.queue_size, c.latency_us, c.pri),
+            (true, 2, 128, 50, false)
         );
+        let c = BlkConfig::parse("path=/x.img,pri=on,pri_timeout_ms=20").unwrap();
+        assert_eq!((c.pri, c.pri_timeout_ms), (true, 20));
         for (bad, want) in [
             ("readonly=on", "path is required"),
             ("path=/x,speed=9", "unknown key"),
@@ -163,6 +203,8 @@ mod tests {
             ("path=/x,num_queues=0", "1..16"),
             ("path=/x,readonly=maybe", "on or off"),
             ("path=/x,latency_us=fast", "must be a number"),
+            ("path=/x,pri=maybe", "pri must be on or off"),
+            ("path=/x,pri=on,pri_timeout_ms=0", "1..60000"),
             ("/x", "expected key=value"),
         ] {
             let e = BlkConfig::parse(bad).unwrap_err().to_string();

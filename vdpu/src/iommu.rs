@@ -10,7 +10,7 @@ use std::fs::File;
 use std::ops::Deref;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, Weak};
 use thiserror::Error;
 use virtio_devices::transport::ShadowIndex;
@@ -130,10 +130,26 @@ impl Drop for FileMap {
     }
 }
 
-#[derive(Default)]
 pub struct IommuStats {
     pub iopf: AtomicU64,
     pub last_iopf_iova: AtomicU64,
+    /// Page requests are on: the first fault since `take_fault` is kept for the device.
+    pri: AtomicBool,
+    /// That fault: the page's IOVA, bit 0 set for a write; `NO_FAULT` when there is none.
+    fault: AtomicU64,
+}
+
+const NO_FAULT: u64 = u64::MAX;
+
+impl Default for IommuStats {
+    fn default() -> Self {
+        IommuStats {
+            iopf: AtomicU64::new(0),
+            last_iopf_iova: AtomicU64::new(0),
+            pri: AtomicBool::new(false),
+            fault: AtomicU64::new(NO_FAULT),
+        }
+    }
 }
 
 /// The mappings. The device works on a read guard of it; map and unmap change it in place
@@ -255,6 +271,11 @@ impl Iommu {
         let f = Arc::new(file);
         files.insert(key, Arc::downgrade(&f));
         f
+    }
+
+    /// Keeps the first fault for the device to raise a page request about (`take_fault`).
+    pub fn enable_page_requests(&self) {
+        self.stats.pri.store(true, Ordering::Relaxed);
     }
 
     pub fn stats(&self) -> &IommuStats {
@@ -409,6 +430,11 @@ impl MemoryView for Iommu {
     fn view(&self) -> IommuGuard<'_> {
         IommuGuard(self.current.read().unwrap())
     }
+
+    fn take_fault(&self) -> Option<(u64, bool)> {
+        let f = self.stats.fault.swap(NO_FAULT, Ordering::AcqRel);
+        (f != NO_FAULT).then_some((f & !1, f & 1 != 0))
+    }
 }
 
 impl Snapshot {
@@ -433,6 +459,17 @@ impl Snapshot {
     fn fault(&self, addr: u64, access: Permissions) {
         self.stats.iopf.fetch_add(1, Ordering::Relaxed);
         self.stats.last_iopf_iova.store(addr, Ordering::Relaxed);
+        if self.stats.pri.load(Ordering::Relaxed) {
+            // Becomes a page request: not worth a warning.
+            let page = (addr & !(PAGE_SIZE - 1)) | u64::from(access.has_write());
+            let _ = self.stats.fault.compare_exchange(
+                NO_FAULT,
+                page,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+            return;
+        }
         if IOPF_LOG.hit() {
             warn!(
                 "IOPF: device {} at IOVA {addr:#x} is not mapped; access refused",

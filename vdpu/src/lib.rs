@@ -4,4 +4,5 @@
 pub mod device;
 pub mod iommu;
 pub mod irq;
+pub mod pri;
 pub mod server;

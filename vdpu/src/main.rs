@@ -46,7 +46,12 @@ fn main() -> ExitCode {
             Arg::new("blk")
                 .long("blk")
                 .value_name(
-                    "path=FILE[,readonly=on,num_queues=N,queue_size=N,id=NAME,latency_us=N]",
+                    "path=FILE[,readonly=on,num_queues=N,queue_size=N,id=NAME,latency_us=N,\
+                     pri=on,pri_timeout_ms=N]",
+                )
+                .help(
+                    "The virtio-blk function; pri=on turns a DMA to an unmapped page into a \
+                     page request to the client (the PRI baseline) instead of an I/O error",
                 )
                 .required(true),
         )

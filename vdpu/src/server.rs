@@ -5,6 +5,7 @@
 
 use crate::iommu::Iommu;
 use crate::irq::ClientIrqs;
+use crate::pri::PageRequests;
 use log::{debug, info, warn};
 use std::fs::File;
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -12,6 +13,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use vfio::vfio_user::protocol::*;
+use vio::pri;
 use virtio_devices::transport::{VirtioPciDevice, VirtioPciLayout};
 use virtio_devices::{Counters, VirtioDevice};
 use vm_memory::ByteValued;
@@ -29,11 +31,25 @@ pub struct Device {
     pub iommu: Arc<Iommu>,
     pub irqs: Arc<ClientIrqs>,
     pub notifiers: Vec<(u64, EventFd)>,
+    /// Page requests (`pri=on`): the page-request region and interrupt exist.
+    pub pri: Option<Arc<PageRequests>>,
 }
 
 impl Device {
     pub fn counters(&self) -> Counters {
         let mut c = self.virtio.lock().unwrap().counters();
+        if let Some(p) = &self.pri {
+            let s = &p.stats;
+            for (k, v) in [
+                ("pri_requests", &s.requests),
+                ("pri_resolved", &s.resolved),
+                ("pri_failed", &s.failed),
+                ("pri_timeouts", &s.timeouts),
+                ("pri_stray_answers", &s.stray_answers),
+            ] {
+                c.insert(k.into(), v.load(Ordering::Relaxed));
+            }
+        }
         c.insert(
             "iopf".into(),
             self.iommu.stats().iopf.load(Ordering::Relaxed),
@@ -73,7 +89,26 @@ impl Device {
             }
             COUNTERS_REGION_INDEX => Some((COUNTERS_REGION_SIZE, REGION_FLAG_READ)),
             i if i < PCI_NUM_REGIONS => Some((0, 0)),
+            pri::REGION_INDEX if self.pri.is_some() => {
+                Some((pri::REGION_SIZE, REGION_FLAG_READ | REGION_FLAG_WRITE))
+            }
             _ => None,
+        }
+    }
+
+    fn num_regions(&self) -> u32 {
+        if self.pri.is_some() {
+            pri::REGION_INDEX + 1
+        } else {
+            COUNTERS_REGION_INDEX + 1
+        }
+    }
+
+    fn num_irqs(&self) -> u32 {
+        if self.pri.is_some() {
+            pri::IRQ_INDEX + 1
+        } else {
+            PCI_NUM_IRQS
         }
     }
 
@@ -82,6 +117,9 @@ impl Device {
         self.pci.reset_device();
         self.irqs.clear();
         self.iommu.unmap_all();
+        if let Some(p) = &self.pri {
+            p.reset();
+        }
     }
 
     fn config_read(&mut self, offset: u64, data: &mut [u8]) {
@@ -185,8 +223,8 @@ fn handle(dev: &mut Device, msg: Message) -> Reply {
         CMD_DEVICE_GET_INFO => ok(DeviceInfo {
             argsz: std::mem::size_of::<DeviceInfo>() as u32,
             flags: DEVICE_FLAGS_RESET | DEVICE_FLAGS_PCI,
-            num_regions: COUNTERS_REGION_INDEX + 1,
-            num_irqs: PCI_NUM_IRQS,
+            num_regions: dev.num_regions(),
+            num_irqs: dev.num_irqs(),
         }
         .as_slice()
         .to_vec()),
@@ -243,16 +281,16 @@ fn handle(dev: &mut Device, msg: Message) -> Reply {
         }
         CMD_DEVICE_GET_IRQ_INFO => {
             let i: IrqInfo = msg.read().map_err(|_| libc::EINVAL)?;
-            if i.index >= PCI_NUM_IRQS {
+            if i.index >= dev.num_irqs() {
                 return Err(libc::EINVAL);
             }
-            let (flags, count) = if i.index == PCI_MSIX_IRQ_INDEX {
-                (
+            let (flags, count) = match i.index {
+                PCI_MSIX_IRQ_INDEX => (
                     IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_NORESIZE,
                     dev.irqs.count(),
-                )
-            } else {
-                (0, 0)
+                ),
+                pri::IRQ_INDEX => (IRQ_INFO_EVENTFD | IRQ_INFO_NORESIZE, 1),
+                _ => (0, 0),
             };
             ok(IrqInfo {
                 argsz: 16,
@@ -325,6 +363,20 @@ fn region_access(dev: &mut Device, a: &RegionAccess, access: Access) -> Result<(
                 *b = j.get(a.offset as usize + i).copied().unwrap_or(0);
             }
         }
+        (pri::REGION_INDEX, access) => {
+            // region_size said the region exists: page requests are on.
+            let p = dev.pri.as_ref().ok_or(libc::EINVAL)?;
+            match access {
+                Access::Read(d) => {
+                    let t = p.table();
+                    for (i, b) in d.iter_mut().enumerate() {
+                        *b = t.get(a.offset as usize + i).copied().unwrap_or(0);
+                    }
+                }
+                Access::Write(d) if a.offset == pri::REG_RESPONSE => p.respond(d)?,
+                Access::Write(_) => return Err(libc::EINVAL),
+            }
+        }
         (_, Access::Write(_)) if flags & REGION_FLAG_WRITE == 0 => return Err(libc::EPERM),
         _ => return Err(libc::EINVAL),
     }
@@ -337,6 +389,19 @@ fn set_irqs(dev: &mut Device, msg: Message) -> Reply {
     let action = s.flags & (IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK | IRQ_SET_ACTION_TRIGGER);
     if data_flags.count_ones() != 1 || action.count_ones() != 1 {
         return Err(libc::EINVAL);
+    }
+    if let (pri::IRQ_INDEX, Some(p)) = (s.index, &dev.pri) {
+        return match (data_flags, action, s.start, s.count) {
+            (IRQ_SET_DATA_EVENTFD, IRQ_SET_ACTION_TRIGGER, 0, 1) if msg.fds.len() == 1 => {
+                p.set_notify(msg.fds.into_iter().next().map(eventfd_from_file));
+                ok(vec![])
+            }
+            (IRQ_SET_DATA_NONE | IRQ_SET_DATA_EVENTFD, IRQ_SET_ACTION_TRIGGER, 0, 0) => {
+                p.set_notify(None);
+                ok(vec![])
+            }
+            _ => Err(libc::EINVAL),
+        };
     }
     if s.index != PCI_MSIX_IRQ_INDEX {
         // No other interrupt type exists; disabling it is a no-op.

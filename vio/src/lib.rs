@@ -1,11 +1,13 @@
 //! The VIO core: the wire contract of the shadow-index extension (`spec`), IOPA-Snoop's chain
 //! walker (which pages will the device DMA to?), the per-queue snoop engine behind the shadow
-//! index, and the DMA window that keeps mapped pages resident. Free of KVM: everything works on
+//! index, and the DMA window that keeps mapped pages resident; and the page-request contract of
+//! the PRI baseline (`pri`). Free of KVM: everything works on
 //! vm-memory's `GuestMemory`, so it is testable on plain memory.
 
 pub mod elastic;
 pub mod lockpage;
 pub mod pages;
+pub mod pri;
 pub mod ring_mem;
 pub mod snoop;
 pub mod spec;

@@ -14,6 +14,12 @@ pub trait MemoryView: Send + Sync + 'static {
     /// Guest memory as the device may access it now. The view stays valid (and mappings in it
     /// stay in place) while the guard lives: hold it for the duration of a DMA.
     fn view(&self) -> Self::Guard<'_>;
+
+    /// The first access since the last call that found no mapping: (page IOVA, a write), if
+    /// this view records them (an IOMMU with page requests on). Plain RAM has no such faults.
+    fn take_fault(&self) -> Option<(u64, bool)> {
+        None
+    }
 }
 
 impl MemoryView for GuestMemoryMmap {

@@ -124,6 +124,12 @@ impl DeviceManager {
             let kind = match d {
                 UserDevice::Passthrough(p) => {
                     let p = p.lock().unwrap();
+                    if p.has_page_requests() {
+                        // Its page-request handler and unpinned window are not handed over.
+                        return Err(DeviceError::Restore(format!(
+                            "{id}: a device with page requests (pri=on) cannot be live-upgraded"
+                        )));
+                    }
                     let description = match VioPciDevice::<GuestMemoryMmap>::describe(&p) {
                         Ok(d) => d.map(Box::new),
                         Err(e) => {

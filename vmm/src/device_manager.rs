@@ -72,6 +72,10 @@ pub enum UserDeviceError {
     DmaMap(#[from] vfio::DmaError),
     #[error("Failed to take the device over")]
     Handover(#[source] vfio::handover::HandoverError),
+    #[error("Failed to map guest RAM for page requests")]
+    Map(#[source] vio::PageError),
+    #[error("Page requests")]
+    Pri(#[source] vfio::vfio_user::PriError),
 }
 
 /// Bump allocation of naturally aligned BAR space.
@@ -484,19 +488,33 @@ impl DeviceManager {
             .map_err(|e| err(e.into()))?;
             return Ok((UserDevice::Vio(Arc::new(Mutex::new(dev))), group));
         }
-        pin_for_passthrough(ram, id, &client);
-        // Plain passthrough: all of guest RAM is DMA-mapped, at IOVA = guest-physical address.
-        for r in ram.regions() {
-            let backing = DmaBacking {
-                file: ram.memfd(),
-                file_offset: r.file_offset,
-                host_addr: 0,
-            };
-            client
-                .map(r.guest_addr, r.size, &backing)
-                .map_err(|e| err(e.into()))?;
-        }
-        VfioUserPciDevice::new(
+        // Plain passthrough: all of guest RAM is DMA-mapped, at IOVA = guest-physical address;
+        // pinned, unless the device takes page faults (PRI): then reclaim unmaps what it takes,
+        // and the device asks for it back.
+        let pri_window = if u.pri {
+            let window = vio_window(ram, &client);
+            for (first, n) in ram_pages(ram) {
+                window
+                    .acquire_range(first, n)
+                    .map_err(|e| err(UserDeviceError::Map(e)))?;
+                (first..first + n).for_each(|p| window.release(p));
+            }
+            Some(window)
+        } else {
+            pin_for_passthrough(ram, id, &client);
+            for r in ram.regions() {
+                let backing = DmaBacking {
+                    file: ram.memfd(),
+                    file_offset: r.file_offset,
+                    host_addr: 0,
+                };
+                client
+                    .map(r.guest_addr, r.size, &backing)
+                    .map_err(|e| err(e.into()))?;
+            }
+            None
+        };
+        let mut dev = VfioUserPciDevice::new(
             id.to_string(),
             client,
             group.clone(),
@@ -504,8 +522,12 @@ impl DeviceManager {
             &mut alloc,
             u.io_fds(),
         )
-        .map(|d| (UserDevice::Passthrough(Arc::new(Mutex::new(d))), group))
-        .map_err(|e| err(e.into()))
+        .map_err(|e| err(e.into()))?;
+        if let Some(window) = pri_window {
+            dev.start_page_requests(window)
+                .map_err(|e| err(UserDeviceError::Pri(e)))?;
+        }
+        Ok((UserDevice::Passthrough(Arc::new(Mutex::new(dev))), group))
     }
 
     pub fn pio_bus(&self) -> Arc<Bus> {

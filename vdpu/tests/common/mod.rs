@@ -1,6 +1,8 @@
 //! An in-process vdpu serving a blank disk, for tests that talk to it over the socket.
 #![allow(dead_code)]
 
+pub mod rig;
+
 use std::fs::File;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;

@@ -2,7 +2,9 @@
 
 pub mod client;
 pub mod pci_device;
+pub mod pri;
 pub mod protocol;
 
 pub use client::{ClientError, RegionIoFd, VfioUserClient};
 pub use pci_device::{MsixLayoutState, PciFunctionState, VfioUserDeviceError, VfioUserPciDevice};
+pub use pri::{PriError, PriHandler};

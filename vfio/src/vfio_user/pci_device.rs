@@ -5,6 +5,7 @@
 //! reads all ones and ignores writes, and the VM keeps running.
 
 use super::client::{ClientError, VfioUserClient};
+use super::pri::{PriError, PriHandler};
 use super::protocol::*;
 use crate::handover::{FdsIn, FdsOut, HandoverError};
 use log::{error, warn};
@@ -87,6 +88,8 @@ pub struct VfioUserPciDevice {
     registrar: Arc<dyn IoEventRegistrar>,
     vmm_doorbells: AtomicU64,
     has_counters: bool,
+    /// Page requests from the device, resolved by the VMM (the PRI baseline).
+    pri: Option<PriHandler>,
 }
 
 impl VfioUserPciDevice {
@@ -179,6 +182,7 @@ impl VfioUserPciDevice {
             registrar,
             vmm_doorbells: AtomicU64::new(0),
             has_counters,
+            pri: None,
         };
         if use_io_fds {
             dev.register_doorbells()
@@ -186,6 +190,17 @@ impl VfioUserPciDevice {
         }
         dev.start_monitor();
         Ok(dev)
+    }
+
+    /// Resolves the device's page requests through `window`, which maps guest RAM for it
+    /// without pins (the PRI baseline).
+    pub fn start_page_requests(&mut self, window: Arc<vio::DmaWindow>) -> Result<(), PriError> {
+        self.pri = Some(PriHandler::start(&self.id, self.client.clone(), window)?);
+        Ok(())
+    }
+
+    pub fn has_page_requests(&self) -> bool {
+        self.pri.is_some()
     }
 
     /// The function as the VMM holds it, for `adopt` in another process.
@@ -265,6 +280,7 @@ impl VfioUserPciDevice {
             registrar,
             vmm_doorbells: AtomicU64::new(s.vmm_doorbells),
             has_counters: s.has_counters,
+            pri: None,
         };
         if s.registered {
             dev.register_doorbells()
@@ -416,6 +432,9 @@ impl VfioUserPciDevice {
             self.vmm_doorbells.load(Ordering::Relaxed),
         );
         c.insert("failed".into(), u64::from(self.failed()));
+        if let Some(p) = &self.pri {
+            c.extend(p.counters().map(|(k, v)| (k.to_string(), v)));
+        }
         c
     }
 

@@ -1,24 +1,22 @@
 //! virtio-blk served by one worker thread for all its queues, over any view of guest memory.
 
 use super::disk::RawFile;
-use super::engine::{BlockCounters, BlockEngine};
+use super::engine::BlockCounters;
+use super::pri::PageRequester;
+use super::worker::{self, QueueStats, WorkerParts};
 use super::*;
 use crate::{
     read_config_bytes, ActivateError, ActiveQueue, Counters, GuestMemoryMmap, MemoryView,
-    PauseGate, QueuePosition, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
-    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK,
+    PauseGate, QueuePosition, VirtioDevice, VirtioInterrupt, VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK,
 };
 use log::{error, warn};
-use std::collections::VecDeque;
-use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use virtio_queue::QueueT;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::timerfd::TimerFd;
 
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 const CONFIG_LEN: usize = 60;
@@ -38,13 +36,6 @@ struct Worker {
     handle: JoinHandle<Vec<ActiveQueue>>,
 }
 
-/// Per queue: doorbells seen and requests served.
-#[derive(Default)]
-struct QueueStats {
-    kicks: AtomicU64,
-    requests: AtomicU64,
-}
-
 pub struct Block<V: MemoryView = GuestMemoryMmap> {
     disk: Arc<RawFile>,
     serial: Arc<[u8; VIRTIO_BLK_ID_BYTES]>,
@@ -60,6 +51,8 @@ pub struct Block<V: MemoryView = GuestMemoryMmap> {
     interrupt: Option<Arc<dyn VirtioInterrupt>>,
     /// Queues of a worker stopped for a live upgrade, to run again if it fails.
     stopped: Option<Vec<ActiveQueue>>,
+    /// Page requests instead of failed DMAs (a device with PRI).
+    pri: Option<Arc<dyn PageRequester>>,
 }
 
 /// Features every virtio-blk of this project offers (the emulated disk and vdpu alike).
@@ -117,186 +110,14 @@ impl<V: MemoryView> Block<V> {
             worker: None,
             interrupt: None,
             stopped: None,
+            pri: None,
         }
     }
-}
 
-#[allow(clippy::too_many_arguments)]
-fn run_worker<V: MemoryView>(
-    disk: Arc<RawFile>,
-    serial: Arc<[u8; VIRTIO_BLK_ID_BYTES]>,
-    counters: Arc<BlockCounters>,
-    queue_stats: Arc<Vec<QueueStats>>,
-    mem: Arc<V>,
-    interrupt: Arc<dyn VirtioInterrupt>,
-    queues: &mut [ActiveQueue],
-    kill: EventFd,
-    gate: Arc<PauseGate>,
-    latency: Option<Duration>,
-) {
-    let epoll = match Epoll::new() {
-        Ok(e) => e,
-        Err(e) => return error!("virtio-blk: epoll: {e}"),
-    };
-    let kill_token = queues.len() as u64;
-    let pause_token = kill_token + 1;
-    let mut setup = epoll.ctl(
-        ControlOperation::Add,
-        kill.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, kill_token),
-    );
-    setup = setup.and(epoll.ctl(
-        ControlOperation::Add,
-        gate.wake.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, pause_token),
-    ));
-    for (i, q) in queues.iter().enumerate() {
-        setup = setup.and(epoll.ctl(
-            ControlOperation::Add,
-            q.kick.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, i as u64),
-        ));
-    }
-    if let Err(e) = setup {
-        return error!("virtio-blk: epoll setup: {e}");
-    }
-    let engine = BlockEngine {
-        disk: &disk,
-        serial: &serial,
-        counters: &counters,
-    };
-    // The service-time model: completions wait in per-queue FIFOs until their deadline.
-    let timer_token = pause_token + 1;
-    let mut timer = match TimerFd::new() {
-        Ok(t) => t,
-        Err(e) => return error!("virtio-blk: timerfd: {e}"),
-    };
-    if let Err(e) = epoll.ctl(
-        ControlOperation::Add,
-        timer.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, timer_token),
-    ) {
-        return error!("virtio-blk: epoll setup: {e}");
-    }
-    let mut pending: Vec<VecDeque<(u16, u32, Instant)>> =
-        queues.iter().map(|_| VecDeque::new()).collect();
-    let mut events = vec![EpollEvent::default(); queues.len() + 3];
-    loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return error!("virtio-blk: epoll wait: {e}"),
-        };
-        for ev in &events[..n] {
-            let token = ev.data();
-            if token == kill_token {
-                return;
-            }
-            if token == pause_token {
-                gate.park_if_paused();
-                continue;
-            }
-            if token == timer_token {
-                let _ = timer.wait();
-                let now = Instant::now();
-                let view = mem.view();
-                for (q, due) in queues.iter_mut().zip(pending.iter_mut()) {
-                    let mut used = false;
-                    while due.front().is_some_and(|&(_, _, t)| t <= now) {
-                        let (head, len, _) = due.pop_front().unwrap();
-                        if let Err(e) = q.queue.add_used(&*view, head, len) {
-                            warn!("virtio-blk: queue {}: {e}", q.index);
-                        }
-                        used = true;
-                    }
-                    if used && q.queue.needs_notification(&*view).unwrap_or(true) {
-                        if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(q.index)) {
-                            warn!("virtio-blk: interrupt: {e}");
-                        }
-                    }
-                }
-                drop(view);
-                arm_timer(&mut timer, &pending, now);
-                continue;
-            }
-            let qi = token as usize;
-            let q = &mut queues[qi];
-            let _ = q.kick.read();
-            let stats = queue_stats.get(q.index as usize);
-            if let Some(st) = stats {
-                st.kicks.fetch_add(1, AtomicOrdering::Relaxed);
-            }
-            let before = counters.requests();
-            // The view is held for a batch of at most `BATCH` chains: a DMA unmap or a VIO
-            // control write waits for it, so a driver that keeps the ring full must not make
-            // the batch endless. Between batches the view is dropped and taken again.
-            loop {
-                let view = mem.view();
-                let result = match latency {
-                    None => engine.process_some(&mut q.queue, &*view, BATCH),
-                    Some(lat) => {
-                        let seen = Instant::now();
-                        let due = &mut pending[qi];
-                        let was_idle = due.is_empty();
-                        let r = engine.drain_some(&mut q.queue, &*view, BATCH, |_, head, len| {
-                            due.push_back((head, len, seen + lat));
-                            Ok(())
-                        });
-                        if was_idle {
-                            arm_timer(&mut timer, &pending, seen);
-                        }
-                        r.map(|more| (false, more))
-                    }
-                };
-                drop(view);
-                let more = match result {
-                    Ok((notify, more)) => {
-                        if notify {
-                            if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(q.index)) {
-                                warn!("virtio-blk: interrupt: {e}");
-                            }
-                        }
-                        more
-                    }
-                    Err(e) => {
-                        warn!("virtio-blk: queue {}: {e}", q.index);
-                        false
-                    }
-                };
-                if !more {
-                    break;
-                }
-            }
-            if let Some(st) = stats {
-                st.requests
-                    .fetch_add(counters.requests() - before, AtomicOrdering::Relaxed);
-            }
-        }
-    }
-}
-
-/// Chains per hold of the memory view: at a few microseconds each (4 KiB on tmpfs), whoever
-/// waits for the view (an unmap, a VIO capture) waits about 0.1 ms, well inside the 1 ms an
-/// elastic switch may pause the device; taking the view again costs next to nothing.
-const BATCH: usize = 32;
-
-/// Arms `timer` for the earliest pending completion (or disarms it).
-fn arm_timer(timer: &mut TimerFd, pending: &[VecDeque<(u16, u32, Instant)>], now: Instant) {
-    let next = pending
-        .iter()
-        .filter_map(|p| p.front().map(|&(_, _, t)| t))
-        .min();
-    let r = match next {
-        // A zero duration would disarm the timer: fire as soon as possible instead.
-        Some(t) => timer.reset(
-            t.saturating_duration_since(now)
-                .max(Duration::from_nanos(1)),
-            None,
-        ),
-        None => timer.clear(),
-    };
-    if let Err(e) = r {
-        warn!("virtio-blk: timerfd: {e}");
+    /// A DMA to a page the device cannot reach becomes a page request (`super::pri`).
+    pub fn with_pri(mut self, pri: Arc<dyn PageRequester>) -> Self {
+        self.pri = Some(pri);
+        self
     }
 }
 
@@ -424,21 +245,22 @@ impl<V: MemoryView> Block<V> {
             self.serial.clone(),
             self.counters.clone(),
         );
+        let parts = WorkerParts {
+            disk,
+            serial,
+            counters,
+            queue_stats,
+            mem,
+            interrupt,
+            kill: kill_worker,
+            gate: gate_worker,
+            latency,
+            pri: self.pri.clone(),
+        };
         let handle = std::thread::Builder::new()
             .name("virtio-blk".into())
             .spawn(move || {
-                run_worker(
-                    disk,
-                    serial,
-                    counters,
-                    queue_stats,
-                    mem,
-                    interrupt,
-                    &mut queues,
-                    kill_worker,
-                    gate_worker,
-                    latency,
-                );
+                worker::run(parts, &mut queues);
                 queues
             })
             .map_err(ActivateError::Worker)?;

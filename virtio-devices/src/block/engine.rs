@@ -391,11 +391,14 @@ impl BlockEngine<'_> {
         budget: usize,
     ) -> Result<(bool, bool), virtio_queue::Error> {
         let mut used_any = false;
-        let more = self.drain_some(queue, mem, budget, |q, head, len| {
+        let drained = self.drain_some(queue, mem, budget, |q, head, len| {
             used_any = true;
-            q.add_used(mem, head, len)
+            q.add_used(mem, head, len).map(|()| Completion::Done)
         })?;
-        Ok((used_any && queue.needs_notification(mem)?, more))
+        Ok((
+            used_any && queue.needs_notification(mem)?,
+            drained == Drained::Budget,
+        ))
     }
 
     /// Executes every available chain and hands (head, used length) to `complete`, which may
@@ -407,23 +410,39 @@ impl BlockEngine<'_> {
         &self,
         queue: &mut Queue,
         mem: &M,
-        complete: impl FnMut(&mut Queue, u16, u32) -> Result<(), virtio_queue::Error>,
+        mut complete: impl FnMut(&mut Queue, u16, u32) -> Result<(), virtio_queue::Error>,
     ) -> Result<(), virtio_queue::Error> {
-        self.drain_some(queue, mem, usize::MAX, complete)
-            .map(|_| ())
+        self.drain_some(queue, mem, usize::MAX, |q, head, len| {
+            complete(q, head, len).map(|()| Completion::Done)
+        })
+        .map(|_| ())
     }
 
     /// `drain_queue`, stopping after `budget` chains with notifications still disabled: a
     /// device whose memory view is a lock others wait for (DMA unmaps, VIO captures) drops it
-    /// between bounded batches, however fast the driver refills the ring. Returns whether it
-    /// stopped at the budget (chains may be left).
+    /// between bounded batches, however fast the driver refills the ring. `complete` may also
+    /// hand a chain back (a page request): it stays available, to run again from the start,
+    /// and the drain stops there.
     pub fn drain_some<M: GuestMemory>(
         &self,
         queue: &mut Queue,
         mem: &M,
         budget: usize,
-        mut complete: impl FnMut(&mut Queue, u16, u32) -> Result<(), virtio_queue::Error>,
-    ) -> Result<bool, virtio_queue::Error> {
+        complete: impl FnMut(&mut Queue, u16, u32) -> Result<Completion, virtio_queue::Error>,
+    ) -> Result<Drained, virtio_queue::Error> {
+        self.drain_some_or_wait(queue, mem, budget, complete, || false)
+    }
+
+    /// `drain_some`, where an avail entry that cannot be read is skipped only if `wait` says
+    /// so: a device that can ask for the ring's page (a page request) waits for it instead.
+    pub fn drain_some_or_wait<M: GuestMemory>(
+        &self,
+        queue: &mut Queue,
+        mem: &M,
+        budget: usize,
+        mut complete: impl FnMut(&mut Queue, u16, u32) -> Result<Completion, virtio_queue::Error>,
+        mut wait: impl FnMut() -> bool,
+    ) -> Result<Drained, virtio_queue::Error> {
         let mut left = budget;
         loop {
             queue.disable_notification(mem)?;
@@ -437,7 +456,7 @@ impl BlockEngine<'_> {
                     return Err(virtio_queue::Error::InvalidAvailRingIndex);
                 }
                 if left == 0 {
-                    return Ok(true);
+                    return Ok(Drained::Budget);
                 }
                 left -= 1;
                 match queue.pop_descriptor_chain(mem) {
@@ -446,9 +465,13 @@ impl BlockEngine<'_> {
                     Some(chain) => {
                         let head = chain.head_index();
                         let len = self.handle_chain(chain, mem);
-                        complete(queue, head, len)?;
+                        if complete(queue, head, len)? == Completion::HandBack {
+                            queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                            return Ok(Drained::HandedBack);
+                        }
                     }
                     // The avail entry itself could not be read.
+                    None if wait() => return Ok(Drained::HandedBack),
                     None => {
                         self.bad_head();
                         queue.set_next_avail(queue.next_avail().wrapping_add(1));
@@ -459,8 +482,28 @@ impl BlockEngine<'_> {
                 break;
             }
         }
-        Ok(false)
+        Ok(Drained::Empty)
     }
+}
+
+/// What `drain_some`'s caller did with a chain it ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Completion {
+    /// Completed, or queued to complete later.
+    Done,
+    /// Not completed: put back, to run again (its pages were not all reachable).
+    HandBack,
+}
+
+/// How `drain_some` ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drained {
+    /// Nothing left, notifications re-enabled.
+    Empty,
+    /// The budget ran out; chains may be left.
+    Budget,
+    /// A chain was handed back; the queue stops there.
+    HandedBack,
 }
 
 #[cfg(test)]

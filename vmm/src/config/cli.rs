@@ -201,9 +201,9 @@ impl DiskConfig {
 }
 
 impl UserDeviceConfig {
-    /// `--user-device socket=<path>,id=<name>,io_fds=on|off`
+    /// `--user-device socket=<path>,id=<name>,io_fds=on|off,pri=on|off`
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse("user-device", raw, &["socket", "id", "io_fds"])?;
+        let p = OptionParser::parse("user-device", raw, &["socket", "id", "io_fds", "pri"])?;
         Ok(UserDeviceConfig {
             socket: p.path("socket")?,
             id: p.get("id").map(str::to_string),
@@ -212,6 +212,7 @@ impl UserDeviceConfig {
                 .map(|_| p.toggle("io_fds", true))
                 .transpose()?,
             vio: None,
+            pri: p.toggle("pri", false)?,
         })
     }
 
@@ -251,6 +252,7 @@ impl UserDeviceConfig {
             id: p.get("id").map(str::to_string),
             io_fds: None,
             vio: Some(p.checked(vio, VioConfig::check)?),
+            pri: false,
         })
     }
 }

@@ -199,6 +199,10 @@ pub struct UserDeviceConfig {
     /// Put VIO in front of the device (`--vio`); plain passthrough when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vio: Option<VioConfig>,
+    /// The device raises page requests (PRI): guest RAM is mapped for it without pins, reclaim
+    /// may unmap it, and the VMM resolves the device's requests (the PRI baseline).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pri: bool,
 }
 
 impl UserDeviceConfig {
@@ -477,6 +481,12 @@ impl VmConfig {
             if let Some(v) = &u.vio {
                 v.check()
                     .map_err(|r| r.at(&format!("user_devices[{i}].vio")))?;
+            }
+            if u.pri && u.vio.is_some() {
+                return Err(ConfigError::Invalid {
+                    field: format!("user_devices[{i}].pri"),
+                    reason: "page requests are for plain passthrough; vio needs none".into(),
+                });
             }
         }
         self.reclaim.check().map_err(|r| r.at("reclaim"))?;

@@ -116,8 +116,15 @@ fn user_devices() {
             id: Some("dpu0".into()),
             io_fds: None,
             vio: None,
+            pri: false,
         }
     );
+    assert!(
+        UserDeviceConfig::parse("socket=/tmp/v.sock,pri=on")
+            .unwrap()
+            .pri
+    );
+    assert!(UserDeviceConfig::parse("socket=/tmp/v.sock,pri=maybe").is_err());
     let v = UserDeviceConfig::parse_vio("socket=/tmp/v.sock,id=v0,poll_us=50").unwrap();
     assert_eq!(
         v.vio,
@@ -191,6 +198,17 @@ fn user_devices() {
     );
     assert_eq!(cfg.to_json()["user_devices"][0]["vio"]["mode"], "snoop");
     assert!(VmConfig::from_json(&format!(r#"{{"payload":{{"kernel":"{}"}},"memory":{{"size":67108864,"shared":true}},"user_devices":[{{"socket":"/tmp/x.sock","vio":{{"mode":"fast"}}}}]}}"#, kernel())).is_err());
+    let pri = |dev: &str| {
+        VmConfig::from_json(&format!(
+            r#"{{"payload":{{"kernel":"{}"}},"memory":{{"size":67108864,"shared":true}},"user_devices":[{dev}]}}"#,
+            kernel()
+        ))
+    };
+    let c = pri(r#"{"socket":"/tmp/x.sock","pri":true}"#).unwrap();
+    assert!(c.user_devices[0].pri);
+    assert_eq!(c.to_json()["user_devices"][0]["pri"], true);
+    let e = pri(r#"{"socket":"/tmp/x.sock","pri":true,"vio":{"mode":"snoop"}}"#).unwrap_err();
+    assert!(e.to_string().contains("user_devices[0].pri"), "{e}");
     assert!(u.io_fds() && !v.io_fds(), "a vio device owns its doorbells");
     assert!(!UserDeviceConfig::parse("socket=/s,io_fds=off")
         .unwrap()
