@@ -132,6 +132,9 @@ def run_blk(vmm, args, cmd, vdpu=None, during=None, dev="dpu0", steady_after_s=1
             "vdpu_cpu_us_per_req": None if vdpu_cpu is None else vdpu_cpu * 1e6}
     if counters:
         nums["iopf"] = counters.get("iopf", 0)
+    if "Device memory counters: " in err[0]:
+        # Guest pages the vCPU had to fault back: a device-fault experiment must keep these low.
+        nums["cpu_refaults"] = logged_counters(err[0], "memory").get("cpu_refaults", 0)
     record.raw(nums, shlex.join(full))
     return res, counters, nums, shlex.join(full), got
 
@@ -345,6 +348,7 @@ def iopf(runs, quick, peer):
                         assert c["iopf"] == 0, c
                     nums["faults_per_s"] = c[faults] * 1e9 / res["elapsed_ns"]
                     nums["fault_ns_p50"] = c.get(cost, 0)
+                    nums["cpu_refaults_per_s"] = nums.get("cpu_refaults", 0) * 1e9 / res["elapsed_ns"]
                     got.setdefault((name, rate), []).append(nums)
                     cmds[(name, rate)] = full.replace(d, "$TMPFS").replace(ROOT + "/", "")
     rows, series = [], {}
@@ -358,7 +362,8 @@ def iopf(runs, quick, peer):
             cost = med([n["fault_ns_p50"] for n in ns]) / 1000
             rows.append((f"{name}, target {rate} faults/s of 5 ms",
                          f"{iops:,.0f} IOPS ({iops / base:.2f}x of no faults), {fr:,.1f} device faults/s achieved, "
-                         f"p99 {med([n['lat_p99_us'] for n in ns]):,.0f} us, fault p50 {cost:,.0f} us",
+                         f"p99 {med([n['lat_p99_us'] for n in ns]):,.0f} us, fault p50 {cost:,.0f} us, "
+                         f"{med([n['cpu_refaults_per_s'] for n in ns]):,.1f} vCPU refaults/s",
                          cmds[(name, rate)] + (f" ; meanwhile PUT vm.reclaim of {max(1, round(rate * max(0.1, 1 / rate)))} "
                                                f"page(s) every {max(0.1, 1 / rate) * 1000:.0f} ms" if rate else "")))
             pts.append((fr, iops))
