@@ -31,8 +31,8 @@ struct Slot {
 pub struct PageRequests {
     slots: Mutex<Vec<Slot>>,
     next_seq: AtomicU64,
-    /// The client's eventfd (SET_IRQS on `pri::IRQ_INDEX`); requests wait in the table
-    /// without it, and the client finds them when it next reads.
+    /// The client's eventfd (SET_IRQS on `pri::IRQ_INDEX`). Giving it is how a client turns
+    /// page requests on: without it a fault fails at once, as on a device without PRI.
     notify: Mutex<Option<EventFd>>,
     wake: EventFd,
     timeout: Duration,
@@ -101,13 +101,17 @@ impl PageRequests {
 }
 
 impl PageRequester for PageRequests {
-    fn request(&self, q: u16, iova: u64, write: bool) {
+    fn request(&self, q: u16, iova: u64, write: bool) -> bool {
+        let notify = self.notify.lock().unwrap();
+        let Some(fd) = &*notify else {
+            return false;
+        };
         // 32-bit sequence numbers on the wire, never 0 (an empty slot).
         let seq = (self.next_seq.fetch_add(1, Ordering::Relaxed) % u64::from(u32::MAX)) as u32 + 1;
         {
             let mut slots = self.slots.lock().unwrap();
             let Some(slot) = slots.get_mut(usize::from(q)) else {
-                return;
+                return false;
             };
             slot.pending = Some(PageRequest {
                 slot: q,
@@ -118,13 +122,12 @@ impl PageRequester for PageRequests {
             slot.answer = None;
         }
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        if let Some(fd) = &*self.notify.lock().unwrap() {
-            if let Err(e) = fd.write(1) {
-                if PRI_LOG.hit() {
-                    warn!("Page request interrupt: {e}");
-                }
+        if let Err(e) = fd.write(1) {
+            if PRI_LOG.hit() {
+                warn!("Page request interrupt: {e}");
             }
         }
+        true
     }
 
     fn answer(&self, q: u16) -> Option<bool> {
@@ -169,9 +172,14 @@ mod tests {
     #[test]
     fn request_table_answer() {
         let p = PageRequests::new(2, Duration::from_secs(1)).unwrap();
+        assert!(
+            !p.request(1, 0x7000, true),
+            "off until the client gives its eventfd"
+        );
+        assert!(pri::decode_table(&p.table()).is_empty());
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         p.set_notify(Some(irq.try_clone().unwrap()));
-        p.request(1, 0x7000, true);
+        assert!(p.request(1, 0x7000, true));
         assert_eq!(irq.read().unwrap(), 1);
         let t = pri::decode_table(&p.table());
         assert_eq!(t.len(), 1);

@@ -17,15 +17,22 @@ const DATA: u64 = 0x11000;
 /// A rig with two queues and page requests, queue 0's data page unmapped, and the page-request
 /// interrupt on an eventfd of ours.
 fn rig(timeout_ms: u64) -> (Rig, EventFd) {
+    rig_with(timeout_ms, true)
+}
+
+/// `rig`, with page requests turned on by the client (`enable`: it gives the interrupt) or not.
+fn rig_with(timeout_ms: u64, enable: bool) -> (Rig, EventFd) {
     let mut rig = setup(
         &format!(",num_queues=2,pri=on,pri_timeout_ms={timeout_ms}"),
         2,
     );
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    // DATA_EVENTFD | ACTION_TRIGGER.
-    rig.client
-        .set_irqs(pri::IRQ_INDEX, 4 | 32, 0, 1, &[irq.as_raw_fd()])
-        .unwrap();
+    if enable {
+        // DATA_EVENTFD | ACTION_TRIGGER.
+        rig.client
+            .set_irqs(pri::IRQ_INDEX, 4 | 32, 0, 1, &[irq.as_raw_fd()])
+            .unwrap();
+    }
     let fd = rig.mem.as_raw_fd();
     rig.client.dma_unmap(0, MEM).unwrap();
     rig.client.dma_map(0, 0, DATA, fd).unwrap();
@@ -150,4 +157,18 @@ fn a_failed_answer_fails_the_request() {
         (Some(1), true),
         "{c}"
     );
+}
+
+/// A client that never turns page requests on (it knows nothing of PRI) sees a device without
+/// them: the fault fails the request at once instead of waiting for an answer.
+#[test]
+fn without_the_clients_interrupt_a_fault_fails_at_once() {
+    let (mut rig, _irq) = rig_with(5000, false);
+    let t0 = Instant::now();
+    rig.read_request(0, 0, 5, DATA);
+    rig.wait_used(0, 1);
+    assert!(t0.elapsed() < Duration::from_secs(4), "not the timeout");
+    assert_eq!(rig.get8(status(0, 0)), 1, "IOERR");
+    assert!(table(&mut rig).is_empty());
+    assert_eq!(rig.counters()["pri_requests"], 0);
 }

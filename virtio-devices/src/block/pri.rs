@@ -9,8 +9,9 @@ use vmm_sys_util::eventfd::EventFd;
 /// How the device raises page requests and learns their answers (vdpu's page-request queue).
 pub trait PageRequester: Send + Sync {
     /// Asks the host for the page at `iova` on behalf of queue `q`, which has no other
-    /// request outstanding.
-    fn request(&self, q: u16, iova: u64, write: bool);
+    /// request outstanding. False if no host takes page requests (the client never enabled
+    /// them): the access then fails as it would without PRI.
+    fn request(&self, q: u16, iova: u64, write: bool) -> bool;
     /// The answer to queue `q`'s request, once it came: whether the page is reachable now.
     fn answer(&self, q: u16) -> Option<bool>;
     /// Queue `q` gave up waiting; a late answer is ignored.
@@ -60,7 +61,9 @@ impl Parking {
             self.failed[q] = None;
             return false;
         }
-        self.pri.request(q as u16, iova, write);
+        if !self.pri.request(q as u16, iova, write) {
+            return false;
+        }
         self.asked[q] = iova;
         self.deadline[q] = Some(Instant::now() + self.pri.timeout());
         true
@@ -115,8 +118,9 @@ mod tests {
     }
 
     impl PageRequester for Host {
-        fn request(&self, q: u16, iova: u64, write: bool) {
+        fn request(&self, q: u16, iova: u64, write: bool) -> bool {
             self.asked.lock().unwrap().push((q, iova, write));
+            true
         }
         fn answer(&self, q: u16) -> Option<bool> {
             let mut a = self.answers.lock().unwrap();
