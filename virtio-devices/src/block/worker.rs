@@ -115,9 +115,12 @@ impl<V: MemoryView> Worker<'_, V> {
                 Err(e) => return Err(e),
             };
             let mut serve = Vec::new();
+            // Doorbells read in the same wake-up as the kill are served first: a worker
+            // stopped for a live upgrade hands over queues with no doorbell swallowed.
+            let mut killed = false;
             for ev in &events[..n] {
                 match ev.data() {
-                    t if t == kill => return Ok(()),
+                    t if t == kill => killed = true,
                     t if t == pause => self.p.gate.park_if_paused(),
                     t if t == timer => {
                         let _ = self.timer.wait();
@@ -153,6 +156,9 @@ impl<V: MemoryView> Worker<'_, V> {
                 if !self.parking.as_ref().is_some_and(|p| p.is_parked(q)) {
                     self.serve(q);
                 }
+            }
+            if killed {
+                return Ok(());
             }
         }
     }
