@@ -35,3 +35,6 @@ cargo clippy --workspace --all-targets --release --locked -- -D warnings
 
 echo "== tests"
 cargo test --workspace --release --locked
+
+echo "== fuzz (each target briefly, from its seeds)"
+scripts/fuzz.sh 20

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::Instant;
 use thiserror::Error;
+use virtio_devices::seccomp::{self, SeccompError, SeccompMode};
 use vmm::config::{
     ConfigError, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, OptionParser, ReclaimConfig,
     UserDeviceConfig, VmConfig,
@@ -23,6 +24,8 @@ enum Error {
     Api(#[from] vmm::api::http::HttpServerError),
     #[error("The guest crashed: {0}")]
     GuestCrash(String),
+    #[error("seccomp")]
+    Seccomp(#[from] SeccompError),
 }
 
 struct Logger {
@@ -139,6 +142,17 @@ fn command() -> Command {
                 .help("Serve the HTTP API on a Unix socket"),
         )
         .arg(
+            Arg::new("seccomp")
+                .long("seccomp")
+                .value_name("true|false|log")
+                .default_value("true")
+                .value_parser(|s: &str| s.parse::<SeccompMode>())
+                .help(
+                    "Confine every thread to the system calls it needs: true (a forbidden call \
+                     ends the VMM), log (the kernel logs it) or false",
+                ),
+        )
+        .arg(
             Arg::new("v")
                 .short('v')
                 .action(ArgAction::Count)
@@ -195,6 +209,10 @@ fn api_socket_path(raw: &str) -> Result<PathBuf, ConfigError> {
 }
 
 fn run(m: &ArgMatches, start: Instant) -> Result<(), Error> {
+    // Before anything else runs: every later thread is created under this one's filter.
+    let mode = *m.get_one::<SeccompMode>("seccomp").unwrap();
+    seccomp::init(mode, vmm::seccomp_filters::filters()?)?;
+    seccomp::confine("vmm")?;
     let api = m
         .get_one::<String>("api-socket")
         .map(|s| api_socket_path(s))

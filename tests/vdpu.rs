@@ -165,6 +165,45 @@ fn vdpu_killed_mid_run() {
 /// vdpu stops answering mid-run (stopped, not dead: its socket stays open): a request to it
 /// fails after the client's timeout instead of hanging the VMM, the device is marked failed,
 /// and later requests fail at once. The VM keeps running throughout.
+/// The VMM dies (SIGKILL) with requests in flight: vdpu drops that client's state and serves
+/// the next VMM, whose guest verifies its own writes through the same device.
+#[test]
+fn vmm_killed_mid_run() {
+    if !kvm_available("vmm_killed_mid_run") {
+        return;
+    }
+    let disk = TmpDisk::new("vmmkill", 64 << 20);
+    let mut vdpu = Vdpu::start("vmmkill", &disk);
+    let mut vm = VmBuilder::new("vmmkill")
+        .memory("size=256M,shared=on")
+        .cmdline("vio.workload=blk-verify vio.ops=100000000 vio.qd=16")
+        .device("--user-device", &vdpu, "")
+        .spawn();
+    vm.wait_line("VIO-GUEST-PROGRESS", Duration::from_secs(60))
+        .expect("guest runs");
+    vm.child.kill().unwrap();
+    vm.child.wait().unwrap();
+    assert!(
+        vdpu.child.try_wait().unwrap().is_none(),
+        "vdpu died with its client"
+    );
+
+    let out = VmBuilder::new("vmmkill2")
+        .memory("size=256M,shared=on")
+        .cmdline("vio.workload=blk-verify vio.ops=20000 vio.qd=8 vio.seed=5")
+        .device("--user-device", &vdpu, "")
+        .verbose()
+        .run(TIMEOUT);
+    assert!(out.status.success(), "{}", out.describe());
+    let r = out.result();
+    assert_eq!(u(&r, "ops"), 20_000);
+    assert_eq!(u(&r, "mismatches"), 0, "{r}");
+    assert_eq!(u(&r, "io_errors"), 0, "{r}");
+    let c = logged_counters(&out.stderr, "dpu0");
+    assert_eq!(c["iopf"].as_u64(), Some(0), "{c}");
+    assert_eq!(c["failed"].as_u64(), Some(0), "{c}");
+}
+
 #[test]
 fn vdpu_hung_mid_run() {
     if !kvm_available("vdpu_hung_mid_run") {

@@ -126,8 +126,12 @@ impl Outcome {
     /// The lines that tell what went wrong, first: a long log is cut in the middle by whoever
     /// shows it, and the counters (a stalled ring's indices) are logged near its end.
     fn summary(&self) -> String {
-        let key =
-            |l: &&str| l.contains(" counters: ") || l.contains(" WARN:") || l.contains(" ERROR:");
+        let key = |l: &&str| {
+            l.contains(" counters: ")
+                || l.contains(" WARN:")
+                || l.contains(" ERROR:")
+                || l.starts_with("seccomp: ")
+        };
         let lines: Vec<&str> = self.stderr.lines().filter(key).take(40).collect();
         if lines.is_empty() {
             return String::new();
@@ -148,8 +152,13 @@ impl Outcome {
 
 impl Vm {
     pub fn spawn(args: &[String]) -> Vm {
+        Self::spawn_with_env(args, &[])
+    }
+
+    pub fn spawn_with_env(args: &[String], env: &[(String, String)]) -> Vm {
         let mut child = Command::new(VMM)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -285,6 +294,7 @@ pub struct VmBuilder {
     payload: bool,
     api: bool,
     verbose: bool,
+    env: Vec<(String, String)>,
 }
 
 impl VmBuilder {
@@ -299,7 +309,14 @@ impl VmBuilder {
             payload: true,
             api: false,
             verbose: false,
+            env: Vec::new(),
         }
+    }
+
+    /// An environment variable for the VMM.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
     }
 
     /// Another payload than the test guest (the Linux kernel).
@@ -388,7 +405,7 @@ impl VmBuilder {
     }
 
     pub fn spawn(self) -> Vm {
-        let mut vm = Vm::spawn(&self.args());
+        let mut vm = Vm::spawn_with_env(&self.args(), &self.env);
         vm.api = self.api.then(|| self.api_path());
         vm
     }

@@ -5,4 +5,5 @@ pub mod device;
 pub mod iommu;
 pub mod irq;
 pub mod pri;
+pub mod seccomp;
 pub mod server;

@@ -5,6 +5,7 @@ use std::os::unix::net::UnixListener;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use vdpu::device::{build_blk, BlkConfig};
+use virtio_devices::seccomp::{self, SeccompMode};
 
 static DUMP_COUNTERS: AtomicBool = AtomicBool::new(false);
 static EXIT: AtomicBool = AtomicBool::new(false);
@@ -56,6 +57,17 @@ fn main() -> ExitCode {
                 .required(true),
         )
         .arg(
+            Arg::new("seccomp")
+                .long("seccomp")
+                .value_name("true|false|log")
+                .default_value("true")
+                .value_parser(|s: &str| s.parse::<SeccompMode>())
+                .help(
+                    "Confine every thread to the system calls it needs: true (a forbidden call \
+                     ends vdpu), log (the kernel logs it) or false",
+                ),
+        )
+        .arg(
             Arg::new("v")
                 .short('v')
                 .action(ArgAction::Count)
@@ -99,18 +111,35 @@ fn main() -> ExitCode {
     let _ = vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, on_sigusr1);
     let _ = vmm_sys_util::signal::register_signal_handler(libc::SIGTERM, on_exit_signal);
     let _ = vmm_sys_util::signal::register_signal_handler(libc::SIGINT, on_exit_signal);
+    // Every file and socket vdpu opens is open by now: from here on it only serves.
+    let mode = *m.get_one::<SeccompMode>("seccomp").unwrap();
+    if let Err(e) =
+        seccomp::init(mode, vdpu::seccomp::filters()).and_then(|()| seccomp::confine("vdpu"))
+    {
+        eprintln!("Error: {e}");
+        return ExitCode::FAILURE;
+    }
     let counters = dev.counters_handle();
     // Signal handlers only set flags; this thread does the printing (and the exit).
-    std::thread::spawn(move || loop {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        if DUMP_COUNTERS.swap(false, Ordering::Relaxed) {
-            eprintln!("vdpu counters: {}", counters());
-        }
-        if EXIT.load(Ordering::Relaxed) {
-            eprintln!("vdpu counters: {}", counters());
-            std::process::exit(0);
-        }
-    });
+    let printer = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            seccomp::narrow("signals");
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                if DUMP_COUNTERS.swap(false, Ordering::Relaxed) {
+                    eprintln!("vdpu counters: {}", counters());
+                }
+                if EXIT.load(Ordering::Relaxed) {
+                    eprintln!("vdpu counters: {}", counters());
+                    std::process::exit(0);
+                }
+            }
+        });
+    if let Err(e) = printer {
+        eprintln!("Error: Failed to start the signal thread: {e}");
+        return ExitCode::FAILURE;
+    }
     log::info!("Serving {} on {}", cfg.path.display(), path.display());
     vdpu::server::run(listener, &mut dev);
     ExitCode::SUCCESS

@@ -4,7 +4,8 @@
 
 mod common;
 
-use pci::{IoEventRegistrar, MsiInterruptGroup, MsiMessage, PciDevice};
+use common::{Irqs, Registrar};
+use pci::PciDevice;
 use std::collections::HashMap;
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -13,35 +14,8 @@ use vfio::vio::{VioOptions, VioPciDevice};
 use vio::elastic::{Mode, Setting, Thresholds};
 use vio::{DmaWindow, IoMapper, PageError, Residency, SourceError};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 const BAR0: u64 = 0x1_0000_0000;
-
-struct Irqs;
-impl MsiInterruptGroup for Irqs {
-    fn update(&self, _: u16, _: MsiMessage, _: bool) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn trigger(&self, _: u16) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn notifier(&self, _: u16) -> Option<EventFd> {
-        EventFd::new(0).ok()
-    }
-}
-
-#[derive(Default)]
-struct Registrar(Mutex<Vec<u64>>);
-impl IoEventRegistrar for Registrar {
-    fn register(&self, _: &EventFd, addr: u64) -> std::io::Result<()> {
-        self.0.lock().unwrap().push(addr);
-        Ok(())
-    }
-    fn unregister(&self, _: &EventFd, addr: u64) -> std::io::Result<()> {
-        self.0.lock().unwrap().retain(|&a| a != addr);
-        Ok(())
-    }
-}
 
 struct Resident;
 impl Residency for Resident {

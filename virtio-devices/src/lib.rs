@@ -7,6 +7,7 @@
 pub mod block;
 mod memory;
 mod pause;
+pub mod seccomp;
 pub mod transport;
 
 pub use memory::MemoryView;

@@ -361,7 +361,10 @@ impl VcpuSet {
             };
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || (id, run_vcpu(vcpu, id, ctx)))
+                .spawn(move || {
+                    virtio_devices::seccomp::narrow("vcpu");
+                    (id, run_vcpu(vcpu, id, ctx))
+                })
                 .map_err(CpuError::Thread)?;
             threads.push(t);
         }

@@ -12,6 +12,7 @@ pub mod layout;
 pub mod memory_manager;
 pub mod migration;
 pub mod reclaim;
+pub mod seccomp_filters;
 pub mod vcpu_state;
 pub mod vm;
 pub mod vmm;

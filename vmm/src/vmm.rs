@@ -80,6 +80,7 @@ impl Vmm {
         std::thread::Builder::new()
             .name("api-forward".into())
             .spawn(move || {
+                virtio_devices::seccomp::narrow("api-forward");
                 for m in api_rx {
                     if tx.send(VmmEvent::Api(m)).is_err() {
                         break;

@@ -22,3 +22,33 @@ pub fn start_server(prefix: &str, name: &str, disk_size: u64) -> PathBuf {
     std::thread::spawn(move || vdpu::server::run(listener, &mut dev));
     sock
 }
+
+/// MSI-X vectors that go nowhere (each with an eventfd of its own).
+pub struct Irqs;
+
+impl pci::MsiInterruptGroup for Irqs {
+    fn update(&self, _: u16, _: pci::MsiMessage, _: bool) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn trigger(&self, _: u16) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn notifier(&self, _: u16) -> Option<vmm_sys_util::eventfd::EventFd> {
+        vmm_sys_util::eventfd::EventFd::new(0).ok()
+    }
+}
+
+/// Records the addresses doorbells are registered at.
+#[derive(Default)]
+pub struct Registrar(pub std::sync::Mutex<Vec<u64>>);
+
+impl pci::IoEventRegistrar for Registrar {
+    fn register(&self, _: &vmm_sys_util::eventfd::EventFd, addr: u64) -> std::io::Result<()> {
+        self.0.lock().unwrap().push(addr);
+        Ok(())
+    }
+    fn unregister(&self, _: &vmm_sys_util::eventfd::EventFd, addr: u64) -> std::io::Result<()> {
+        self.0.lock().unwrap().retain(|&a| a != addr);
+        Ok(())
+    }
+}

@@ -70,7 +70,12 @@ impl VfioUserClient {
     pub fn connect(path: &Path) -> Result<Self, ClientError> {
         let s = UnixStream::connect(path)
             .map_err(|e| ClientError::Connect(path.display().to_string(), e))?;
-        let c = Self::adopt(s, 0, DEFAULT_MAX_DMA_MAPS);
+        Self::negotiate_on(s)
+    }
+
+    /// A new client on a connected socket: negotiates the version first.
+    pub fn negotiate_on(sock: UnixStream) -> Result<Self, ClientError> {
+        let c = Self::adopt(sock, 0, DEFAULT_MAX_DMA_MAPS);
         c.negotiate()?;
         Ok(c)
     }

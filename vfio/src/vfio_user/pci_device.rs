@@ -43,7 +43,18 @@ pub enum VfioUserDeviceError {
     IoEvent(#[source] std::io::Error),
     #[error("Failed to take the device over")]
     Adopt(#[source] HandoverError),
+    #[error("BAR {0} of {1:#x} bytes is larger than a BAR of its kind can be")]
+    BarSize(usize, u64),
+    #[error("The MSI-X {0} ({1:#x} bytes at {2:#x} in BAR {3}) lies outside the device's BARs")]
+    MsixOutsideBar(&'static str, u64, u64, usize),
+    #[error("A doorbell of {1} bytes at {0:#x} lies outside BAR 0 or has an invalid size")]
+    Doorbell(u64, u64),
 }
+
+/// Largest BARs a device may ask for: what a 32-bit BAR can address, and for a 64-bit BAR far
+/// more than any device has (the VMM places it in guest-physical space).
+const MAX_BAR32: u64 = 1 << 31;
+const MAX_BAR64: u64 = 1 << 40;
 
 struct Msix {
     cap_reg: usize,
@@ -130,6 +141,14 @@ impl VfioUserPciDevice {
             } else {
                 PciBarType::Mem32
             };
+            let max = if kind == PciBarType::Mem64 {
+                MAX_BAR64
+            } else {
+                MAX_BAR32
+            };
+            if size > max {
+                return Err(VfioUserDeviceError::BarSize(i, size));
+            }
             let size = size.next_power_of_two().max(4096);
             let addr = alloc(size, kind == PciBarType::Mem64)
                 .ok_or(VfioUserDeviceError::BarSpace(i, size))?;
@@ -144,6 +163,9 @@ impl VfioUserPciDevice {
             i += if kind == PciBarType::Mem64 { 2 } else { 1 };
         }
         let msix = Self::find_msix(&cfg, interrupts.clone())?;
+        if let Some(m) = &msix {
+            Self::check_msix(&bars, m)?;
+        }
         if let Some(m) = &msix {
             let n = m.config.lock().unwrap().num_vectors();
             let fds: Vec<EventFd> = (0..n).filter_map(|v| interrupts.notifier(v)).collect();
@@ -160,13 +182,28 @@ impl VfioUserPciDevice {
         }
         // Doorbell offsets are learnt even when the fds are not used, to count doorbells the
         // VMM relays.
-        let doorbells = client
-            .region_io_fds(PCI_BAR0_REGION_INDEX)
-            .map(|v| v.into_iter().map(|r| (r.offset, eventfd(r.fd))).collect())
-            .unwrap_or_else(|e| {
+        // A device may not offer io-fds (the command is optional); one that answers with a
+        // malformed list is refused like any other bad reply.
+        let io_fds = match client.region_io_fds(PCI_BAR0_REGION_INDEX) {
+            Err(e @ ClientError::Refused { .. }) => {
                 warn!("{id}: no region io fds ({e}); doorbells go through the VMM");
                 Vec::new()
-            });
+            }
+            r => r?,
+        };
+        let bar0 = bars.bar(0).map(|b| b.size).unwrap_or(0);
+        // KVM takes ioeventfds of 1, 2, 4 or 8 bytes (0: any width); one outside BAR 0 would
+        // sit on guest-physical addresses that belong to something else.
+        if let Some(r) = io_fds.iter().find(|r| {
+            !matches!(r.size, 0 | 1 | 2 | 4 | 8)
+                || r.offset.checked_add(r.size.max(1)).is_none_or(|e| e > bar0)
+        }) {
+            return Err(VfioUserDeviceError::Doorbell(r.offset, r.size));
+        }
+        let doorbells = io_fds
+            .into_iter()
+            .map(|r| (r.offset, eventfd(r.fd)))
+            .collect();
         let has_counters = client
             .region_info(COUNTERS_REGION)
             .map(|r| r.size > 0)
@@ -329,6 +366,21 @@ impl VfioUserPciDevice {
         Ok(None)
     }
 
+    /// The MSI-X table and PBA must lie inside BARs the VMM placed, or guest accesses to them
+    /// would reach the device instead of the VMM's emulation (or nothing at all).
+    fn check_msix(bars: &PciConfiguration, m: &Msix) -> Result<(), VfioUserDeviceError> {
+        for (what, (bir, off, len)) in [("table", m.table), ("PBA", m.pba)] {
+            let inside = bars
+                .bars()
+                .find(|b| b.index == bir)
+                .is_some_and(|b| off.checked_add(len).is_some_and(|e| e <= b.size));
+            if !inside {
+                return Err(VfioUserDeviceError::MsixOutsideBar(what, len, off, bir));
+            }
+        }
+        Ok(())
+    }
+
     fn bar0(&self) -> u64 {
         self.bars.bar(0).map(|b| b.addr).unwrap_or(0)
     }
@@ -351,24 +403,30 @@ impl VfioUserPciDevice {
         let (failed, id) = (self.failed.clone(), self.id.clone());
         let _ = std::thread::Builder::new()
             .name(format!("{id}-monitor"))
-            .spawn(move || loop {
-                let mut pfd = libc::pollfd {
-                    fd: sock.as_raw_fd(),
-                    events: libc::POLLRDHUP,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd for the duration of the call.
-                let r = unsafe { libc::poll(&mut pfd, 1, 500) };
-                if r > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
-                    if !failed.swap(true, Ordering::AcqRel) {
-                        error!("{id}: the device process went away; the device is marked failed");
+            .spawn(move || {
+                virtio_devices::seccomp::narrow("monitor");
+                loop {
+                    let mut pfd = libc::pollfd {
+                        fd: sock.as_raw_fd(),
+                        events: libc::POLLRDHUP,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd for the duration of the call.
+                    let r = unsafe { libc::poll(&mut pfd, 1, 500) };
+                    if r > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+                    {
+                        if !failed.swap(true, Ordering::AcqRel) {
+                            error!(
+                                "{id}: the device process went away; the device is marked failed"
+                            );
+                        }
+                        return;
                     }
-                    return;
+                    if failed.load(Ordering::Acquire) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
                 }
-                if failed.load(Ordering::Acquire) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(1));
             });
     }
 

@@ -82,7 +82,10 @@ impl PriHandler {
         let (stop_t, wake_t) = (stop.clone(), wake.clone());
         let thread = std::thread::Builder::new()
             .name(format!("{id}-pri"))
-            .spawn(move || worker.run(&irq, &wake_t, &stop_t))
+            .spawn(move || {
+                virtio_devices::seccomp::narrow("pri");
+                worker.run(&irq, &wake_t, &stop_t)
+            })
             .map_err(PriError::Thread)?;
         Ok(PriHandler {
             stats,

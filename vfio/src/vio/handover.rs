@@ -121,7 +121,10 @@ impl<M: GuestMemory + Send + Sync + 'static> VioPciDevice<M> {
         self.thread = Some(
             std::thread::Builder::new()
                 .name(format!("{}-snoop", self.id()))
-                .spawn(move || snoop.run())
+                .spawn(move || {
+                    virtio_devices::seccomp::narrow("snoop");
+                    snoop.run()
+                })
                 .map_err(VioDeviceError::Thread)?,
         );
         Ok(())

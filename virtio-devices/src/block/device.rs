@@ -260,6 +260,7 @@ impl<V: MemoryView> Block<V> {
         let handle = std::thread::Builder::new()
             .name("virtio-blk".into())
             .spawn(move || {
+                crate::seccomp::narrow("virtio-blk");
                 worker::run(parts, &mut queues);
                 queues
             })

@@ -41,7 +41,7 @@ enum ReadError {
     Bad(ApiError),
 }
 
-fn read_line(r: &mut BufReader<UnixStream>, budget: &mut usize) -> Result<String, ReadError> {
+fn read_line(r: &mut impl BufRead, budget: &mut usize) -> Result<String, ReadError> {
     let mut line = Vec::new();
     let n = r
         .by_ref()
@@ -65,7 +65,7 @@ fn read_line(r: &mut BufReader<UnixStream>, budget: &mut usize) -> Result<String
         .map_err(|_| ReadError::Bad(ApiError::BadRequest("Request header is not UTF-8".into())))
 }
 
-fn read_request(r: &mut BufReader<UnixStream>) -> Result<Request, ReadError> {
+fn read_request<S: Read + Write>(r: &mut BufReader<S>) -> Result<Request, ReadError> {
     let mut budget = MAX_HEADER_BYTES;
     let bad = |m: &str| ReadError::Bad(ApiError::BadRequest(m.to_string()));
     let mut first = read_line(r, &mut budget)?;
@@ -129,6 +129,47 @@ fn read_request(r: &mut BufReader<UnixStream>) -> Result<Request, ReadError> {
     })
 }
 
+/// A recorded connection: reads come from the bytes, writes (`100 Continue`) go nowhere.
+struct Replay<'a>(io::Cursor<&'a [u8]>);
+
+impl Read for Replay<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for Replay<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads and routes the requests in `input` as a connection that sent those bytes would have
+/// them read and routed, without dispatching any: everything of the API a client reaches
+/// before the VMM acts (the fuzz target `http_api`). Stops where the connection would close.
+pub fn route_requests(input: &[u8]) -> Vec<Result<ApiRequest, ApiError>> {
+    let mut r = BufReader::new(Replay(io::Cursor::new(input)));
+    let mut out = Vec::new();
+    loop {
+        match read_request(&mut r) {
+            Ok(req) => {
+                out.push(route(&req.method, &req.path, &req.body));
+                if !req.keep_alive {
+                    return out;
+                }
+            }
+            Err(ReadError::Bad(e)) => {
+                out.push(Err(e));
+                return out;
+            }
+            Err(ReadError::Closed | ReadError::Io(_)) => return out,
+        }
+    }
+}
+
 fn write_response(
     w: &mut UnixStream,
     status: u16,
@@ -157,6 +198,25 @@ fn write_error(w: &mut UnixStream, e: &ApiError, keep_alive: bool) -> io::Result
     let mut line = e.to_string().replace(['\n', '\r'], " ");
     line.push('\n');
     write_response(w, e.status(), Some(("text/plain", &line)), keep_alive)
+}
+
+/// With this variable in its environment (tests only), the VMM serves `SECCOMP_PROBE_PATH`:
+/// the connection's thread makes a call no VMM thread may make, to show the filters bite.
+pub const SECCOMP_PROBE_ENV: &str = "VIO_TEST_SECCOMP_PROBE";
+pub const SECCOMP_PROBE_PATH: &str = "/api/v1/vmm.seccomp-probe";
+
+/// Opens (and closes) an IPv4 socket: what a compromised VMM would do to reach the network.
+fn seccomp_probe() {
+    // SAFETY: socket() takes no pointers; the descriptor, if any, is closed at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    if fd >= 0 {
+        // SAFETY: a descriptor this function owns.
+        unsafe { libc::close(fd) };
+    }
+    warn!(
+        "seccomp probe: an IPv4 socket was {}",
+        if fd >= 0 { "opened" } else { "refused" }
+    );
 }
 
 /// Hands `request` to the VMM and waits for its reply; the returned sender tells the VMM the
@@ -195,6 +255,11 @@ fn serve(stream: UnixStream, api: Arc<Mutex<Sender<ApiMessage>>>) {
                 return;
             }
         };
+        if req.path == SECCOMP_PROBE_PATH && std::env::var_os(SECCOMP_PROBE_ENV).is_some() {
+            seccomp_probe();
+            let _ = write_response(&mut w, 204, None, false);
+            return;
+        }
         let routed = route(&req.method, &req.path, &req.body);
         if let Ok(ApiRequest::VmmShutdown) = routed {
             // The process exits once the VMM sees this: answer first.
@@ -244,6 +309,7 @@ pub fn start(path: &Path, api: Sender<ApiMessage>) -> Result<JoinHandle<()>, Htt
     std::thread::Builder::new()
         .name("http-server".into())
         .spawn(move || {
+            virtio_devices::seccomp::narrow("http-server");
             for stream in listener.incoming() {
                 let mut stream = match stream {
                     Ok(s) => s,
@@ -268,6 +334,7 @@ pub fn start(path: &Path, api: Sender<ApiMessage>) -> Result<JoinHandle<()>, Htt
                     std::thread::Builder::new()
                         .name("http-conn".into())
                         .spawn(move || {
+                            virtio_devices::seccomp::narrow("http-conn");
                             serve(stream, conn_api);
                             conn_active.fetch_sub(1, Ordering::AcqRel);
                         });
@@ -278,4 +345,31 @@ pub fn start(path: &Path, api: Sender<ApiMessage>) -> Result<JoinHandle<()>, Htt
             }
         })
         .map_err(HttpServerError::Thread)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recorded_connection_is_read_as_a_live_one() {
+        let input = b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n\r\n\
+            PUT /api/v1/vm.reclaim HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 12\r\n\r\n{\"bytes\":10}\
+            PUT /api/v1/vm.pause HTTP/1.0\r\n\r\n\
+            GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n";
+        let got = route_requests(input);
+        assert_eq!(got.len(), 3, "HTTP/1.0 closes the connection: {got:?}");
+        assert!(matches!(got[0], Ok(ApiRequest::VmmPing)));
+        assert!(
+            matches!(got[1], Ok(ApiRequest::VmReclaim { .. })),
+            "{got:?}"
+        );
+        assert!(matches!(got[2], Ok(ApiRequest::VmPause)));
+
+        let got = route_requests(b"GET /api/v1/vmm.ping HTTP/1.1\r\ncontent-length: x\r\n\r\n");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].as_ref().unwrap_err().status(), 400);
+        assert!(route_requests(b"GET /api/v1/vmm.ping HTTP/1.1\r\n").len() == 1);
+        assert!(route_requests(b"").is_empty());
+    }
 }

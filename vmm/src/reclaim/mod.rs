@@ -217,13 +217,19 @@ impl Reclaimer {
         let fr = r.clone();
         std::thread::Builder::new()
             .name("uffd".into())
-            .spawn(move || fr.fault_loop())
+            .spawn(move || {
+                virtio_devices::seccomp::narrow("uffd");
+                fr.fault_loop()
+            })
             .map_err(ReclaimError::Thread)?;
         if r.cfg.interval_ms > 0 {
             let pr = r.clone();
             std::thread::Builder::new()
                 .name("reclaim".into())
-                .spawn(move || pr.policy_loop())
+                .spawn(move || {
+                    virtio_devices::seccomp::narrow("reclaim");
+                    pr.policy_loop()
+                })
                 .map_err(ReclaimError::Thread)?;
         }
         Ok(())

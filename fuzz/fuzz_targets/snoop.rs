@@ -18,7 +18,10 @@ struct Host {
 
 impl SnoopHost for Host {
     fn acquire(&self, gfn: u64) -> Result<bool, vio::PageError> {
-        assert!(gfn < MEM / vio::spec::PAGE_SIZE, "acquire outside memory: {gfn}");
+        assert!(
+            gfn < MEM / vio::spec::PAGE_SIZE,
+            "acquire outside memory: {gfn}"
+        );
         *self.pins.borrow_mut().entry(gfn).or_default() += 1;
         Ok(false)
     }
