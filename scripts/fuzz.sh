@@ -13,6 +13,10 @@ targets=("$@")
 # cargo-fuzz drives libFuzzer through flags only nightly rustc takes; RUSTC_BOOTSTRAP lets the
 # stable toolchain take them (no sanitizer: the code under test is safe Rust).
 export RUSTC_BOOTSTRAP=1
+# libfuzzer-sys builds libFuzzer itself, which is C++.
+if ! command -v c++ >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++
+fi
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.2
 
 cd fuzz

@@ -75,7 +75,7 @@ r = json.loads(sys.argv[1]) if sys.argv[1] else {}
 c = json.loads(sys.argv[2]) if sys.argv[2] else {}
 passes, secs, ops, switches, failed, upgraded = map(int, sys.argv[3:9])
 print(f"ops {r.get('ops', 0):,} in {secs} s ({r.get('iops', 0):,} IOPS), mismatches {r.get('mismatches')}, "
-      f"io_errors {r.get('io_errors')}, iopf {c.get('iopf')}, reclaim passes {passes}, "
+      f"io_errors {r.get('io_errors')}, iopf {c.get('iopf')}, fault-ins {c.get('faultins', 0):,}, reclaim passes {passes}, "
       f"mode switches {switches} (failed {failed}), live upgrade {'done' if upgraded == 1 else 'FAILED' if upgraded else 'not reached'}, "
       f"missed_doorbells {c.get('missed_doorbells')}, bad_chains {c.get('bad_chains')}")
 ok = (r.get("ops") == ops and r.get("mismatches") == 0 and r.get("io_errors") == 0

@@ -151,6 +151,18 @@ fn vdpu_killed_mid_run() {
     assert!(ch("ping").0);
     let info: Value = serde_json::from_str(&ch("info").1).unwrap();
     assert_eq!(info["state"], "Running", "the VM keeps running");
+    // A new vdpu on the same socket: the VMM does not reconnect behind the guest's back (the
+    // device's state died with the old process); the device stays failed, the VM runs on.
+    drop(vdpu);
+    let _restarted = Vdpu::start("kill", &disk);
+    // A window in which a reconnect would show.
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, out) = ch("counters");
+    assert!(ok, "VMM stopped serving after the device came back");
+    let c: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(c["dpu0"]["failed"].as_u64(), Some(1), "{c}");
+    let info: Value = serde_json::from_str(&ch("info").1).unwrap();
+    assert_eq!(info["state"], "Running", "the VM keeps running");
     assert!(ch("shutdown-vmm").0);
     let out = vm.finish(Duration::from_secs(30));
     assert!(out.status.success(), "{}", out.describe());

@@ -19,23 +19,28 @@ use vfio::vfio_user::protocol::{CMD_DEVICE_SET_IRQS, CMD_DMA_MAP};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+/// The device's disk: a memfd, named through /proc so `--blk path=` can open it and nothing
+/// is left behind.
 fn disk() -> &'static PathBuf {
-    static DISK: OnceLock<PathBuf> = OnceLock::new();
-    DISK.get_or_init(|| {
-        let p = std::env::temp_dir().join(format!("vio-fuzz-{}.img", std::process::id()));
-        std::fs::write(&p, vec![0x5a; 64 * 512]).unwrap();
-        p
-    })
+    static DISK: OnceLock<(File, PathBuf)> = OnceLock::new();
+    &DISK
+        .get_or_init(|| {
+            let f = memfd(64 * 512);
+            (&f).write_all(&[0x5a; 64 * 512]).unwrap();
+            let p = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+            (f, p)
+        })
+        .1
 }
 
-fn memfd() -> File {
+fn memfd(size: u64) -> File {
     let name = std::ffi::CString::new("fuzz").unwrap();
     // SAFETY: a valid name; the new descriptor is owned by the File.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
     assert!(fd >= 0);
     // SAFETY: a fresh descriptor nothing else owns.
     let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(1 << 20).unwrap();
+    f.set_len(size).unwrap();
     f
 }
 
@@ -47,7 +52,7 @@ fn client(sock: UnixStream, mut data: &[u8]) {
         let (msg, rest) = data.split_at(size.clamp(16, data.len()));
         data = rest;
         let (mem, irqs) = (
-            memfd(),
+            memfd(1 << 20),
             [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()],
         );
         let fds: Vec<RawFd> = match cmd {
