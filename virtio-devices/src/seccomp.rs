@@ -104,11 +104,6 @@ pub fn init(mode: SeccompMode, filters: Filters) -> Result<(), SeccompError> {
     Ok(())
 }
 
-/// The process's mode (`false` until `init`).
-pub fn mode() -> SeccompMode {
-    SETTING.get().map_or(SeccompMode::Off, |s| s.mode)
-}
-
 thread_local! {
     /// The confined thread's name, for the SIGSYS handler (no allocation there).
     static NAME: Cell<[u8; 16]> = const { Cell::new([0; 16]) };
