@@ -17,7 +17,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import paper, record  # noqa: E402
+from benchlib import net, paper, record  # noqa: E402
 from benchlib.common import *  # noqa: E402,F401,F403
 
 
@@ -482,8 +482,8 @@ SUITES = {"overhead": paper.overhead, "iopf": paper.iopf, "memory": paper.memory
           "upgrade": lambda runs, quick, peer: upgrade_suite(runs, quick), "walker": paper.walker,
           "foundation": legacy(foundation), "vdpu": legacy(vdpu_suite), "reclaim": legacy(reclaim_suite),
           "vio": legacy(vio_suite), "elastic": legacy(elastic_suite), "lockpage": legacy(lockpage_suite),
-          "linux": legacy(linux_suite)}
-DEFAULT = ["overhead", "iopf", "memory", "switch", "upgrade", "walker"]
+          "linux": legacy(linux_suite), "net": net.net}
+DEFAULT = ["overhead", "iopf", "memory", "switch", "upgrade", "walker", "net"]
 
 
 def write_docs(name, table):

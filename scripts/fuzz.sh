@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-20}
 shift || true
 targets=("$@")
-((${#targets[@]})) || targets=(snoop http_api vm_config vfio_user_server vfio_user_client blk_engine)
+((${#targets[@]})) || targets=(snoop http_api vm_config vfio_user_server vfio_user_client blk_engine net_engine)
 
 # cargo-fuzz drives libFuzzer through flags only nightly rustc takes; RUSTC_BOOTSTRAP lets the
 # stable toolchain take them (no sanitizer: the code under test is safe Rust).

@@ -9,8 +9,8 @@ use std::time::Instant;
 use thiserror::Error;
 use virtio_devices::seccomp::{self, SeccompError, SeccompMode};
 use vmm::config::{
-    ConfigError, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, OptionParser, ReclaimConfig,
-    UserDeviceConfig, VmConfig,
+    ConfigError, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, NetConfig, OptionParser,
+    ReclaimConfig, UserDeviceConfig, VmConfig,
 };
 use vmm::{error_chain, Vmm, VmmExit};
 
@@ -102,6 +102,16 @@ fn command() -> Command {
                 .help("virtio-blk disk emulated by the VMM (repeatable)"),
         )
         .arg(
+            Arg::new("net")
+                .long("net")
+                .value_name(
+                    "tap=<name>,ip=<ipv4>,mask=<ipv4>,mac=<mac>,id=<name>,num_queues=<n>,\
+                     queue_size=<n>",
+                )
+                .action(ArgAction::Append)
+                .help("virtio-net device emulated by the VMM over a TAP interface (repeatable)"),
+        )
+        .arg(
             Arg::new("serial")
                 .long("serial")
                 .value_name("off|tty|null|file=<path>")
@@ -177,6 +187,9 @@ fn build_config(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
     }
     config.disks = all("disk")
         .map(|s| DiskConfig::parse(s))
+        .collect::<Result<_, _>>()?;
+    config.net = all("net")
+        .map(|s| NetConfig::parse(s))
         .collect::<Result<_, _>>()?;
     config.user_devices = all("user-device")
         .map(|s| UserDeviceConfig::parse(s))

@@ -10,9 +10,11 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
-const SUITES: [&str; 6] = ["overhead", "iopf", "memory", "switch", "upgrade", "walker"];
+const SUITES: [&str; 7] = [
+    "overhead", "iopf", "memory", "switch", "upgrade", "walker", "net",
+];
 /// Suites that draw a plot.
-const PLOTTED: [&str; 3] = ["overhead", "iopf", "memory"];
+const PLOTTED: [&str; 4] = ["overhead", "iopf", "memory", "net"];
 
 fn load(dir: &Path, suite: &str, ext: &str) -> Option<std::path::PathBuf> {
     std::fs::read_dir(dir)

@@ -37,28 +37,6 @@ fn info(vm: &Vm) -> Value {
     serde_json::from_str::<Value>(&body).unwrap()[0].clone()
 }
 
-/// Switches every 50 ms, in both directions, `each` times each way or for as long as the guest
-/// runs; returns the switch reports.
-fn switcher(vm: &Vm, each: usize, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<Value>> {
-    let path = vm.api_path().to_path_buf();
-    std::thread::spawn(move || {
-        let mut reports = Vec::new();
-        for mode in ["passthrough", "snoop"].iter().cycle() {
-            if stop.load(Ordering::Relaxed) || reports.len() >= 2 * each {
-                break;
-            }
-            let body = format!(r#"{{"id": "dpu0", "mode": "{mode}"}}"#);
-            let (status, rep) = api(&path, "PUT", "vm.vio-mode", &body);
-            if status != 200 {
-                break; // the VM is gone
-            }
-            reports.push(serde_json::from_str::<Value>(&rep).unwrap()["switch"].clone());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        reports
-    })
-}
-
 /// Forced switches every 50 ms (30 each way) during 20 s of blk-verify at queue depth 32 (at
 /// least 100,000 requests), with reclaim churn (half of RAM every 100 ms; it takes pages only
 /// while the device is snooped), event-idx off and on:
@@ -89,7 +67,7 @@ fn forced_switches_under_churn_lose_nothing() {
             .expect("guest drives the device");
         let churn = Churn::start(vm.api_path(), vm.pid(), RAM / 2, false);
         let stop = Arc::new(AtomicBool::new(false));
-        let switches = switcher(&vm, 30, stop.clone());
+        let switches = switcher(vm.api_path(), 30, stop.clone());
         let out = vm.finish(TIMEOUT);
         stop.store(true, Ordering::Relaxed);
         let switches = switches.join().unwrap();

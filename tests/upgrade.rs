@@ -235,6 +235,45 @@ fn emulated_disk_vm_upgrades() {
     );
 }
 
+/// A running VM with a VMM-emulated virtio-net device, mid-echo: the TAP's descriptor moves
+/// (the interface, its namespace and its queued frames stay), the new VMM's device serves the
+/// rest of the echoes, and not one frame is lost or corrupted on the way.
+#[test]
+fn emulated_net_vm_upgrades() {
+    if !kvm_available("emulated_net_vm_upgrades") {
+        return;
+    }
+    let _one = one_at_a_time();
+    let ops = 100_000;
+    let mut a = VmBuilder::new("up-net-a")
+        .netns()
+        .memory("size=512M,shared=on")
+        .cmdline(&format!("vio.workload=net-echo vio.ops={ops} vio.len=100"))
+        .flag("--net", "tap=vionet0,id=net0")
+        .api_socket()
+        .verbose()
+        .spawn();
+    let peer = net::NetPeer::attach(a.pid(), "vionet0");
+    a.wait_line("VIO-GUEST-INFO", Duration::from_secs(60))
+        .expect("the guest reaches the peer");
+    std::thread::sleep(Duration::from_millis(300));
+    let b = receiver("up-net-b");
+    upgrade_ok(a, &b, "net");
+    let out = b.finish(TIMEOUT);
+    let peer = peer.finish();
+    assert!(out.status.success(), "{}", out.describe());
+    let res = out.result();
+    assert_eq!(u(&res, "ops"), ops, "{res}");
+    assert_eq!(u(&res, "lost"), 0, "{res}");
+    assert_eq!(u(&res, "mismatches"), 0, "{res}");
+    assert_eq!(u(&peer, "echoes"), ops, "{peer}");
+    let net0 = logged_counters(&out.stderr, "net0");
+    assert!(
+        u(&net0, "rx_frames") > 0 && u(&net0, "rx_frames") < ops,
+        "the new VMM's device served the rest: {net0}"
+    );
+}
+
 /// The receiver dies while it rebuilds the VM: the sender keeps the VM, which runs on and
 /// finishes its workload with every byte verified.
 #[test]

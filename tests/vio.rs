@@ -51,16 +51,7 @@ fn assert_verified(r: &Run, ops: u64) {
     assert_eq!(u(res, "ops"), ops, "{res}\n{}", r.stderr);
     assert_eq!(u(res, "mismatches"), 0, "{res}");
     assert_eq!(u(res, "io_errors"), 0, "{res}");
-    assert_eq!(r.device["iopf"].as_u64(), Some(0), "{}", r.device);
-    assert_eq!(r.device["failed"].as_u64(), Some(0), "{}", r.device);
-    assert_eq!(r.device["bad_chains"].as_u64(), Some(0), "{}", r.device);
-    assert_eq!(r.device["acquire_errors"].as_u64(), Some(0), "{}", r.device);
-    assert_eq!(
-        r.device["missed_doorbells"].as_u64(),
-        Some(0),
-        "{}",
-        r.device
-    );
+    assert_device_clean(&r.device);
 }
 
 /// The headline: the same workload and the same reclaim churn (half of RAM every 100 ms,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes the seeds of the http_api, vm_config and blk_engine fuzz targets."""
+"""Writes the seeds of the http_api, vm_config, blk_engine and net_engine fuzz targets."""
 import json
 import os
 import struct
@@ -18,6 +18,8 @@ CONFIG = {
     "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
     "memory": {"size": 268435456, "shared": True, "reclaim": True},
     "disks": [{"path": "/bin/sh", "readonly": True, "num_queues": 2, "queue_size": 128, "id": "d0"}],
+    "net": [{"tap": "vmtap0", "ip": "192.168.249.1", "mask": "255.255.255.0", "mac": "52:54:00:12:34:56",
+             "num_queues": 2, "queue_size": 256, "id": "n0"}],
     "user_devices": [
         {"socket": "/tmp/vdpu.sock", "vio": {"mode": "elastic"}},
         {"socket": "/tmp/vdpu2.sock", "pri": True},
@@ -83,6 +85,22 @@ def main():
         struct.pack_into("<H", img, 0x1004 + 2 * i, h)
     put("blk_engine", "requests", bytes([4, 0, 0, 7, 0]) + bytes(img) + bytes(0x1000))
     put("blk_engine", "event_idx", bytes([3, 0, 0, 1, 1]) + bytes(img) + bytes(0x1000))
+
+    # net_engine: [size exponent, next avail lo, hi, flags, frame length lo, hi] + a 64 KiB image
+    # with eight receive buffers of 600 bytes (a 1514-byte frame takes three merged) and, as a
+    # transmit chain, a header descriptor and a frame descriptor.
+    img = bytearray(0x4000)
+    for i in range(8):
+        struct.pack_into("<QIHH", img, 16 * i, 0x3000 + 0x100 * i, 600, 2, 0)
+    struct.pack_into("<QIHH", img, 16 * 8, 0x2800, 12, 1, 9)
+    struct.pack_into("<QIHH", img, 16 * 9, 0x2900, 60, 0, 0)
+    struct.pack_into("<HH", img, 0x1000, 0, 9)
+    for i in range(8):
+        struct.pack_into("<H", img, 0x1004 + 2 * i, i)
+    struct.pack_into("<H", img, 0x1004 + 2 * 8, 8)
+    frame = struct.pack("<H", 1514)
+    put("net_engine", "merged", bytes([4, 0, 0, 2]) + frame + bytes(img) + bytes(0xc000))
+    put("net_engine", "whole", bytes([4, 0, 0, 1]) + struct.pack("<H", 500) + bytes(img) + bytes(0xc000))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ mod blk;
 mod boot;
 mod memory;
 mod memverify;
+mod net;
 mod paging;
 mod pci;
 mod report;
@@ -50,6 +51,8 @@ pub extern "C" fn rust_start(start_info: u64) -> ! {
     ) = match workload {
         "blk-verify" => ("blk-verify", blk::run),
         "mem-verify" => ("mem-verify", memverify::run),
+        "net-echo" => ("net-echo", net::run_echo),
+        "net-stream" => ("net-stream", net::run_stream),
         // With no IDT, any exception is a triple fault: lets tests check the VMM's crash path.
         "triple-fault" => arch::undefined_instruction(),
         _ => fail("unknown vio.workload"),

@@ -17,6 +17,9 @@ pub struct Report {
     /// Duration of the measured part of the workload.
     pub elapsed_ns: u64,
     pub hist: Histogram,
+    /// Workload-specific figures, appended to the result line.
+    extras: [(&'static str, u64); 12],
+    n_extras: usize,
 }
 
 impl Report {
@@ -32,6 +35,16 @@ impl Report {
             bad_succeeded: 0,
             elapsed_ns: 0,
             hist: Histogram::new(),
+            extras: [("", 0); 12],
+            n_extras: 0,
+        }
+    }
+
+    /// Adds `"key":value` to the result line (the first twelve).
+    pub fn extra(&mut self, key: &'static str, value: u64) {
+        if let Some(e) = self.extras.get_mut(self.n_extras) {
+            *e = (key, value);
+            self.n_extras += 1;
         }
     }
 
@@ -57,8 +70,14 @@ impl Report {
 
     pub fn result(&self, clock: &Clock) {
         let elapsed_ns = self.elapsed_ns;
+        let mut extras = crate::serial::Serial;
+        use core::fmt::Write;
+        let _ = write!(extras, "VIO-GUEST-RESULT {{");
+        for (k, v) in &self.extras[..self.n_extras] {
+            let _ = write!(extras, "\"{k}\":{v},");
+        }
         crate::println!(
-            "VIO-GUEST-RESULT {{\"workload\":\"{}\",\"ops\":{},\"reads\":{},\"writes\":{},\"io_errors\":{},\"mismatches\":{},\"bad_failed\":{},\"bad_succeeded\":{},\"elapsed_ns\":{},\"iops\":{},\"lat_p50_ns\":{},\"lat_p99_ns\":{},\"lat_max_ns\":{},\"tsc_khz\":{}}}",
+            "\"workload\":\"{}\",\"ops\":{},\"reads\":{},\"writes\":{},\"io_errors\":{},\"mismatches\":{},\"bad_failed\":{},\"bad_succeeded\":{},\"elapsed_ns\":{},\"iops\":{},\"lat_p50_ns\":{},\"lat_p99_ns\":{},\"lat_max_ns\":{},\"tsc_khz\":{}}}",
             self.workload,
             self.ops,
             self.reads,

@@ -40,6 +40,7 @@ pub enum PciHeader {
 pub enum PciClass {
     Bridge = 0x06,
     MassStorage = 0x01,
+    Network = 0x02,
     Other = 0xff,
 }
 

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 def plot(suite, series, path):
     """Writes `series` ({"kind": ..., "data": {panel: {line: points}}}) to `path`."""
     kind, data = series["kind"], series["data"]
-    if kind == "iops_vs_faults":
+    if kind in ("iops_vs_faults", "mbps_vs_faults"):
         data = {"": data}
     panels = list(data.items())
     # One colour per configuration across panels, in order of first appearance.
@@ -31,10 +31,11 @@ def plot(suite, series, path):
             ax.set_xlabel("seconds")
             ax.set_ylabel("resident guest RAM (MiB)")
             ax.set_ylim(bottom=0)
-        elif kind == "iops_vs_faults":
+        elif kind in ("iops_vs_faults", "mbps_vs_faults"):
             ax.set_xscale("symlog", linthresh=1)
-            ax.set_xlabel("device page faults per second (5 ms each)")
-            ax.set_ylabel("IOPS")
+            ax.set_xlabel("device page faults per second (5 ms each)" if kind == "iops_vs_faults"
+                          else "target device page faults per second (5 ms each)")
+            ax.set_ylabel("IOPS" if kind == "iops_vs_faults" else "Mbit/s")
             ax.set_ylim(bottom=0)
         ax.set_title(f"{suite}: {panel}" if panel else suite)
         ax.grid(True, alpha=0.3)

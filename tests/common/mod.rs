@@ -11,6 +11,8 @@ use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod net;
+
 pub const VMM: &str = env!("CARGO_BIN_EXE_vio-hypervisor");
 
 /// True when /dev/kvm is usable; otherwise says loudly that the test is skipped.
@@ -156,7 +158,16 @@ impl Vm {
     }
 
     pub fn spawn_with_env(args: &[String], env: &[(String, String)]) -> Vm {
-        let mut child = Command::new(VMM)
+        Self::spawn_in(args, env, false)
+    }
+
+    /// `netns`: in a network namespace of its own (see `net::own_netns`).
+    pub fn spawn_in(args: &[String], env: &[(String, String)], netns: bool) -> Vm {
+        let mut cmd = Command::new(VMM);
+        if netns {
+            net::own_netns(&mut cmd);
+        }
+        let mut child = cmd
             .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -295,6 +306,7 @@ pub struct VmBuilder {
     api: bool,
     verbose: bool,
     env: Vec<(String, String)>,
+    netns: bool,
 }
 
 impl VmBuilder {
@@ -310,6 +322,7 @@ impl VmBuilder {
             api: false,
             verbose: false,
             env: Vec::new(),
+            netns: false,
         }
     }
 
@@ -404,8 +417,14 @@ impl VmBuilder {
         a
     }
 
+    /// The VMM runs in a network namespace of its own (its TAPs are seen by nothing else).
+    pub fn netns(mut self) -> Self {
+        self.netns = true;
+        self
+    }
+
     pub fn spawn(self) -> Vm {
-        let mut vm = Vm::spawn_with_env(&self.args(), &self.env);
+        let mut vm = Vm::spawn_in(&self.args(), &self.env, self.netns);
         vm.api = self.api.then(|| self.api_path());
         vm
     }
@@ -467,6 +486,20 @@ pub fn api(sock: &Path, method: &str, endpoint: &str, body: &str) -> (u16, Strin
     )
 }
 
+/// A passthrough device's counters say nothing went wrong: no I/O page fault, not failed, no bad
+/// chain, every page acquired, no doorbell lost.
+pub fn assert_device_clean(d: &Value) {
+    for key in [
+        "iopf",
+        "failed",
+        "bad_chains",
+        "acquire_errors",
+        "missed_doorbells",
+    ] {
+        assert_eq!(d[key].as_u64(), Some(0), "{key}: {d}");
+    }
+}
+
 /// The counters the VMM logged (with -v) for device `id` when it stopped the VM.
 pub fn logged_counters(stderr: &str, id: &str) -> Value {
     let key = format!("Device {id} counters: ");
@@ -502,15 +535,24 @@ impl Vdpu {
     }
 
     pub fn start_with(name: &str, disk: &TmpDisk, blk_extra: &str) -> Vdpu {
+        Self::spawn(name, "--blk", &format!("{}{blk_extra}", disk.arg()), false)
+    }
+
+    /// vdpu's network function on TAP `net` (`tap=NAME,...`), in a network namespace of its
+    /// own.
+    pub fn start_net(name: &str, net: &str) -> Vdpu {
+        Self::spawn(name, "--net", net, true)
+    }
+
+    fn spawn(name: &str, flag: &str, function: &str, netns: bool) -> Vdpu {
         let sock = std::env::temp_dir().join(format!("vdpu-{}-{name}.sock", std::process::id()));
         let _ = std::fs::remove_file(&sock);
-        let child = Command::new(vdpu_bin())
-            .args([
-                "--socket",
-                sock.to_str().unwrap(),
-                "--blk",
-                &format!("{}{blk_extra}", disk.arg()),
-            ])
+        let mut cmd = Command::new(vdpu_bin());
+        if netns {
+            net::own_netns(&mut cmd);
+        }
+        let child = cmd
+            .args(["--socket", sock.to_str().unwrap(), flag, function])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(sock.with_extension("log")).unwrap())
@@ -666,6 +708,32 @@ impl Churn {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.take().unwrap().join().unwrap()
     }
+}
+
+/// Switches `vio` device dpu0 every 50 ms, in both directions, `each` times each way or for as
+/// long as the guest runs; returns the switch reports.
+pub fn switcher(
+    api_path: &Path,
+    each: usize,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<Value>> {
+    let path = api_path.to_path_buf();
+    std::thread::spawn(move || {
+        let mut reports = Vec::new();
+        for mode in ["passthrough", "snoop"].iter().cycle() {
+            if stop.load(Ordering::Relaxed) || reports.len() >= 2 * each {
+                break;
+            }
+            let body = format!(r#"{{"id": "dpu0", "mode": "{mode}"}}"#);
+            let (status, rep) = api(&path, "PUT", "vm.vio-mode", &body);
+            if status != 200 {
+                break; // the VM is gone
+            }
+            reports.push(serde_json::from_str::<Value>(&rep).unwrap()["switch"].clone());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        reports
+    })
 }
 
 // Live upgrade (`vm.send-migration` / `vm.receive-migration`, local).

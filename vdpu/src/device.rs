@@ -1,5 +1,5 @@
-//! Builds the virtio-blk PCI function vdpu serves: the same virtio-blk device and virtio-pci
-//! transport as the VMM-emulated disk, reaching guest memory through the IOMMU and raising
+//! Builds the PCI function vdpu serves (virtio-blk over a file, or virtio-net over a TAP): the
+//! same virtio device and virtio-pci transport as the VMM-emulated ones, reaching guest memory through the IOMMU and raising
 //! interrupts on the client's eventfds.
 
 use crate::iommu::Iommu;
@@ -11,6 +11,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use thiserror::Error;
 use virtio_devices::block::{Block, BlockConfig, RawFile, DEFAULT_QUEUE_SIZE};
+use virtio_devices::net::{
+    parse_mac, Net, NetConfig, Tap, TapError, DEFAULT_QUEUE_SIZE as NET_QUEUE_SIZE,
+};
 use virtio_devices::transport::{InterruptDelivery, IoEventRegistrar, VirtioPciDevice};
 use virtio_devices::VirtioDevice;
 use vmm_sys_util::eventfd::EventFd;
@@ -19,8 +22,12 @@ use vmm_sys_util::eventfd::EventFd;
 pub enum DeviceError {
     #[error("Error parsing --blk \"{0}\": {1}")]
     Parse(String, String),
+    #[error("Error parsing --net \"{0}\": {1}")]
+    ParseNet(String, String),
     #[error("Failed to open {0}")]
     Open(String, #[source] io::Error),
+    #[error("Failed to open the TAP")]
+    Tap(#[from] TapError),
     #[error("Failed to set up the PCI function")]
     Pci(#[from] virtio_devices::transport::VirtioPciError),
     #[error("Failed to set up doorbells")]
@@ -112,6 +119,49 @@ impl BlkConfig {
     }
 }
 
+/// The network function's `--net` option.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetFunctionConfig {
+    pub tap: String,
+    pub mac: [u8; 6],
+    pub queue_size: u16,
+    pub id: String,
+}
+
+impl NetFunctionConfig {
+    /// `tap=NAME[,mac=MAC,queue_size=N,id=NAME]`
+    pub fn parse(raw: &str) -> Result<Self, DeviceError> {
+        let err = |m: &str| DeviceError::ParseNet(raw.to_string(), m.to_string());
+        let mut c = NetFunctionConfig {
+            tap: String::new(),
+            mac: [0x52, 0x54, 0x00, 0x76, 0x64, 0x70],
+            queue_size: NET_QUEUE_SIZE,
+            id: "vdpu-net".into(),
+        };
+        for item in raw.split(',') {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| err(&format!("expected key=value, got \"{item}\"")))?;
+            match k {
+                "tap" => c.tap = v.to_string(),
+                "mac" => c.mac = parse_mac(v).map_err(|e| err(&e))?,
+                "queue_size" => {
+                    c.queue_size = v.parse().map_err(|_| err("queue_size must be a number"))?
+                }
+                "id" => c.id = v.to_string(),
+                _ => return Err(err(&format!("unknown key \"{k}\""))),
+            }
+        }
+        if c.tap.is_empty() || c.tap.len() > 15 {
+            return Err(err("tap must be an interface name of 1..15 bytes"));
+        }
+        if !c.queue_size.is_power_of_two() || !(2..=32768).contains(&c.queue_size) {
+            return Err(err("queue_size must be a power of two, 2..32768"));
+        }
+        Ok(c)
+    }
+}
+
 fn toggle(v: &str) -> Option<bool> {
     match v {
         "on" | "true" => Some(true),
@@ -158,10 +208,36 @@ pub fn build_blk(cfg: &BlkConfig) -> Result<Device, DeviceError> {
     if let Some(p) = &pri {
         block = block.with_pri(p.clone());
     }
-    let virtio: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(block));
-    let irqs = Arc::new(ClientIrqs::new(cfg.num_queues + 1));
+    pci_function(&cfg.id, Arc::new(Mutex::new(block)), iommu, pri)
+}
+
+/// The network function: virtio-net over the TAP, DMA through the IOMMU.
+pub fn build_net(cfg: &NetFunctionConfig) -> Result<Device, DeviceError> {
+    let tap = Tap::open(&cfg.tap, None, None)?;
+    let iommu = Arc::new(Iommu::new());
+    let net = Net::new(
+        tap,
+        &NetConfig {
+            id: cfg.id.clone(),
+            mac: cfg.mac,
+            queue_size: cfg.queue_size,
+        },
+        iommu.clone(),
+    );
+    pci_function(&cfg.id, Arc::new(Mutex::new(net)), iommu, None)
+}
+
+/// `virtio` behind the virtio-pci transport with the VIO extension, as a vfio-user function.
+fn pci_function(
+    id: &str,
+    virtio: Arc<Mutex<dyn VirtioDevice>>,
+    iommu: Arc<Iommu>,
+    pri: Option<Arc<PageRequests>>,
+) -> Result<Device, DeviceError> {
+    let queues = virtio.lock().unwrap().queue_max_sizes().len() as u16;
+    let irqs = Arc::new(ClientIrqs::new(queues + 1));
     let pci = VirtioPciDevice::new(
-        cfg.id.clone(),
+        id.to_string(),
         virtio.clone(),
         irqs.clone(),
         Arc::new(ClientDoorbells),
@@ -208,6 +284,27 @@ mod tests {
             ("/x", "expected key=value"),
         ] {
             let e = BlkConfig::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn net_option_parsing() {
+        let c =
+            NetFunctionConfig::parse("tap=vt0,mac=02:00:00:00:00:07,queue_size=64,id=n").unwrap();
+        assert_eq!(
+            (c.tap.as_str(), c.mac, c.queue_size, c.id.as_str()),
+            ("vt0", [2, 0, 0, 0, 0, 7], 64, "n")
+        );
+        for (bad, want) in [
+            ("mac=02:00:00:00:00:07", "tap must be"),
+            ("tap=a-name-far-too-long", "tap must be"),
+            ("tap=t,mac=01:00:00:00:00:07", "multicast"),
+            ("tap=t,mac=zz", "not a MAC"),
+            ("tap=t,queue_size=3", "power of two"),
+            ("tap=t,speed=9", "unknown key"),
+        ] {
+            let e = NetFunctionConfig::parse(bad).unwrap_err().to_string();
             assert!(e.contains(want), "{bad}: {e}");
         }
     }

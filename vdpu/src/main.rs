@@ -1,10 +1,10 @@
-//! vdpu: serve a virtio-blk PCI function over vfio-user.
+//! vdpu: serve a virtio-blk or virtio-net PCI function over vfio-user.
 
-use clap::{Arg, ArgAction, Command};
+use clap::{Arg, ArgAction, ArgGroup, Command};
 use std::os::unix::net::UnixListener;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use vdpu::device::{build_blk, BlkConfig};
+use vdpu::device::{build_blk, build_net, BlkConfig, NetFunctionConfig};
 use virtio_devices::seccomp::{self, SeccompMode};
 
 static DUMP_COUNTERS: AtomicBool = AtomicBool::new(false);
@@ -35,7 +35,10 @@ impl log::Log for Logger {
 fn main() -> ExitCode {
     let m = Command::new("vdpu")
         .version(env!("CARGO_PKG_VERSION"))
-        .about("Software DPU: a virtio-blk PCI function over vfio-user, DMA through an IOMMU model")
+        .about(
+            "Software DPU: a virtio-blk or virtio-net PCI function over vfio-user, DMA through \
+             an IOMMU model",
+        )
         .arg(
             Arg::new("socket")
                 .long("socket")
@@ -53,7 +56,17 @@ fn main() -> ExitCode {
                 .help(
                     "The virtio-blk function; pri=on turns a DMA to an unmapped page into a \
                      page request to the client (the PRI baseline) instead of an I/O error",
-                )
+                ),
+        )
+        .arg(
+            Arg::new("net")
+                .long("net")
+                .value_name("tap=NAME[,mac=MAC,queue_size=N,id=NAME]")
+                .help("The virtio-net function, on TAP interface NAME (created if missing)"),
+        )
+        .group(
+            ArgGroup::new("function")
+                .args(["blk", "net"])
                 .required(true),
         )
         .arg(
@@ -80,22 +93,22 @@ fn main() -> ExitCode {
         _ => log::LevelFilter::Debug,
     });
     let _ = log::set_logger(&Logger);
-    let cfg = match BlkConfig::parse(m.get_one::<String>("blk").unwrap()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("Error: {e}");
+    let built = match (m.get_one::<String>("blk"), m.get_one::<String>("net")) {
+        (Some(blk), _) => {
+            BlkConfig::parse(blk).and_then(|c| Ok((build_blk(&c)?, c.path.display().to_string())))
+        }
+        (None, Some(net)) => {
+            NetFunctionConfig::parse(net).and_then(|c| Ok((build_net(&c)?, c.tap)))
+        }
+        (None, None) => {
+            eprintln!("Error: --blk or --net is required");
             return ExitCode::FAILURE;
         }
     };
-    let mut dev = match build_blk(&cfg) {
+    let (mut dev, backend) = match built {
         Ok(d) => d,
         Err(e) => {
-            eprintln!(
-                "Error: {e}{}",
-                std::error::Error::source(&e)
-                    .map(|s| format!(": {s}"))
-                    .unwrap_or_default()
-            );
+            eprintln!("Error: {}", vio::error_chain(&e));
             return ExitCode::FAILURE;
         }
     };
@@ -140,7 +153,7 @@ fn main() -> ExitCode {
         eprintln!("Error: Failed to start the signal thread: {e}");
         return ExitCode::FAILURE;
     }
-    log::info!("Serving {} on {}", cfg.path.display(), path.display());
+    log::info!("Serving {backend} on {}", path.display());
     vdpu::server::run(listener, &mut dev);
     ExitCode::SUCCESS
 }

@@ -4,12 +4,13 @@
 //! the signal thread prints counters and exits on request. Nothing opens a file or a socket
 //! once the device is built and the socket bound: the main thread confines itself after that.
 
-use virtio_devices::seccomp::{any, virtio_blk_worker, Filters, Rules};
+use virtio_devices::seccomp::{any, virtio_blk_worker, virtio_net_worker, Filters, Rules};
 
 /// The filter of every kind of vdpu thread.
 pub fn filters() -> Filters {
     let mut f = Filters::new();
     f.insert("virtio-blk", virtio_blk_worker());
+    f.insert("virtio-net", virtio_net_worker());
     f.insert("signals", Vec::new());
     let mut main = server();
     for rules in f.values() {

@@ -1,13 +1,17 @@
 //! Virtio devices emulated in the VMM and the virtio-pci modern transport that presents them.
 //!
-//! The virtio-blk request engine (`block::engine`) is generic over how guest memory is reached
+//! The virtio-blk request engine (`block::engine`) and the virtio-net frame engine
+//! (`net::engine`) are generic over how guest memory is reached
 //! (any vm-memory `GuestMemory`), so a device outside the VMM can serve the same requests through
 //! an IOMMU-checked view of guest memory.
 
 pub mod block;
 mod memory;
+pub mod net;
 mod pause;
+pub mod queue;
 pub mod seccomp;
+mod thread;
 pub mod transport;
 
 pub use memory::MemoryView;
@@ -35,6 +39,7 @@ pub const DEVICE_FEATURES_OK: u8 = 8;
 pub const DEVICE_NEEDS_RESET: u8 = 0x40;
 pub const DEVICE_FAILED: u8 = 0x80;
 
+pub const VIRTIO_ID_NET: u32 = 1;
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

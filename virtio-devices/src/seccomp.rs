@@ -286,6 +286,39 @@ pub fn virtio_blk_worker() -> Rules {
     r
 }
 
+/// The virtio-net worker: its queues' eventfds and the TAP it was given (plain reads and
+/// writes, in the base set).
+pub fn virtio_net_worker() -> Rules {
+    any(EVENT_LOOP)
+}
+
+/// Creating a TAP interface and configuring its host side: /dev/net/tun, and a datagram socket
+/// of the Internet family (no other kind), which only carries the interface ioctls.
+pub fn tap_setup(name: &'static str) -> Result<Rules, SeccompError> {
+    let inet_dgram = [
+        SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::AF_INET as u64,
+        ),
+        SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as u64,
+        ),
+    ]
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()
+    .and_then(SeccompRule::new)
+    .map_err(|e| SeccompError::Rule(name, e))?;
+    let mut r = vec![(libc::SYS_socket, vec![inet_dgram])];
+    r.extend(ioctls(name, crate::net::tap::TAP_IOCTLS)?);
+    r.extend(any(&[libc::SYS_openat]));
+    Ok(r)
+}
+
 extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // The kernel's siginfo for a seccomp trap: three ints and padding, then the union's
     // _sigsys member { void *call_addr; int syscall; unsigned arch; } (libc has no accessor).

@@ -22,6 +22,11 @@ pub struct DevicesState {
     pub disks: Vec<VirtioPciState>,
     /// The disks' image files (not reopened by path: the image may have moved since).
     pub disk_fds: Vec<usize>,
+    /// The network devices, and their TAPs (the interface stays, with its queue of frames).
+    #[serde(default)]
+    pub nets: Vec<VirtioPciState>,
+    #[serde(default)]
+    pub tap_fds: Vec<usize>,
     pub user: Vec<UserDeviceState>,
 }
 
@@ -155,12 +160,16 @@ impl DeviceManager {
             serial_fd: self.serial_file.as_ref().map(|f| fds.add(f)),
             pm_timer_ns: self.pm_timer.lock().unwrap().elapsed().as_nanos() as u64,
             pci_config_address: self.pci_io.lock().unwrap().address(),
-            disks: self
-                .transports
+            disks: self.transports[..self.disk_files.len()]
                 .iter()
                 .map(|t| t.lock().unwrap().stop_and_save())
                 .collect(),
             disk_fds: self.disk_files.iter().map(|f| fds.add(f)).collect(),
+            nets: self.transports[self.disk_files.len()..]
+                .iter()
+                .map(|t| t.lock().unwrap().stop_and_save())
+                .collect(),
+            tap_fds: self.tap_files.iter().map(|f| fds.add(f)).collect(),
             user,
         })
     }
@@ -168,39 +177,47 @@ impl DeviceManager {
 
 impl DeviceRestore<'_> {
     pub(super) fn serial_file(&mut self) -> Result<std::fs::File, DeviceError> {
-        let i = self
-            .state
-            .serial_fd
-            .ok_or_else(|| DeviceError::Restore("no serial output file was handed over".into()))?;
-        self.fds
-            .take(i)
-            .map(std::fs::File::from)
-            .map_err(|e| DeviceError::Restore(e.to_string()))
+        let k = self.state.serial_fd;
+        self.file(k, || "no serial output file was handed over".into())
     }
 
-    pub(super) fn disk_file(&mut self, i: usize) -> Result<std::fs::File, DeviceError> {
-        let k = *self
-            .state
-            .disk_fds
-            .get(i)
-            .ok_or_else(|| DeviceError::Restore(format!("no image file for disk {i}")))?;
+    pub(crate) fn disk_file(&mut self, i: usize) -> Result<std::fs::File, DeviceError> {
+        let k = self.state.disk_fds.get(i).copied();
+        self.file(k, || format!("no image file for disk {i}"))
+    }
+
+    pub(crate) fn tap_file(&mut self, i: usize) -> Result<std::fs::File, DeviceError> {
+        let k = self.state.tap_fds.get(i).copied();
+        self.file(k, || format!("no TAP for network device {i}"))
+    }
+
+    fn file(
+        &mut self,
+        k: Option<usize>,
+        missing: impl Fn() -> String,
+    ) -> Result<std::fs::File, DeviceError> {
+        let k = k.ok_or_else(|| DeviceError::Restore(missing()))?;
         self.fds
             .take(k)
             .map(std::fs::File::from)
             .map_err(|e| DeviceError::Restore(e.to_string()))
     }
 
-    pub(super) fn check_counts(&self, config: &VmConfig) -> Result<(), DeviceError> {
-        let (d, u) = (&self.state.disks, &self.state.user);
+    pub(crate) fn check_counts(&self, config: &VmConfig) -> Result<(), DeviceError> {
+        let (d, n, u) = (&self.state.disks, &self.state.nets, &self.state.user);
         if d.len() != config.disks.len()
             || self.state.disk_fds.len() != d.len()
+            || n.len() != config.net.len()
+            || self.state.tap_fds.len() != n.len()
             || u.len() != config.user_devices.len()
         {
             return Err(DeviceError::Restore(format!(
-                "{} disks and {} user devices saved, {} and {} configured",
+                "{} disks, {} network devices and {} user devices saved, {}, {} and {} configured",
                 d.len(),
+                n.len(),
                 u.len(),
                 config.disks.len(),
+                config.net.len(),
                 config.user_devices.len()
             )));
         }

@@ -1,9 +1,11 @@
-//! Creates and wires the VM's devices: legacy ports, PCI segment 0 and virtio-pci disks.
+//! Creates and wires the VM's devices: legacy ports, PCI segment 0, the emulated virtio-pci
+//! devices (`emulated`) and the passthrough devices.
 
 use crate::config::{ConsoleMode, UserDeviceConfig, VioMode, VmConfig};
 use crate::devices::{
     AcpiPmTimer, AcpiShutdown, DebugPort, ExitNotifier, LineWriter, SerialDevice, I8042,
 };
+use crate::emulated::{Emulated, PciSpace};
 use crate::interrupt::{GsiRouter, KvmMsiGroup};
 use crate::layout;
 use crate::memory_manager::MemoryManager;
@@ -23,10 +25,7 @@ use vfio::vio::{LockOptions, SwitchReport, VioInfo, VioOptions, VioPciDevice};
 use vfio::{DmaBacking, DmaMapping};
 use vio::elastic::{Mode, Setting, Thresholds};
 use vio::spec::PAGE_SIZE;
-use virtio_devices::block::{Block, BlockConfig, RawFile};
-use virtio_devices::transport::{
-    InterruptDelivery, IoEventRegistrar, VirtioPciDevice, VirtioPciLayout,
-};
+use virtio_devices::transport::{IoEventRegistrar, VirtioPciDevice};
 use virtio_devices::GuestMemoryMmap;
 use virtio_devices::VirtioDevice;
 use vmm_sys_util::eventfd::EventFd;
@@ -35,6 +34,8 @@ use vmm_sys_util::eventfd::EventFd;
 pub enum DeviceError {
     #[error("Failed to open disk image {0}")]
     OpenDisk(String, #[source] io::Error),
+    #[error("Network device {0}")]
+    Tap(String, #[source] virtio_devices::net::TapError),
     #[error("Failed to open serial output file")]
     SerialFile(#[source] io::Error),
     #[error("Failed to set up interrupts")]
@@ -79,7 +80,7 @@ pub enum UserDeviceError {
 }
 
 /// Bump allocation of naturally aligned BAR space.
-pub struct AddressAllocator {
+pub(crate) struct AddressAllocator {
     next: u64,
     end: u64,
 }
@@ -164,7 +165,7 @@ impl UserDevice {
 }
 
 /// The MMIO bus side of a PCI device: BAR accesses go to the device.
-struct PciBarHandler(Arc<Mutex<dyn PciDevice>>);
+pub(crate) struct PciBarHandler(pub Arc<Mutex<dyn PciDevice>>);
 
 impl BusDevice for PciBarHandler {
     fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
@@ -198,8 +199,10 @@ pub struct DeviceManager {
     virtio: Vec<(String, Arc<Mutex<dyn VirtioDevice>>)>,
     /// The virtio devices' transports, in the same order.
     transports: Vec<Arc<Mutex<VirtioPciDevice>>>,
-    /// The disks' image files, in the same order (a live upgrade hands them on).
+    /// The disks' image files and the network devices' TAPs, in the same order (a live upgrade
+    /// hands them on).
     disk_files: Vec<std::fs::File>,
+    tap_files: Vec<std::fs::File>,
     user: Vec<UserDevice>,
     /// Each user device's vectors, in the same order.
     user_msi: Vec<Arc<KvmMsiGroup>>,
@@ -311,75 +314,27 @@ impl DeviceManager {
             layout::mem_64bit_devices_start(config.memory.size),
             layout::MEM_64BIT_DEVICES_SIZE,
         );
-        let mut virtio = Vec::new();
-        let mut transports = Vec::new();
-        let mut msi_groups = Vec::new();
-        let mut disk_files = Vec::new();
         if let Some(r) = restore.as_deref() {
             r.check_counts(config)?;
         }
-        for (i, disk) in config.disks.iter().enumerate() {
-            let id = disk.id.clone().unwrap_or_else(|| format!("_disk{i}"));
-            let open_err = |e| DeviceError::OpenDisk(disk.path.display().to_string(), e);
-            let file = match restore.as_deref_mut() {
-                Some(r) => RawFile::from_file(r.disk_file(i)?, disk.readonly),
-                None => RawFile::open(&disk.path, disk.readonly),
-            }
-            .map_err(open_err)?;
-            disk_files.push(file.file().try_clone().map_err(open_err)?);
-            let block = Block::new(
-                file,
-                &BlockConfig {
-                    id: id.clone(),
-                    num_queues: disk.num_queues,
-                    queue_size: disk.queue_size,
-                    latency: None,
-                },
-                memory.clone(),
-            );
-            let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(block));
-            let bar = bars64
-                .allocate(VirtioPciLayout::BAR_SIZE)
-                .ok_or(DeviceError::BarSpace(VirtioPciLayout::BAR_SIZE))?;
-            let group = Arc::new(
-                KvmMsiGroup::new(router.clone(), disk.num_queues + 1)
-                    .map_err(DeviceError::Interrupts)?,
-            );
-            msi_groups.push(group.clone());
-            let mut transport = VirtioPciDevice::new(
-                id.clone(),
-                device.clone(),
-                group,
-                ioevents.clone(),
-                bar,
-                InterruptDelivery::Emulated,
-            )
-            .map_err(DeviceError::VirtioPci)?;
-            if let Some(r) = restore.as_deref() {
-                transport
-                    .restore(&r.state.disks[i])
-                    .map_err(DeviceError::VirtioPci)?;
-            }
-            // Where the guest has BAR 0 now (moved, in a restored device).
-            let bar = transport.bar();
-            let transport = Arc::new(Mutex::new(transport));
-            transports.push(transport.clone());
-            let pci_dev: Arc<Mutex<dyn PciDevice>> = transport;
-            let mut bus = pci_bus.lock().unwrap();
-            let slot = bus.next_device_number().ok_or(DeviceError::NoPciSlot)?;
-            bus.add_device(slot, pci_dev.clone())
-                .map_err(|_| DeviceError::NoPciSlot)?;
-            mmio_bus.insert(
-                Arc::new(Mutex::new(PciBarHandler(pci_dev))),
-                bar,
-                VirtioPciLayout::BAR_SIZE,
-            )?;
-            log::info!(
-                "{id}: virtio-blk {} at 00:{slot:02x}.0, BAR0 {bar:#x}",
-                disk.path.display()
-            );
-            virtio.push((id, device));
-        }
+        let Emulated {
+            virtio,
+            transports,
+            mut msi_groups,
+            disk_files,
+            tap_files,
+        } = Emulated::new(
+            config,
+            &memory,
+            &mut PciSpace {
+                pci_bus: &pci_bus,
+                mmio_bus: &mmio_bus,
+                bars64: &mut bars64,
+                router: &router,
+                ioevents: &ioevents,
+            },
+            restore.as_deref_mut(),
+        )?;
         let mut bars32 = AddressAllocator::new(
             layout::MEM_32BIT_DEVICES_START,
             layout::MEM_32BIT_DEVICES_SIZE,
@@ -429,6 +384,7 @@ impl DeviceManager {
             virtio,
             transports,
             disk_files,
+            tap_files,
             user,
             user_msi,
             msi_groups,

@@ -6,6 +6,7 @@ pub mod config;
 pub mod cpu;
 pub mod device_manager;
 pub mod devices;
+mod emulated;
 pub mod error;
 pub mod interrupt;
 pub mod layout;

@@ -4,12 +4,14 @@
 //! The VMM thread (the process's main thread, which runs the control loop, boots the VM,
 //! reclaims on request and performs live upgrades) creates every other thread, so its filter
 //! is the union of theirs plus its own work; what it leaves out is what a VMM never does
-//! (start programs, trace or signal other processes, open network sockets, mount, change
+//! (start programs, trace or signal other processes, open network sockets (an Internet
+//! datagram socket configures TAPs, nothing else), mount, change
 //! credentials, load modules, ...). Each thread it starts narrows to its own work.
 
 use kvm_bindings::*;
 use virtio_devices::seccomp::{
-    any, arg_is, ioctls, virtio_blk_worker, Filters, Rules, SeccompError, EVENT_LOOP,
+    any, arg_is, ioctls, tap_setup, virtio_blk_worker, virtio_net_worker, Filters, Rules,
+    SeccompError, EVENT_LOOP,
 };
 use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
 
@@ -184,6 +186,7 @@ pub fn filters() -> Result<Filters, SeccompError> {
     f.insert("pri", page_requests()?);
     f.insert("monitor", Vec::new());
     f.insert("virtio-blk", virtio_blk_worker());
+    f.insert("virtio-net", virtio_net_worker());
     // The VMM thread creates all the others.
     let mut vmm = vmm_thread()?;
     for rules in f.values() {
@@ -251,15 +254,18 @@ fn vmm_thread() -> Result<Rules, SeccompError> {
     .concat();
     r.extend(ioctls(name, &all)?);
     r.extend(vfio_user());
+    // The TAPs of emulated virtio-net devices.
+    r.extend(tap_setup(name)?);
     Ok(r)
 }
 
 /// A vCPU: running the guest, and emulating what it touches, which can start a device's
-/// worker (a virtio-blk queue's thread, created on this one).
+/// worker (a virtio-blk or virtio-net queue thread, created on this one).
 fn vcpu() -> Result<Rules, SeccompError> {
     let mut r = ioctls("vcpu", &[VCPU_IOCTLS, DEVICE_VM_IOCTLS].concat())?;
     r.extend(vfio_user());
     r.extend(virtio_blk_worker());
+    r.extend(virtio_net_worker());
     Ok(r)
 }
 

@@ -3,20 +3,17 @@
 use super::disk::RawFile;
 use super::engine::BlockCounters;
 use super::pri::PageRequester;
-use super::worker::{self, QueueStats, WorkerParts};
+use super::worker::{self, WorkerParts};
 use super::*;
+use crate::thread::{check_queues, DeviceWorker, QueueStats, WorkerThread};
 use crate::{
     read_config_bytes, ActivateError, ActiveQueue, Counters, GuestMemoryMmap, MemoryView,
-    PauseGate, QueuePosition, VirtioDevice, VirtioInterrupt, VIRTIO_F_RING_EVENT_IDX,
+    QueuePosition, VirtioDevice, VirtioInterrupt, VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK,
 };
-use log::{error, warn};
-use std::sync::atomic::Ordering as AtomicOrdering;
+use log::error;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
-use virtio_queue::QueueT;
-use vmm_sys_util::eventfd::EventFd;
 
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 const CONFIG_LEN: usize = 60;
@@ -27,13 +24,6 @@ pub struct BlockConfig {
     pub queue_size: u16,
     /// Service-time model: each request completes no earlier than this after the device saw it.
     pub latency: Option<Duration>,
-}
-
-struct Worker {
-    kill: EventFd,
-    gate: Arc<PauseGate>,
-    /// The worker hands its queues back when it stops.
-    handle: JoinHandle<Vec<ActiveQueue>>,
 }
 
 pub struct Block<V: MemoryView = GuestMemoryMmap> {
@@ -47,10 +37,7 @@ pub struct Block<V: MemoryView = GuestMemoryMmap> {
     queue_stats: Arc<Vec<QueueStats>>,
     memory: Arc<V>,
     latency: Option<Duration>,
-    worker: Option<Worker>,
-    interrupt: Option<Arc<dyn VirtioInterrupt>>,
-    /// Queues of a worker stopped for a live upgrade, to run again if it fails.
-    stopped: Option<Vec<ActiveQueue>>,
+    worker: DeviceWorker,
     /// Page requests instead of failed DMAs (a device with PRI).
     pri: Option<Arc<dyn PageRequester>>,
 }
@@ -107,9 +94,7 @@ impl<V: MemoryView> Block<V> {
             queue_stats: Arc::new((0..cfg.num_queues).map(|_| QueueStats::default()).collect()),
             memory,
             latency: cfg.latency,
-            worker: None,
-            interrupt: None,
-            stopped: None,
+            worker: DeviceWorker::default(),
             pri: None,
         }
     }
@@ -147,63 +132,29 @@ impl<V: MemoryView> VirtioDevice for Block<V> {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        for q in &queues {
-            if !q.queue.is_valid(&*self.memory.view()) {
-                return Err(ActivateError::BadQueue(format!(
-                    "queue {} lies outside guest memory",
-                    q.index
-                )));
-            }
-        }
+        check_queues(&queues, &*self.memory)?;
         self.reset();
         self.spawn_worker(interrupt, queues)
     }
 
     fn reset(&mut self) {
-        self.stopped = None;
-        if let Some(w) = self.worker.take() {
-            w.gate.resume();
-            let _ = w.kill.write(1);
-            let _ = w.handle.join();
-        }
+        self.worker.reset();
     }
 
     fn pause(&mut self) {
-        if let Some(w) = &self.worker {
-            if !w.gate.pause(std::time::Duration::from_secs(5)) {
-                warn!("virtio-blk: worker did not pause");
-            }
-        }
+        self.worker.pause();
     }
 
     fn resume(&mut self) {
-        if let Some(w) = &self.worker {
-            w.gate.resume();
-        }
+        self.worker.resume();
     }
 
     fn stop_for_handover(&mut self) -> Vec<QueuePosition> {
-        let Some(w) = self.worker.take() else {
-            return Vec::new();
-        };
-        // Paused, the worker is parked between requests: nothing is half done.
-        let _ = w.kill.write(1);
-        w.gate.resume();
-        let queues = w.handle.join().unwrap_or_default();
-        let positions = queues
-            .iter()
-            .map(|q| QueuePosition {
-                index: q.index,
-                next_avail: q.queue.next_avail(),
-                next_used: q.queue.next_used(),
-            })
-            .collect();
-        self.stopped = Some(queues);
-        positions
+        self.worker.stop_for_handover()
     }
 
     fn resume_stopped(&mut self) {
-        if let (Some(queues), Some(interrupt)) = (self.stopped.take(), self.interrupt.clone()) {
+        if let Some((interrupt, queues)) = self.worker.take_stopped() {
             if let Err(e) = self.spawn_worker(interrupt, queues) {
                 error!("virtio-blk: restarting the worker: {e}");
             }
@@ -212,16 +163,7 @@ impl<V: MemoryView> VirtioDevice for Block<V> {
 
     fn counters(&self) -> Counters {
         let mut c = self.counters.snapshot();
-        for (i, q) in self.queue_stats.iter().enumerate() {
-            c.insert(
-                format!("queue{i}_kicks"),
-                q.kicks.load(AtomicOrdering::Relaxed),
-            );
-            c.insert(
-                format!("queue{i}_requests"),
-                q.requests.load(AtomicOrdering::Relaxed),
-            );
-        }
+        QueueStats::report(&self.queue_stats, "requests", &mut c);
         c
     }
 }
@@ -230,43 +172,23 @@ impl<V: MemoryView> Block<V> {
     fn spawn_worker(
         &mut self,
         interrupt: Arc<dyn VirtioInterrupt>,
-        mut queues: Vec<ActiveQueue>,
+        queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        self.interrupt = Some(interrupt.clone());
-        let mem = self.memory.clone();
-        let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let kill_worker = kill.try_clone().map_err(ActivateError::Worker)?;
-        let gate = Arc::new(PauseGate::new().map_err(ActivateError::Worker)?);
-        let gate_worker = gate.clone();
-        let latency = self.latency;
-        let queue_stats = self.queue_stats.clone();
-        let (disk, serial, counters) = (
-            self.disk.clone(),
-            self.serial.clone(),
-            self.counters.clone(),
-        );
         let parts = WorkerParts {
-            disk,
-            serial,
-            counters,
-            queue_stats,
-            mem,
-            interrupt,
-            kill: kill_worker,
-            gate: gate_worker,
-            latency,
+            disk: self.disk.clone(),
+            serial: self.serial.clone(),
+            counters: self.counters.clone(),
+            queue_stats: self.queue_stats.clone(),
+            mem: self.memory.clone(),
+            interrupt: interrupt.clone(),
+            latency: self.latency,
             pri: self.pri.clone(),
         };
-        let handle = std::thread::Builder::new()
-            .name("virtio-blk".into())
-            .spawn(move || {
-                crate::seccomp::narrow("virtio-blk");
-                worker::run(parts, &mut queues);
-                queues
+        self.worker.start(interrupt, queues, move |queues| {
+            WorkerThread::spawn("virtio-blk", queues, move |control, queues| {
+                worker::run(parts, control, queues)
             })
-            .map_err(ActivateError::Worker)?;
-        self.worker = Some(Worker { kill, gate, handle });
-        Ok(())
+        })
     }
 }
 

@@ -7,6 +7,7 @@
 
 use super::disk::RawFile;
 use super::{SECTOR_SIZE, VIRTIO_BLK_ID_BYTES};
+pub use crate::queue::{Completion, Drained};
 use crate::LogLimiter;
 use log::warn;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -440,70 +441,19 @@ impl BlockEngine<'_> {
         queue: &mut Queue,
         mem: &M,
         budget: usize,
-        mut complete: impl FnMut(&mut Queue, u16, u32) -> Result<Completion, virtio_queue::Error>,
-        mut wait: impl FnMut() -> bool,
+        complete: impl FnMut(&mut Queue, u16, u32) -> Result<Completion, virtio_queue::Error>,
+        wait: impl FnMut() -> bool,
     ) -> Result<Drained, virtio_queue::Error> {
-        let mut left = budget;
-        loop {
-            queue.disable_notification(mem)?;
-            loop {
-                let avail = queue.avail_idx(mem, Ordering::Acquire)?;
-                let pending = avail - std::num::Wrapping(queue.next_avail());
-                if pending.0 == 0 {
-                    break;
-                }
-                if pending.0 > queue.size() {
-                    return Err(virtio_queue::Error::InvalidAvailRingIndex);
-                }
-                if left == 0 {
-                    return Ok(Drained::Budget);
-                }
-                left -= 1;
-                match queue.pop_descriptor_chain(mem) {
-                    // The chain of an out-of-range head has no descriptors and no used slot.
-                    Some(chain) if chain.head_index() >= queue.size() => self.bad_head(),
-                    Some(chain) => {
-                        let head = chain.head_index();
-                        let len = self.handle_chain(chain, mem);
-                        if complete(queue, head, len)? == Completion::HandBack {
-                            queue.set_next_avail(queue.next_avail().wrapping_sub(1));
-                            return Ok(Drained::HandedBack);
-                        }
-                    }
-                    // The avail entry itself could not be read.
-                    None if wait() => return Ok(Drained::HandedBack),
-                    None => {
-                        self.bad_head();
-                        queue.set_next_avail(queue.next_avail().wrapping_add(1));
-                    }
-                }
-            }
-            if !queue.enable_notification(mem)? {
-                break;
-            }
-        }
-        Ok(Drained::Empty)
+        crate::queue::drain(
+            queue,
+            mem,
+            budget,
+            |chain| self.handle_chain(chain, mem),
+            || self.bad_head(),
+            complete,
+            wait,
+        )
     }
-}
-
-/// What `drain_some`'s caller did with a chain it ran.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Completion {
-    /// Completed, or queued to complete later.
-    Done,
-    /// Not completed: put back, to run again (its pages were not all reachable).
-    HandBack,
-}
-
-/// How `drain_some` ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Drained {
-    /// Nothing left, notifications re-enabled.
-    Empty,
-    /// The budget ran out; chains may be left.
-    Budget,
-    /// A chain was handed back; the queue stops there.
-    HandedBack,
 }
 
 #[cfg(test)]

@@ -6,29 +6,22 @@ use super::disk::RawFile;
 use super::engine::{BlockCounters, BlockEngine, Completion, Drained};
 use super::pri::{PageRequester, Parking};
 use super::VIRTIO_BLK_ID_BYTES;
-use crate::{ActiveQueue, MemoryView, PauseGate, VirtioInterrupt, VirtioInterruptType};
+use crate::thread::{QueueStats, WorkerControl};
+use crate::{ActiveQueue, MemoryView, VirtioInterrupt, VirtioInterruptType};
 use log::{error, warn};
 use std::collections::VecDeque;
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use virtio_queue::QueueT;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 /// Chains per hold of the memory view: at a few microseconds each (4 KiB on tmpfs), whoever
 /// waits for the view (an unmap, a VIO capture) waits about 0.1 ms, well inside the 1 ms an
 /// elastic switch may pause the device; taking the view again costs next to nothing.
 const BATCH: usize = 32;
-
-/// Per queue: doorbells seen and requests served.
-#[derive(Default)]
-pub(super) struct QueueStats {
-    pub kicks: AtomicU64,
-    pub requests: AtomicU64,
-}
 
 /// What the worker thread is given.
 pub(super) struct WorkerParts<V> {
@@ -38,8 +31,6 @@ pub(super) struct WorkerParts<V> {
     pub queue_stats: Arc<Vec<QueueStats>>,
     pub mem: Arc<V>,
     pub interrupt: Arc<dyn VirtioInterrupt>,
-    pub kill: EventFd,
-    pub gate: Arc<PauseGate>,
     /// Service-time model: a request completes no earlier than this after it was seen.
     pub latency: Option<Duration>,
     pub pri: Option<Arc<dyn PageRequester>>,
@@ -47,6 +38,7 @@ pub(super) struct WorkerParts<V> {
 
 struct Worker<'q, V> {
     p: WorkerParts<V>,
+    control: WorkerControl,
     queues: &'q mut [ActiveQueue],
     /// Per queue, completions waiting for their deadline (latency model).
     pending: Vec<VecDeque<(u16, u32, Instant)>>,
@@ -55,7 +47,11 @@ struct Worker<'q, V> {
 }
 
 /// Runs until killed; the queues stay the caller's (a live upgrade takes them over).
-pub(super) fn run<V: MemoryView>(p: WorkerParts<V>, queues: &mut [ActiveQueue]) {
+pub(super) fn run<V: MemoryView>(
+    p: WorkerParts<V>,
+    control: WorkerControl,
+    queues: &mut [ActiveQueue],
+) {
     let timer = match TimerFd::new() {
         Ok(t) => t,
         Err(e) => return error!("virtio-blk: timerfd: {e}"),
@@ -64,6 +60,7 @@ pub(super) fn run<V: MemoryView>(p: WorkerParts<V>, queues: &mut [ActiveQueue]) 
     let mut w = Worker {
         pending: queues.iter().map(|_| VecDeque::new()).collect(),
         p,
+        control,
         queues,
         timer,
         parking,
@@ -79,8 +76,8 @@ impl<V: MemoryView> Worker<'_, V> {
         let n = self.queues.len() as u64;
         let (kill, pause, timer, pri) = (n, n + 1, n + 2, n + 3);
         let mut fds = vec![
-            (self.p.kill.as_raw_fd(), kill),
-            (self.p.gate.wake.as_raw_fd(), pause),
+            (self.control.kill.as_raw_fd(), kill),
+            (self.control.gate.wake.as_raw_fd(), pause),
             (self.timer.as_raw_fd(), timer),
         ];
         fds.extend(
@@ -121,7 +118,7 @@ impl<V: MemoryView> Worker<'_, V> {
             for ev in &events[..n] {
                 match ev.data() {
                     t if t == kill => killed = true,
-                    t if t == pause => self.p.gate.park_if_paused(),
+                    t if t == pause => self.control.gate.park_if_paused(),
                     t if t == timer => {
                         let _ = self.timer.wait();
                         self.complete_due();
@@ -272,7 +269,7 @@ impl<V: MemoryView> Worker<'_, V> {
             }
         }
         if let Some(st) = self.p.queue_stats.get(self.queues[qi].index as usize) {
-            st.requests
+            st.chains
                 .fetch_add(self.p.counters.requests() - before, Ordering::Relaxed);
         }
     }

@@ -148,10 +148,10 @@ impl VirtioPciDevice {
         };
         let nq = max_sizes.len();
         let num_vectors = (nq + 1) as u16;
-        let class = if device_type == VIRTIO_ID_BLOCK {
-            PciClass::MassStorage
-        } else {
-            PciClass::Other
+        let class = match device_type {
+            VIRTIO_ID_BLOCK => PciClass::MassStorage,
+            VIRTIO_ID_NET => PciClass::Network,
+            _ => PciClass::Other,
         };
         let mut config = PciConfiguration::new(
             VIRTIO_PCI_VENDOR_ID,

@@ -3,8 +3,8 @@
 //! model's own checks (errors name the flag and its value).
 
 use super::{
-    Compression, ConfigError, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, ReclaimConfig,
-    Refused, UserDeviceConfig, VioConfig, VioMode,
+    Compression, ConfigError, ConsoleMode, CpusConfig, DiskConfig, MemoryConfig, NetConfig,
+    ReclaimConfig, Refused, UserDeviceConfig, VioConfig, VioMode,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -197,6 +197,37 @@ impl DiskConfig {
                 .unwrap_or_else(DiskConfig::default_queue_size),
         };
         p.checked(d, DiskConfig::check)
+    }
+}
+
+impl NetConfig {
+    /// `--net tap=<name>,ip=<ipv4>,mask=<ipv4>,mac=<mac>,id=<name>,num_queues=<n>,queue_size=<n>`
+    pub fn parse(raw: &str) -> Result<Self, ConfigError> {
+        let p = OptionParser::parse(
+            "net",
+            raw,
+            &["tap", "ip", "mask", "mac", "id", "num_queues", "queue_size"],
+        )?;
+        let addr = |key: &str, default: std::net::Ipv4Addr| match p.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| p.error(&format!("{key} must be an IPv4 address, got \"{v}\""))),
+        };
+        let n = NetConfig {
+            tap: p.get("tap").map(str::to_string),
+            ip: addr("ip", NetConfig::default_ip())?,
+            mask: addr("mask", NetConfig::default_mask())?,
+            mac: p.get("mac").map(str::to_string),
+            id: p.get("id").map(str::to_string),
+            num_queues: p
+                .number("num_queues")?
+                .unwrap_or_else(NetConfig::default_num_queues),
+            queue_size: p
+                .number("queue_size")?
+                .unwrap_or_else(NetConfig::default_queue_size),
+        };
+        p.checked(n, NetConfig::check)
     }
 }
 

@@ -9,7 +9,6 @@ use std::path::PathBuf;
 
 /// Top-level fields for devices and features this VMM does not provide.
 const UNSUPPORTED: &[&str] = &[
-    "net",
     "fs",
     "pmem",
     "devices",
@@ -45,11 +44,30 @@ const UNSUPPORTED_NESTED: &[(&str, &str, &str)] = &[
     ("console", "iommu", "not supported"),
     ("console", "socket", "not supported"),
     ("user_devices*", "pci_segment", "only segment 0 exists"),
+    ("net*", "pci_segment", "only segment 0 exists"),
+    ("net*", "host_mac", "not supported"),
+    ("net*", "mtu", "not supported (the TAP's MTU, 1500)"),
+    ("net*", "iommu", "not supported"),
+    ("net*", "vhost_user", "not supported"),
+    ("net*", "vhost_socket", "not supported"),
+    ("net*", "fds", "not supported (the VMM opens the TAP)"),
+    ("net*", "rate_limiter_config", "not supported"),
+];
+
+/// Fields Cloud Hypervisor always writes that ask for nothing here whatever their value: the
+/// offloads are what a device may offer (this one offers none), the vhost mode matters only
+/// with vhost-user.
+const IGNORED_NESTED: &[(&str, &str)] = &[
+    ("net*", "offload_tso"),
+    ("net*", "offload_ufo"),
+    ("net*", "offload_csum"),
+    ("net*", "vhost_mode"),
 ];
 
 fn is_empty(v: &Value) -> bool {
     match v {
         Value::Null | Value::Bool(false) => true,
+        Value::Number(n) => n.as_u64() == Some(0),
         Value::Array(a) => a.is_empty(),
         Value::Object(o) => o.is_empty(),
         _ => false,
@@ -63,6 +81,12 @@ pub(super) fn strip_unsupported(v: &mut Value) -> Result<(), ConfigError> {
     };
     // Cloud Hypervisor always reports an entropy device; there is none to configure here.
     top.remove("rng");
+    // It writes an absent device list as null.
+    for k in ["disks", "net", "user_devices"] {
+        if top.get(k).is_some_and(Value::is_null) {
+            top.remove(k);
+        }
+    }
     for &k in UNSUPPORTED {
         if let Some(v) = top.remove(k) {
             if !is_empty(&v) {
@@ -70,7 +94,8 @@ pub(super) fn strip_unsupported(v: &mut Value) -> Result<(), ConfigError> {
             }
         }
     }
-    for &(parent, field, why) in UNSUPPORTED_NESTED {
+    let ignored = IGNORED_NESTED.iter().map(|&(p, f)| (p, f, ""));
+    for (parent, field, why) in UNSUPPORTED_NESTED.iter().copied().chain(ignored) {
         let (name, each) = match parent.strip_suffix('*') {
             Some(name) => (name, true),
             None => (parent, false),
@@ -86,7 +111,7 @@ pub(super) fn strip_unsupported(v: &mut Value) -> Result<(), ConfigError> {
         };
         for (path, o) in objects {
             if let Some(v) = o.as_object_mut().and_then(|o| o.remove(field)) {
-                if !is_empty(&v) {
+                if !why.is_empty() && !is_empty(&v) {
                     return Err(invalid(&format!("{path}.{field}"), why));
                 }
             }

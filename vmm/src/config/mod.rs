@@ -10,6 +10,7 @@ mod compat;
 pub use cli::{parse_size, OptionParser};
 
 use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use thiserror::Error;
 
@@ -177,11 +178,100 @@ impl DiskConfig {
         if self.num_queues == 0 || self.num_queues > 16 {
             return refuse("num_queues", "num_queues must be 1..16");
         }
-        if !self.queue_size.is_power_of_two() || !(2..=32768).contains(&self.queue_size) {
-            return refuse("queue_size", "queue_size must be a power of two, 2..32768");
-        }
-        Ok(())
+        check_queue_size(self.queue_size)
     }
+}
+
+fn check_queue_size(size: u16) -> Result<(), Refused> {
+    if !size.is_power_of_two() || !(2..=32768).contains(&size) {
+        return refuse("queue_size", "queue_size must be a power of two, 2..32768");
+    }
+    Ok(())
+}
+
+/// A virtio-net device emulated by the VMM over a TAP interface (Cloud Hypervisor's `--net`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The TAP interface: created if missing, attached to if there; unset: the kernel names a
+    /// new one `vmtap<n>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    /// The host side's address and netmask.
+    #[serde(default = "NetConfig::default_ip")]
+    pub ip: Ipv4Addr,
+    #[serde(default = "NetConfig::default_mask")]
+    pub mask: Ipv4Addr,
+    /// The guest's MAC address; unset: a random locally administered one, fixed at creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Receive and transmit queues together.
+    #[serde(default = "NetConfig::default_num_queues")]
+    pub num_queues: u16,
+    #[serde(default = "NetConfig::default_queue_size")]
+    pub queue_size: u16,
+}
+
+impl NetConfig {
+    pub(crate) fn default_ip() -> Ipv4Addr {
+        Ipv4Addr::new(192, 168, 249, 1)
+    }
+
+    pub(crate) fn default_mask() -> Ipv4Addr {
+        Ipv4Addr::new(255, 255, 255, 0)
+    }
+
+    pub(crate) fn default_num_queues() -> u16 {
+        2
+    }
+
+    pub(crate) fn default_queue_size() -> u16 {
+        virtio_devices::net::DEFAULT_QUEUE_SIZE
+    }
+
+    pub(crate) fn check(&self) -> Result<(), Refused> {
+        if let Some(t) = &self.tap {
+            if t.is_empty() || t.len() > 15 || t.contains(['/', ' ', '\0']) {
+                return refuse("tap", "tap must be an interface name of 1..15 bytes");
+            }
+        }
+        if let Some(m) = &self.mac {
+            if let Err(e) = virtio_devices::net::parse_mac(m) {
+                return refuse("mac", e);
+            }
+        }
+        if self.num_queues != 2 {
+            return refuse(
+                "num_queues",
+                "num_queues must be 2: one receive and one transmit queue (multiqueue is not \
+                 supported)",
+            );
+        }
+        check_queue_size(self.queue_size)
+    }
+
+    /// The guest's MAC address (`normalize` has set it).
+    pub fn mac_bytes(&self) -> [u8; 6] {
+        self.mac
+            .as_deref()
+            .and_then(|m| virtio_devices::net::parse_mac(m).ok())
+            .unwrap_or_else(random_mac)
+    }
+}
+
+/// A random unicast, locally administered MAC address.
+pub fn random_mac() -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    // SAFETY: getrandom writes at most `mac.len()` bytes into `mac`.
+    let n = unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
+    if n != mac.len() as isize {
+        // No entropy to be had: a fixed address, still locally administered.
+        mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    }
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
 }
 
 /// A passthrough device served by another process over vfio-user.
@@ -409,6 +499,8 @@ pub struct VmConfig {
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
     #[serde(default)]
+    pub net: Vec<NetConfig>,
+    #[serde(default)]
     pub user_devices: Vec<UserDeviceConfig>,
     #[serde(default = "ConsoleMode::default_serial")]
     pub serial: ConsoleMode,
@@ -431,6 +523,7 @@ impl VmConfig {
             cpus: CpusConfig::default(),
             memory: MemoryConfig::default(),
             disks: Vec::new(),
+            net: Vec::new(),
             user_devices: Vec::new(),
             serial: ConsoleMode::default_serial(),
             console: ConsoleMode::default_console(),
@@ -447,6 +540,7 @@ impl VmConfig {
             .disks
             .iter()
             .filter_map(|d| d.id.clone())
+            .chain(self.net.iter().filter_map(|n| n.id.clone()))
             .chain(self.user_devices.iter().filter_map(|u| u.id.clone()))
             .collect();
         let mut next = 0;
@@ -459,6 +553,20 @@ impl VmConfig {
         };
         for d in self.disks.iter_mut().filter(|d| d.id.is_none()) {
             d.id = Some(name("_disk"));
+        }
+        for n in self.net.iter_mut() {
+            if n.id.is_none() {
+                n.id = Some(name("_net"));
+            }
+            if n.mac.is_none() {
+                let m = random_mac();
+                n.mac = Some(
+                    m.iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                );
+            }
         }
         for u in self.user_devices.iter_mut().filter(|u| u.id.is_none()) {
             u.id = Some(name("_vfio_user"));
@@ -476,6 +584,9 @@ impl VmConfig {
         self.memory.check().map_err(|r| r.at("memory"))?;
         for (i, d) in self.disks.iter().enumerate() {
             d.check().map_err(|r| r.at(&format!("disks[{i}]")))?;
+        }
+        for (i, n) in self.net.iter().enumerate() {
+            n.check().map_err(|r| r.at(&format!("net[{i}]")))?;
         }
         for (i, u) in self.user_devices.iter().enumerate() {
             if let Some(v) = &u.vio {

@@ -286,8 +286,20 @@ fn json_errors() {
             "unknown field `bogus`",
         ),
         (
-            &format!(r#"{{"payload":{{"kernel":"{k}"}},"net":[{{"tap":"t0"}}]}}"#),
-            "net: not supported",
+            &format!(r#"{{"payload":{{"kernel":"{k}"}},"net":[{{"tap":"t0","mtu":9000}}]}}"#),
+            "net[0].mtu: not supported",
+        ),
+        (
+            &format!(r#"{{"payload":{{"kernel":"{k}"}},"net":[{{"num_queues":4}}]}}"#),
+            "net[0].num_queues: num_queues must be 2",
+        ),
+        (
+            &format!(r#"{{"payload":{{"kernel":"{k}"}},"net":[{{"mac":"01:02:03:04:05:06"}}]}}"#),
+            "multicast",
+        ),
+        (
+            &format!(r#"{{"payload":{{"kernel":"{k}"}},"net":[{{"tap":"a/b"}}]}}"#),
+            "net[0].tap: tap must be an interface name",
         ),
         (
             &format!(r#"{{"payload":{{"kernel":"{k}"}},"memory":{{"size":1024}}}}"#),
@@ -311,6 +323,71 @@ fn json_errors() {
         let e = VmConfig::from_json(body).unwrap_err().to_string();
         assert!(e.contains(want), "{body}: {e}");
     }
+}
+
+#[test]
+fn net_option() {
+    let n = NetConfig::parse(
+        "tap=vt0,ip=10.1.2.3,mask=255.255.0.0,mac=02:00:00:00:00:09,id=n1,queue_size=64",
+    )
+    .unwrap();
+    assert_eq!(n.tap.as_deref(), Some("vt0"));
+    assert_eq!(n.ip, std::net::Ipv4Addr::new(10, 1, 2, 3));
+    assert_eq!(n.mask, std::net::Ipv4Addr::new(255, 255, 0, 0));
+    assert_eq!((n.num_queues, n.queue_size), (2, 64));
+    let d = NetConfig::parse("tap=vt0").unwrap();
+    assert_eq!(
+        d.ip,
+        std::net::Ipv4Addr::new(192, 168, 249, 1),
+        "Cloud Hypervisor's default"
+    );
+    for (bad, want) in [
+        ("tap=vt0,ip=300.1.1.1", "ip must be an IPv4 address"),
+        ("tap=vt0,num_queues=1", "num_queues must be 2"),
+        ("tap=vt0,queue_size=100", "power of two"),
+        ("tap=vt0,mac=xx", "not a MAC address"),
+        ("tap=0123456789abcdef", "1..15 bytes"),
+        ("tap=vt0,speed=fast", "unknown"),
+    ] {
+        let e = reason(NetConfig::parse(bad).unwrap_err());
+        assert!(e.contains(want), "{bad}: {e}");
+    }
+}
+
+/// A network device as Cloud Hypervisor writes it: its defaults for what this VMM does not
+/// have are accepted, the rest is the model's.
+#[test]
+fn cloud_hypervisor_net_config() {
+    let body = format!(
+        r#"{{"payload":{{"kernel":"{}"}},"net":[{{"tap":"vmtap0","ip":"10.0.0.1","mask":"255.0.0.0",
+            "mac":"52:54:00:aa:bb:cc","host_mac":null,"mtu":null,"iommu":false,"num_queues":2,
+            "queue_size":128,"vhost_user":false,"vhost_socket":null,"vhost_mode":"Client","id":"n0",
+            "fds":null,"rate_limiter_config":null,"pci_segment":0,"offload_tso":true,
+            "offload_ufo":true,"offload_csum":true}}]}}"#,
+        kernel()
+    );
+    let mut c = VmConfig::from_json(&body).unwrap();
+    c.normalize();
+    let n = &c.net[0];
+    assert_eq!(n.tap.as_deref(), Some("vmtap0"));
+    assert_eq!(n.ip, std::net::Ipv4Addr::new(10, 0, 0, 1));
+    assert_eq!(n.mac.as_deref(), Some("52:54:00:aa:bb:cc"));
+    assert_eq!((n.num_queues, n.queue_size), (2, 128));
+    assert_eq!(n.mac_bytes(), [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
+    // An unnamed device gets an id and a fixed random MAC (it must survive a live upgrade).
+    let mut c = VmConfig::from_json(&format!(
+        r#"{{"payload":{{"kernel":"{}"}},"net":[{{}}]}}"#,
+        kernel()
+    ))
+    .unwrap();
+    c.normalize();
+    let n = &c.net[0];
+    assert_eq!(n.id.as_deref(), Some("_net0"));
+    let mac = n.mac_bytes();
+    assert_eq!(mac[0] & 3, 2, "unicast, locally administered: {mac:?}");
+    assert_eq!(n.mac_bytes(), mac);
+    let again = VmConfig::from_json(&c.to_json().to_string()).unwrap();
+    assert_eq!(again, c);
 }
 
 #[test]
