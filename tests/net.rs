@@ -236,6 +236,49 @@ fn vdpu_net_survives_elastic_switches_under_churn() {
     );
 }
 
+/// A snooped network device with nothing to do still has its receive buffers in flight: the
+/// snoop thread's poll backs off (to 64 x `poll_us`) instead of waking every millisecond, and
+/// comes back at once when frames flow.
+#[test]
+fn idle_snooped_net_device_polls_rarely() {
+    if !kvm_available("idle_snooped_net_device_polls_rarely") {
+        return;
+    }
+    let vdpu = Vdpu::start_net("net-idle", &format!("tap={TAP}"));
+    let mut vm = VmBuilder::new("net-idle")
+        .memory("size=512M,shared=on")
+        .device("--vio", &vdpu, "")
+        .cmdline("vio.workload=net-echo vio.ops=2000 vio.idle_ms=4000")
+        .api_socket()
+        .verbose()
+        .spawn();
+    let peer = NetPeer::attach(vdpu.child.id(), TAP);
+    vm.wait_line("VIO-GUEST-INFO", Duration::from_secs(60))
+        .expect("the guest reaches the peer");
+    let polls = |vm: &Vm| {
+        let (status, body) = vm.api("GET", "vm.counters", "");
+        assert_eq!(status, 200, "{body}");
+        let c: Value = serde_json::from_str(&body).unwrap();
+        (std::time::Instant::now(), u(&c["dpu0"], "polls"))
+    };
+    // Past the first backoff steps (1 + 2 + ... + 32 ms).
+    std::thread::sleep(Duration::from_millis(500));
+    let (t0, p0) = polls(&vm);
+    std::thread::sleep(Duration::from_millis(2000));
+    let (t1, p1) = polls(&vm);
+    let rate = (p1 - p0) as f64 / (t1 - t0).as_secs_f64();
+    let out = vm.finish(TIMEOUT);
+    peer.finish();
+    assert!(out.status.success(), "{}", out.describe());
+    let res = out.result();
+    assert_eq!(u(&res, "lost"), 0, "{res}");
+    assert_eq!(u(&res, "mismatches"), 0, "{res}");
+    // 1000/s without the backoff; 15.6/s at its limit.
+    assert!(rate < 50.0, "{rate:.0} polls/s while idle");
+    let d = logged_counters(&out.stderr, "dpu0");
+    assert_device_clean(&d);
+}
+
 /// The paper's case: the network device under VIO while half of guest RAM is reclaimed every
 /// 100 ms. Receive buffers sit posted until frames arrive; each comes from a page of a 16 MiB
 /// pool the guest last touched long ago, so the VMM faults pages back in before it publishes

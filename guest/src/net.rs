@@ -63,6 +63,8 @@ struct Params {
     stall_s: u64,
     /// net-stream: each direction stops after this long (0: after `ops` frames).
     secs: u64,
+    /// Idle this long (receive buffers posted, nothing sent) before the workload.
+    idle_ms: u64,
 }
 
 impl Params {
@@ -78,6 +80,7 @@ impl Params {
             bad_rx_every: info.param_u64("vio.bad_rx_every", 0)?,
             stall_s: info.param_u64("vio.stall_s", 10)?,
             secs: info.param_u64("vio.secs", 0)?,
+            idle_ms: info.param_u64("vio.idle_ms", 0)?,
         };
         if p.len > MAX_DATA {
             return Err("vio.len must be at most 1472");
@@ -546,6 +549,10 @@ fn run(
         "VIO-GUEST-INFO {{\"device\":\"virtio-net\",\"mac\":\"{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}\",\"features\":{},\"queue_size\":{}}}",
         m[0], m[1], m[2], m[3], m[4], m[5], n.dev.features, n.rx.size
     );
+    let idle = rdtsc();
+    while rdtsc() - idle < clock.ticks(p.idle_ms.saturating_mul(1_000_000)) {
+        crate::arch::pause();
+    }
     if bulk {
         stream(&p, &mut n, clock, report)?;
     } else {

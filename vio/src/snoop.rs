@@ -100,6 +100,8 @@ pub struct SnoopQueue {
     /// The last poll left entries unpublished (its round cap, or an index it could not use):
     /// the next poll must come without waiting for a doorbell the guest may never ring.
     behind: bool,
+    /// Completions reaped so far (with `stats.chains`, what `progress` counts).
+    reaped: u64,
     /// Idle checks in a row that found the guest's index ahead, and the index they found.
     idle_ahead: (u32, u16),
     /// The last walk's report, reused.
@@ -135,6 +137,7 @@ impl SnoopQueue {
             last_used: start_idx,
             inflight: Inflight::new(layout.size),
             behind: false,
+            reaped: 0,
             idle_ahead: (0, 0),
             report: WalkReport::default(),
             event_idx: false,
@@ -339,6 +342,7 @@ impl SnoopQueue {
             }
         }
         self.last_used = used;
+        self.reaped += u64::from(n);
         usize::from(n)
     }
 
@@ -365,6 +369,17 @@ impl SnoopQueue {
     }
 
     /// Requests published and not yet seen completed.
+    /// Entries published and completions reaped so far: a pass that leaves this unchanged did
+    /// nothing.
+    pub fn progress(&self) -> u64 {
+        self.stats.chains + self.reaped
+    }
+
+    /// The last pass left entries unpublished: the next poll must come soon.
+    pub fn is_behind(&self) -> bool {
+        self.behind
+    }
+
     pub fn inflight(&self) -> usize {
         self.inflight.count
     }

@@ -37,6 +37,9 @@ use vio::elastic::Mode;
 
 static SNOOP_LOG: LogLimiter = LogLimiter::new(10, 10_000);
 
+/// How far an idle poll backs off: up to this many times `poll_us` between polls.
+const MAX_BACKOFF: u32 = 64;
+
 /// A round of the snoop thread longer than this is logged.
 const SLOW_ROUND: Duration = Duration::from_millis(500);
 
@@ -389,9 +392,10 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
     }
 
     /// Handles the doorbells in `kicked`, reaps completions, and re-checks queues with requests
-    /// in flight. Returns whether any queue still needs polling.
-    pub(super) fn service(&self, kicked: &[bool], polling: bool) -> bool {
-        let mut again = false;
+    /// in flight. Returns whether any queue still needs polling, and whether it needs it soon:
+    /// the pass did something (published, reaped) or left entries behind.
+    pub(super) fn service(&self, kicked: &[bool], polling: bool) -> (bool, bool) {
+        let (mut again, mut busy) = (false, false);
         for (i, slot) in self.queues.iter().enumerate() {
             let mut slot = slot.lock().unwrap();
             let slot = &mut *slot;
@@ -404,7 +408,9 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
                 }
                 continue;
             };
+            let before = sq.progress();
             again |= sq.service(&*self.mem, &self.host(i as u16, slot), kicked, polling);
+            busy |= sq.is_behind() || sq.progress() != before;
             if let Some(e) = sq.last_error.take() {
                 if SNOOP_LOG.hit() {
                     warn!("{}: queue {i}: {}", self.id, vio::error_chain(&e));
@@ -412,7 +418,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
             }
             slot.snoop = Some(sq);
         }
-        again
+        (again, busy)
     }
 
     /// The sampler's check for lost doorbells (`SnoopQueue::check_idle`): one found is
@@ -480,6 +486,7 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
         }
         let mut events = vec![EpollEvent::default(); doorbells.len() + 3];
         let mut armed = false;
+        let mut period = self.poll;
         while !self.stop.load(Ordering::Acquire) {
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -514,9 +521,9 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
             // posted, so the change is applied first.
             self.apply_commands();
             let t1 = Instant::now();
-            // While anything is in flight the device may have consumed entries the guest made
-            // available without a doorbell (event-idx), and completions must be reaped: poll.
-            let again = self.service(&kicked, polling);
+            // While anything is in flight completions must be reaped (they release pins), and
+            // entries left behind must be published: poll.
+            let (again, busy) = self.service(&kicked, polling);
             // Nothing is published while this thread is elsewhere: a long absence is worth a
             // line (a guest gives up after a few seconds without completions).
             if t0.elapsed() > SLOW_ROUND && SNOOP_LOG.hit() {
@@ -528,14 +535,26 @@ impl<M: GuestMemory + Send + Sync + 'static> Snoop<M> {
                     t1.elapsed().as_millis()
                 );
             }
-            if again != armed {
+            // A poll that found nothing to do doubles the period, up to MAX_BACKOFF times
+            // `poll_us`: a receive queue keeps its posted buffers in flight for as long as no
+            // frame comes, and an idle device should not wake the VMM a thousand times a
+            // second. Work done, a doorbell, or entries left behind bring the period back.
+            let next = if busy || kicked.iter().any(|&k| k) {
+                self.poll
+            } else if polling {
+                (period * 2).min(self.poll * MAX_BACKOFF)
+            } else {
+                period
+            };
+            if again != armed || (again && next != period) {
                 if again {
-                    timer.reset(self.poll, Some(self.poll))?;
+                    timer.reset(next, Some(next))?;
                 } else {
                     timer.clear()?;
                 }
                 armed = again;
             }
+            period = next;
         }
         Ok(())
     }
