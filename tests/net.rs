@@ -8,7 +8,7 @@ mod common;
 use common::net::NetPeer;
 use common::*;
 use serde_json::Value;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,11 +28,24 @@ struct Run {
 /// Runs `cmdline` with the VM built by `vm`, the peer attached to `TAP` in the namespace of
 /// `tap_owner` (None: the VMM's), and reclaim churn if `churn`.
 fn run(vm: VmBuilder, cmdline: &str, tap_owner: Option<u32>, dev: &str, churn: bool) -> Run {
+    run_with(vm, cmdline, tap_owner, dev, churn, |_| ()).0
+}
+
+/// `run`, with `during` called once the guest reaches the peer (while it runs).
+fn run_with<T>(
+    vm: VmBuilder,
+    cmdline: &str,
+    tap_owner: Option<u32>,
+    dev: &str,
+    churn: bool,
+    during: impl FnOnce(&Vm) -> T,
+) -> (Run, T) {
     let mut vm = vm.cmdline(cmdline).api_socket().verbose().spawn();
     let peer = NetPeer::attach(tap_owner.unwrap_or(vm.pid()), TAP);
     vm.wait_line("VIO-GUEST-INFO", Duration::from_secs(60))
         .expect("the guest reaches the peer");
     let churning = churn.then(|| Churn::start(vm.api_path(), vm.pid(), RAM / 2, false));
+    let got = during(&vm);
     let out = vm.finish(TIMEOUT);
     let passes = churning.map(Churn::finish).unwrap_or_default();
     let peer = peer.finish();
@@ -41,7 +54,7 @@ fn run(vm: VmBuilder, cmdline: &str, tap_owner: Option<u32>, dev: &str, churn: b
         .line_json("VIO-GUEST-RESULT")
         .unwrap_or_else(|| panic!("no result: {}", out.describe()));
     eprintln!("guest: {result}\npeer: {peer}\npasses: {passes:?}");
-    Run {
+    let run = Run {
         result,
         peer,
         device: logged_counters(&out.stderr, dev),
@@ -52,7 +65,8 @@ fn run(vm: VmBuilder, cmdline: &str, tap_owner: Option<u32>, dev: &str, churn: b
         },
         passes,
         stderr: out.stderr,
-    }
+    };
+    (run, got)
 }
 
 fn emulated(name: &str, net_extra: &str) -> VmBuilder {
@@ -198,36 +212,30 @@ fn vdpu_net_survives_elastic_switches_under_churn() {
         return;
     }
     let vdpu = Vdpu::start_net("net-elastic", &format!("tap={TAP}"));
-    let mut vm = VmBuilder::new("net-elastic")
+    let vm = VmBuilder::new("net-elastic")
         .memory("size=512M,shared=on,reclaim=on")
-        .device("--vio", &vdpu, "")
-        .cmdline("vio.workload=net-stream vio.ops=1000000000 vio.secs=5 vio.pool_pages=4096")
-        .api_socket()
-        .verbose()
-        .spawn();
-    let peer = NetPeer::attach(vdpu.child.id(), TAP);
-    vm.wait_line("VIO-GUEST-INFO", Duration::from_secs(60))
-        .expect("the guest reaches the peer");
-    let churn = Churn::start(vm.api_path(), vm.pid(), RAM / 2, false);
-    let stop = Arc::new(AtomicBool::new(false));
-    let switches = switcher(vm.api_path(), 1000, stop.clone());
-    let out = vm.finish(TIMEOUT);
-    stop.store(true, Ordering::Relaxed);
+        .device("--vio", &vdpu, "");
+    let pid = vdpu.child.id();
+    // The switcher stops by itself once the VM is gone.
+    let (r, switches) = run_with(
+        vm,
+        "vio.workload=net-stream vio.ops=1000000000 vio.secs=5 vio.pool_pages=4096",
+        Some(pid),
+        "dpu0",
+        true,
+        |vm| switcher(vm.api_path(), 1000, Arc::new(AtomicBool::new(false))),
+    );
     let switches = switches.join().unwrap();
-    churn.finish();
-    let peer = peer.finish();
-    assert!(out.status.success(), "{}", out.describe());
-    let res = out.result();
+    let (res, peer) = (&r.result, &r.peer);
     assert!(
-        u(&res, "writes") > 10_000 && u(&res, "reads") > 10_000,
+        u(res, "writes") > 10_000 && u(res, "reads") > 10_000,
         "{res}"
     );
-    assert_eq!(u(&res, "lost"), 0, "{res}");
-    assert_eq!(u(&res, "mismatches"), 0, "{res}");
-    assert_eq!(u(&peer, "data_corrupt"), 0, "{peer}");
-    assert_eq!(u(&peer, "data_lost"), 0, "{peer}");
-    let d = logged_counters(&out.stderr, "dpu0");
-    assert_device_clean(&d);
+    assert_eq!(u(res, "lost"), 0, "{res}");
+    assert_eq!(u(res, "mismatches"), 0, "{res}");
+    assert_eq!(u(peer, "data_corrupt"), 0, "{peer}");
+    assert_eq!(u(peer, "data_lost"), 0, "{peer}");
+    assert_device_clean(&r.device);
     let to = |m: &str| switches.iter().filter(|s| s["to"] == m).count();
     assert!(
         to("passthrough") >= 10 && to("snoop") >= 10,
@@ -245,38 +253,36 @@ fn idle_snooped_net_device_polls_rarely() {
         return;
     }
     let vdpu = Vdpu::start_net("net-idle", &format!("tap={TAP}"));
-    let mut vm = VmBuilder::new("net-idle")
+    let vm = VmBuilder::new("net-idle")
         .memory("size=512M,shared=on")
-        .device("--vio", &vdpu, "")
-        .cmdline("vio.workload=net-echo vio.ops=2000 vio.idle_ms=4000")
-        .api_socket()
-        .verbose()
-        .spawn();
-    let peer = NetPeer::attach(vdpu.child.id(), TAP);
-    vm.wait_line("VIO-GUEST-INFO", Duration::from_secs(60))
-        .expect("the guest reaches the peer");
-    let polls = |vm: &Vm| {
-        let (status, body) = vm.api("GET", "vm.counters", "");
-        assert_eq!(status, 200, "{body}");
-        let c: Value = serde_json::from_str(&body).unwrap();
-        (std::time::Instant::now(), u(&c["dpu0"], "polls"))
-    };
-    // Past the first backoff steps (1 + 2 + ... + 32 ms).
-    std::thread::sleep(Duration::from_millis(500));
-    let (t0, p0) = polls(&vm);
-    std::thread::sleep(Duration::from_millis(2000));
-    let (t1, p1) = polls(&vm);
-    let rate = (p1 - p0) as f64 / (t1 - t0).as_secs_f64();
-    let out = vm.finish(TIMEOUT);
-    peer.finish();
-    assert!(out.status.success(), "{}", out.describe());
-    let res = out.result();
-    assert_eq!(u(&res, "lost"), 0, "{res}");
-    assert_eq!(u(&res, "mismatches"), 0, "{res}");
+        .device("--vio", &vdpu, "");
+    let pid = vdpu.child.id();
+    let (r, rate) = run_with(
+        vm,
+        "vio.workload=net-echo vio.ops=2000 vio.idle_ms=4000",
+        Some(pid),
+        "dpu0",
+        false,
+        |vm| {
+            let polls = || {
+                let (status, body) = vm.api("GET", "vm.counters", "");
+                assert_eq!(status, 200, "{body}");
+                let c: Value = serde_json::from_str(&body).unwrap();
+                (std::time::Instant::now(), u(&c["dpu0"], "polls"))
+            };
+            // Past the first backoff steps (1 + 2 + ... + 32 ms).
+            std::thread::sleep(Duration::from_millis(500));
+            let (t0, p0) = polls();
+            std::thread::sleep(Duration::from_millis(2000));
+            let (t1, p1) = polls();
+            (p1 - p0) as f64 / (t1 - t0).as_secs_f64()
+        },
+    );
+    assert_eq!(u(&r.result, "lost"), 0, "{}", r.result);
+    assert_eq!(u(&r.result, "mismatches"), 0, "{}", r.result);
     // 1000/s without the backoff; 15.6/s at its limit.
     assert!(rate < 50.0, "{rate:.0} polls/s while idle");
-    let d = logged_counters(&out.stderr, "dpu0");
-    assert_device_clean(&d);
+    assert_device_clean(&r.device);
 }
 
 /// The paper's case: the network device under VIO while half of guest RAM is reclaimed every
